@@ -1,0 +1,78 @@
+"""The ``fastsd`` command: one subcommand per module in this package, each a thin layer over the library.
+
+A subcommand module defines ``add_parser(subparsers, parents)``, which registers its parser with
+``func=<handler>``; the handler takes the parsed args and returns an exit code. Errors from the
+library (:class:`fastsd.errors.FastsdError`) become one line on stderr and their exit code; any
+other exception is reported in one line too, with the traceback only under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import FastsdError
+
+#: Subcommand modules, in the order ``fastsd --help`` lists them.
+COMMANDS = ("doctor", "install")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (global options are accepted before or after the subcommand)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--root",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="fastsd home (default: FASTSD_HOME, Drive's MyDrive/fastsd in Colab, else ~/fastsd)",
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs"
+    )
+    parser = argparse.ArgumentParser(
+        prog="fastsd",
+        description="DreamBooth training, model conversion, web UIs and OCR on Colab-class GPUs.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"fastsd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub, [common])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage or bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.root = getattr(args, "root", None)
+    args.debug = getattr(args, "debug", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FastsdError as err:
+        if args.debug:
+            raise
+        print(f"fastsd: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("fastsd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns surprises into a line
+        if args.debug:
+            raise
+        print(
+            f"fastsd: unexpected error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

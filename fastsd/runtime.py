@@ -1,0 +1,241 @@
+"""Where fastsd runs and on what: environment, Python, torch, GPUs, RAM, disk, package versions.
+
+``doctor_report()`` gathers it all into one JSON-ready dict (``fastsd doctor``); the pieces are
+used elsewhere to choose precision, memory settings and the wheel-cache fingerprint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .features import CORE, FEATURES
+
+#: Versions reported by ``fastsd doctor``.
+REPORTED_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "peft",
+    "safetensors",
+    "huggingface_hub",
+    "gradio",
+    "pypdfium2",
+    "pyngrok",
+    "uv",
+)
+
+GIB = 1024**3
+
+
+def environment() -> str:
+    """``colab``, ``kaggle``, ``jupyter`` or ``terminal``.
+
+    Colab is recognised by its ``google.colab`` module or any ``COLAB_*`` variable (Colab sets
+    ``COLAB_RELEASE_TAG``, ``COLAB_GPU``...), Kaggle by ``KAGGLE_KERNEL_RUN_TYPE``.
+    """
+    if any(k.startswith("COLAB_") for k in os.environ) or _module_present("google.colab"):
+        return "colab"
+    if "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ:
+        return "kaggle"
+    if "ipykernel" in sys.modules:
+        return "jupyter"
+    return "terminal"
+
+
+def _module_present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of distribution ``name``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class GPU:
+    """One CUDA device as fastsd sees it."""
+
+    index: int
+    name: str
+    compute_capability: str
+    vram_total_gb: float
+    vram_free_gb: float
+    bf16: bool  # real bf16 math, not emulation (False on a T4)
+
+
+def gpus() -> list[GPU]:
+    """The CUDA GPUs torch can use (empty without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        try:
+            free, total = torch.cuda.mem_get_info(i)
+        except RuntimeError:
+            free, total = 0, props.total_memory
+        found.append(
+            GPU(
+                index=i,
+                name=props.name,
+                compute_capability=f"{props.major}.{props.minor}",
+                vram_total_gb=round(total / GIB, 2),
+                vram_free_gb=round(free / GIB, 2),
+                # bf16 tensor cores arrive with Ampere (8.0); older cards only emulate it.
+                bf16=props.major >= 8,
+            )
+        )
+    return found
+
+
+def torch_info() -> dict[str, Any]:
+    """torch's version, the CUDA it was built for, and whether a GPU is usable."""
+    try:
+        import torch
+    except ImportError:
+        return {"version": None, "cuda_build": None, "cuda_available": False}
+    return {
+        "version": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "cuda_available": bool(torch.cuda.is_available()),
+    }
+
+
+def fingerprint() -> str:
+    """The runtime fingerprint wheel caches and lock files are keyed by.
+
+    ``cp<py>-torch<version>-<cuda tag>``, e.g. ``cp313-torch2.11.0-cu128`` for today's Colab. Two
+    runtimes with the same fingerprint can share compiled wheels.
+    """
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    version = package_version("torch")
+    if version is None:
+        return f"{py}-notorch"
+    base, _, local = version.partition("+")
+    tag = local or "cpu"
+    if not local:
+        try:
+            import torch
+
+            cuda = torch.version.cuda
+        except ImportError:
+            cuda = None
+        tag = "cu" + cuda.replace(".", "") if cuda else "cpu"
+    return f"{py}-torch{base}-{tag}"
+
+
+def _disk_free_gb(path: Path) -> dict[str, Any] | None:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return None
+    return {"path": str(path), "free_gb": round(usage.free / GIB, 1), "total_gb": round(usage.total / GIB, 1)}
+
+
+def ram_gb() -> dict[str, float]:
+    """Total and available system RAM in GiB."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"total_gb": round(vm.total / GIB, 1), "available_gb": round(vm.available / GIB, 1)}
+
+
+def feature_status() -> dict[str, dict[str, Any]]:
+    """For each feature: ready or not, and the requirements that are missing or too old."""
+    from .install import unmet
+
+    out = {}
+    for name, (purpose, reqs) in FEATURES.items():
+        missing = [str(item) for item in unmet(list(CORE) + list(reqs))]
+        out[name] = {"purpose": purpose, "ready": not missing, "missing": missing}
+    return out
+
+
+def advice(gpu_list: list[GPU], ram: dict[str, float], torch_meta: dict[str, Any]) -> list[str]:
+    """Concrete advice for the hardware found, as sentences."""
+    tips: list[str] = []
+    if torch_meta["version"] is None:
+        tips.append("torch is not installed: install the build for your GPU from pytorch.org first.")
+    elif not gpu_list:
+        tips.append(
+            "No CUDA GPU: training and generation will be very slow on the CPU. "
+            "In Colab choose Runtime > Change runtime type > T4 GPU."
+        )
+    for gpu in gpu_list:
+        if not gpu.bf16:
+            tips.append(
+                f"GPU {gpu.index} ({gpu.name}) has no real bf16: fastsd trains in fp16 with a "
+                "GradScaler and keeps fp32 master weights."
+            )
+        else:
+            tips.append(f"GPU {gpu.index} ({gpu.name}) supports bf16: training uses bf16 mixed precision.")
+        if gpu.vram_total_gb < 20:
+            tips.append(
+                f"GPU {gpu.index} has {gpu.vram_total_gb:.0f} GiB: SDXL full fine-tuning will not fit, "
+                "use LoRA for SDXL; SD1.5/SD2 full DreamBooth fits with 8-bit Adam."
+            )
+        elif gpu.vram_total_gb < 40:
+            tips.append(
+                f"GPU {gpu.index} has {gpu.vram_total_gb:.0f} GiB: SDXL full fine-tuning needs 8-bit Adam and gradient checkpointing."
+            )
+    if ram.get("total_gb", 0) < 16:
+        tips.append(
+            f"{ram.get('total_gb')} GiB of RAM: convert models with fastsd's streaming converter "
+            "(it needs under 0.5 GB) rather than tools that load the whole model."
+        )
+    return tips
+
+
+def doctor_report(home: Path | None = None) -> dict[str, Any]:
+    """Everything ``fastsd doctor`` prints, as one JSON-ready dict with stable keys.
+
+    Args:
+        home: the fastsd home whose disk space to report (None: resolve it without creating it).
+    """
+    from .paths import drive_dir, resolve_home
+
+    home = home or resolve_home()
+    gpu_list = gpus()
+    ram = ram_gb()
+    torch_meta = torch_info()
+    drive = drive_dir()
+    return {
+        "fastsd": __version__,
+        "environment": environment(),
+        "platform": platform.platform(),
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "torch": torch_meta,
+        "gpus": [asdict(g) for g in gpu_list],
+        "ram": ram,
+        "disk": {"home": _disk_free_gb(home), "drive": _disk_free_gb(drive) if drive else None},
+        "home": str(home),
+        "drive_mounted": drive is not None,
+        "fingerprint": fingerprint(),
+        "packages": {name: package_version(name) for name in REPORTED_PACKAGES},
+        "features": feature_status(),
+        "advice": advice(gpu_list, ram, torch_meta),
+    }

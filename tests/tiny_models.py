@@ -1,0 +1,319 @@
+"""Tiny random-weight models with the real block structure, built offline.
+
+Each builder returns a diffusers pipeline whose UNet, VAE and text encoders have the *topology*
+of the real model (block types and counts, layers per block, transformer depth, attention
+layout, text-encoder depth and activation, SDXL's second encoder with projection, v-prediction
+for SD2-768) at tiny widths, so key names and code paths are the real ones while a CPU runs them
+in milliseconds. The CLIP tokenizer is written from a small vocabulary by :func:`write_clip_tokenizer`.
+
+Used by ``tests/conftest.py`` (cached once per test session) and by any later test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Words the tiny tokenizer knows as whole tokens; anything else falls back to byte tokens.
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "sks",
+    "dog",
+    "cat",
+    "person",
+    "man",
+    "woman",
+    "face",
+    "portrait",
+    "style",
+    "painting",
+    "in",
+    "the",
+    "on",
+    "at",
+    "with",
+    "and",
+    "red",
+    "blue",
+    "green",
+    "white",
+    "black",
+    "beach",
+    "city",
+    "forest",
+    "mountain",
+    "snow",
+    "night",
+    "day",
+    "high",
+    "quality",
+    "detailed",
+    "blurry",
+    "lowres",
+    "ugly",
+    "zwx",
+    "ohwx",
+    "by",
+    "art",
+    "digital",
+    "render",
+    "cinematic",
+    "light",
+]
+
+TINY_WIDTH = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte -> printable-character table (the same mapping GPT-2 uses).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def write_clip_tokenizer(folder: str | Path) -> Path:
+    """Write ``vocab.json`` + ``merges.txt`` for a small CLIP BPE vocabulary and save a CLIPTokenizer.
+
+    The vocabulary has all 256 byte symbols (plain and word-final), the merges that spell
+    :data:`WORDS`, and CLIP's start/end tokens, so any prompt tokenizes.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(s, len(vocab))
+    merges: list[str] = []
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = f"{parts[0]} {parts[1]}"
+            merged = parts[0] + parts[1]
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_tokenizer(folder: str | Path, pad_token: str | None = None):
+    """A CLIPTokenizer from :func:`write_clip_tokenizer` (SD2/SDXL's second tokenizer pads with "!")."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "vocab.json").exists():
+        write_clip_tokenizer(folder)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    if pad_token is not None:
+        tok.pad_token = pad_token
+    return tok
+
+
+def _text_config(tok, *, layers: int, hidden: int, act: str, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or hidden,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def tiny_vae(scaling_factor: float = 0.18215):
+    """AutoencoderKL with SD's 4-level encoder/decoder (2 ResNets per level, mid attention)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_sd1_unet(in_channels: int = 4):
+    """SD1.x UNet: 3 cross-attention down blocks + 1 plain, conv projections, 8 heads."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=TINY_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sd2_unet(in_channels: int = 4):
+    """SD2.x UNet: SD1's blocks with linear projections, per-level head dims, upcast attention."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=TINY_WIDTH,
+        attention_head_dim=(2, 4, 4, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sdxl_unet():
+    """SDXL UNet: 3 levels (plain, 2-deep, 10-deep transformers), text_time added conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=TINY_WIDTH + 2 * TINY_WIDTH,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 2 * TINY_WIDTH,
+        norm_num_groups=8,
+    )
+
+
+def build_sd1(folder: str | Path, *, inpaint: bool = False, seed: int = 0):
+    """Tiny SD1.x (or SD1.x inpainting) pipeline: CLIP ViT-L-shaped text encoder (12 layers, quick_gelu)."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(Path(folder) / "_tokenizer")
+    te = CLIPTextModel(_text_config(tok, layers=12, hidden=TINY_WIDTH, act="quick_gelu"))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    return cls(
+        vae=tiny_vae(),
+        text_encoder=te,
+        tokenizer=tok,
+        unet=tiny_sd1_unet(9 if inpaint else 4),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sd2(folder: str | Path, *, v_prediction: bool = True, seed: int = 0):
+    """Tiny SD2.x pipeline: OpenCLIP-H-shaped text encoder (23 layers, gelu), v-prediction (768) or ε (512)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(Path(folder) / "_tokenizer", pad_token="!")
+    te = CLIPTextModel(_text_config(tok, layers=23, hidden=TINY_WIDTH, act="gelu"))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=te,
+        tokenizer=tok,
+        unet=tiny_sd2_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sdxl(folder: str | Path, *, seed: int = 0):
+    """Tiny SDXL base: CLIP-L-shaped encoder (12 layers) + OpenCLIP-bigG-shaped one (32 layers, projection)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(Path(folder) / "_tokenizer")
+    tok2 = tiny_tokenizer(Path(folder) / "_tokenizer", pad_token="!")
+    te = CLIPTextModel(_text_config(tok, layers=12, hidden=TINY_WIDTH, act="quick_gelu"))
+    te2 = CLIPTextModelWithProjection(_text_config(tok2, layers=32, hidden=2 * TINY_WIDTH, act="gelu"))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025),
+        text_encoder=te,
+        text_encoder_2=te2,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        unet=tiny_sdxl_unet(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+BUILDERS = {
+    "sd1": build_sd1,
+    "sd1-inpaint": lambda folder: build_sd1(folder, inpaint=True),
+    "sd2": build_sd2,
+    "sd2-512": lambda folder: build_sd2(folder, v_prediction=False),
+    "sdxl": build_sdxl,
+}
+
+
+def save_tiny_pipeline(kind: str, folder: str | Path) -> Path:
+    """Build the tiny ``kind`` pipeline (see :data:`BUILDERS`) and save it as a Diffusers folder."""
+    folder = Path(folder)
+    pipe = BUILDERS[kind](folder)
+    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+    return folder / "pipeline"

@@ -1,0 +1,1 @@
+"""Lock files, one per supported runtime fingerprint (shipped inside fastsd as ``fastsd._wheels``)."""
