@@ -71,6 +71,7 @@ TEST: tuple[str, ...] = (
     "ipykernel>=6.0",
     "ipywidgets>=7.7",
     "playwright>=1.45",
+    "uv>=0.4",
 )
 
 

@@ -43,7 +43,21 @@ from .runtime import environment, fingerprint
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = Path(__file__).with_name("_wheels")
+
+def _lock_dir() -> Path:
+    # Installed: wheels/ ships as the package fastsd._wheels. From a checkout: the repo's wheels/.
+    checkout = Path(__file__).resolve().parent.parent / "wheels"
+    if checkout.is_dir():
+        return checkout
+    try:
+        import importlib.resources
+
+        return Path(str(importlib.resources.files("fastsd._wheels")))
+    except (ImportError, TypeError):
+        return checkout
+
+
+LOCK_DIR = _lock_dir()
 MANIFEST = "manifest.json"
 
 _NETWORK_PATTERNS = re.compile(
