@@ -1,0 +1,72 @@
+"""The few places fastsd talks to Google Colab: Drive, secrets, and the notebook's port proxy.
+
+Everything degrades to a plain local run outside Colab, so the same library calls work in a
+terminal, in Jupyter, on Kaggle and in the tests (which install a stand-in ``google.colab``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .paths import DEFAULT_DRIVE_DIR, drive_dir
+from .runtime import environment
+
+log = logging.getLogger(__name__)
+
+
+def mount_drive(mountpoint: str = "/content/drive") -> Path | None:
+    """Mount Google Drive in Colab (asks the user once) and return ``MyDrive``; None elsewhere.
+
+    Outside Colab nothing is mounted: fastsd then keeps its home on local disk (``~/fastsd``)
+    unless ``FASTSD_HOME`` says otherwise.
+    """
+    if environment() != "colab":
+        log.info("not in Colab: Drive is not mounted; fastsd keeps its data under the local home")
+        return drive_dir()
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    target = Path(os.environ.get("FASTSD_DRIVE_DIR", DEFAULT_DRIVE_DIR))
+    if not target.is_dir():
+        drive.mount(mountpoint)
+    return drive_dir()
+
+
+def flush_drive(unmount: bool = True) -> None:
+    """Push Drive's pending writes to Google (``drive.flush_and_unmount``); only when asked.
+
+    Call it at the very end of a notebook, or before deliberately ending a runtime.
+    """
+    if environment() != "colab":
+        return
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    if unmount:
+        drive.flush_and_unmount()
+
+
+def secret(name: str) -> str | None:
+    """A secret (``HF_TOKEN``, ``NGROK_AUTHTOKEN``, ``CIVITAI_TOKEN``...) from the environment or Colab.
+
+    The environment wins; in Colab the notebook's Secrets panel (``google.colab.userdata``) is
+    asked next. Returns None when neither has it. The value is never logged.
+    """
+    value = os.environ.get(name)
+    if value:
+        return value
+    if environment() != "colab":
+        return None
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return userdata.get(name) or None
+    except Exception:  # noqa: BLE001 - SecretNotFoundError, NotebookAccessError, no kernel...
+        return None
+
+
+def proxy_url(port: int) -> str:
+    """Colab's own HTTPS proxy URL for a local port (no third-party tunnel)."""
+    from google.colab.output import eval_js  # type: ignore[import-not-found]
+
+    return str(eval_js(f"google.colab.kernel.proxyPort({int(port)})"))

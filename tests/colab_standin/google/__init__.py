@@ -1,0 +1,1 @@
+"""Stand-in for the ``google`` namespace package in Colab (tests only)."""

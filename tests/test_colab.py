@@ -1,0 +1,52 @@
+"""fastsd.colab against the stand-in google.colab: Drive, secrets, proxy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+STANDIN = Path(__file__).parent / "colab_standin"
+
+
+@pytest.fixture
+def colab(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(STANDIN))
+    for name in [m for m in sys.modules if m == "google" or m.startswith("google.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "standin")
+    drive = tmp_path / "drive" / "MyDrive"
+    monkeypatch.setenv("STANDIN_DRIVE", str(drive))
+    monkeypatch.setenv("FASTSD_DRIVE_DIR", str(drive))
+    monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.delenv("FASTSD_HOME", raising=False)
+    return tmp_path
+
+
+def test_mount_drive_makes_home_on_drive(colab):
+    from fastsd.colab import mount_drive
+    from fastsd.paths import resolve_home
+
+    assert resolve_home() != colab / "drive" / "MyDrive" / "fastsd"  # not mounted yet
+    assert mount_drive() == colab / "drive" / "MyDrive"
+    assert resolve_home() == colab / "drive" / "MyDrive" / "fastsd"
+    mount_drive()  # a re-run cell does not mount twice
+    assert (colab / "calls.log").read_text().count("drive.mount") == 1
+
+
+def test_secret_env_then_colab(colab, monkeypatch):
+    from fastsd.colab import secret
+
+    monkeypatch.setenv("STANDIN_SECRETS", '{"HF_TOKEN": "hf_from_colab"}')
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert secret("HF_TOKEN") == "hf_from_colab"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert secret("HF_TOKEN") == "hf_from_env"
+    assert secret("NGROK_AUTHTOKEN") is None
+
+
+def test_proxy_url(colab):
+    from fastsd.colab import proxy_url
+
+    assert proxy_url(7860) == "http://127.0.0.1:7860/"
