@@ -126,7 +126,9 @@ def cloudflared_advice(text: str) -> str | None:
     if re.search(r"no such host|Temporary failure in name resolution|network is unreachable", text, re.I):
         return "cloudflared cannot reach Cloudflare: check the runtime's network"
     if "failed to request quick Tunnel" in text or "failed to unmarshal quick Tunnel" in text:
-        return "Cloudflare did not hand out a quick tunnel (service busy or unreachable): try again or use --tunnel ngrok"
+        return (
+            "Cloudflare did not hand out a quick tunnel (service busy or unreachable): try again or use --tunnel ngrok"
+        )
     return None
 
 
@@ -331,12 +333,9 @@ def ngrok_token(explicit: str | None = None) -> str:
     return token
 
 
-def kill_stale_ngrok(
-    process_iter: Callable[..., object] | None = None, *, echo: Callable[[str], None] = print
-) -> int:
+def kill_stale_ngrok(process_iter: Callable[..., object] | None = None, *, echo: Callable[[str], None] = print) -> int:
     """Stop ngrok agents of this user left by earlier runs (a free account allows one). Returns how many."""
     import psutil
-
     from pyngrok import ngrok
 
     with contextlib.suppress(Exception):
@@ -425,7 +424,9 @@ def cloudflared_binary(*, echo: Callable[[str], None] = print, fetch: bool = Tru
 
             storage.write_stream(target, produce)
         except Exception as err:  # noqa: BLE001 - httpx and storage errors alike become one message
-            raise NetworkError(f"could not download cloudflared ({err}): check the network or use --tunnel ngrok") from err
+            raise NetworkError(
+                f"could not download cloudflared ({err}): check the network or use --tunnel ngrok"
+            ) from err
         target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     proc = subprocess.run([str(target), "--version"], capture_output=True, text=True)
     if proc.returncode != 0 or "cloudflared version" not in proc.stdout + proc.stderr:
@@ -459,11 +460,13 @@ def open_cloudflared(port: int, *, echo: Callable[[str], None], timeout: float =
 
 def localtunnel_password(timeout: float = 10.0) -> str | None:
     """The password localtunnel visitors must enter: this runtime's public IP, as loca.lt reports it."""
-    with contextlib.suppress(Exception):
-        with urllib.request.urlopen("https://loca.lt/mytunnelpassword", timeout=timeout) as r:  # noqa: S310
-            text = r.read().decode().strip()
-            if re.fullmatch(r"[0-9a-fA-F.:]+", text):
-                return text
+    with (
+        contextlib.suppress(Exception),
+        urllib.request.urlopen("https://loca.lt/mytunnelpassword", timeout=timeout) as r,  # noqa: S310
+    ):
+        text = r.read().decode().strip()
+        if re.fullmatch(r"[0-9a-fA-F.:]+", text):
+            return text
     return None
 
 

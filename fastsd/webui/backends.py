@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -236,8 +235,6 @@ class ComfyUI(Backend):
     def command(self, ctx: LaunchContext) -> list[str]:
         argv = [str(ctx.python), self.spec.entry, "--listen", ctx.host, "--port", str(ctx.port)]
         argv += ["--extra-model-paths-config", str(self.extra_paths_file(ctx))]
-        if ctx.ckpt is not None:
-            pass  # ComfyUI picks checkpoints in the workflow; the file is linked, nothing to pass
         if not ctx.gpu:
             argv.append("--cpu")
         return argv + list(ctx.extra_args)
@@ -448,8 +445,3 @@ def context_for(inst: Installation, links: Path, **kw: object) -> LaunchContext:
         install_dir=inst.install_dir, python=inst.python, links=links, port=inst.backend.spec.default_port
     )
     return replace(ctx, requirements_file=inst.requirements_file, **kw)  # type: ignore[arg-type]
-
-
-def system_python() -> Path:
-    """The runtime's interpreter (used when no venv is wanted, e.g. tests)."""
-    return Path(sys.executable)

@@ -64,9 +64,7 @@ def ensure_venv(venv: Path, *, base_python: str = sys.executable, echo: Callable
     try:
         from uv import find_uv_bin  # type: ignore[import-not-found]
 
-        attempts.append(
-            [find_uv_bin(), "venv", "--system-site-packages", "--seed", "--python", base_python, str(venv)]
-        )
+        attempts.append([find_uv_bin(), "venv", "--system-site-packages", "--seed", "--python", base_python, str(venv)])
     except (ImportError, FileNotFoundError):
         pass
     errors = []
@@ -163,8 +161,8 @@ _BUILD_FAIL = (
     re.compile(r"Building wheel for ([A-Za-z0-9_.\-]+) \(pyproject\.toml\) did not run successfully"),
     re.compile(r"Getting requirements to build wheel[^\n]*\n(?:.*\n){0,3}?.*?(?:for|×) ([A-Za-z0-9_.\-]+)"),
 )
-_CONFLICT = re.compile(r"The conflict is caused by:\n((?:\s+.+\n?)+)")
-_CONFLICT_LINE = re.compile(r"^\s+(?:The user requested )?([A-Za-z0-9_.\-]+)[ =<>!~]", re.M)
+_CONFLICT = re.compile(r"The conflict is caused by:\n((?:[ \t]+\S.*\n?)+)")
+_CONFLICT_LINE = re.compile(r"^[ \t]+(?:The user requested (?:\(constraint\) )?)?([A-Za-z0-9_.\-]+)[ =<>!~]", re.M)
 
 
 def explain_failure(output: str, requested: Iterable[str], python_version: str | None = None) -> list[Unmeetable]:
@@ -245,7 +243,16 @@ class InstallOutcome:
 
 
 def _pip(python: Path, reqs: list[str], constraints: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--prefer-binary", "-c", str(constraints)]
+    cmd = [
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--prefer-binary",
+        "-c",
+        str(constraints),
+    ]
     log.debug("running %s", mask(" ".join(cmd + reqs)))
     env = {**os.environ, "PIP_NO_INPUT": "1"}
     return subprocess.run([*cmd, *reqs], capture_output=True, text=True, env=env)

@@ -84,7 +84,10 @@ FAILURE_CAUSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "or remove the extension that fails",
         ),
         (r"Couldn't install|Error running install\.py", "the backend's own installer failed (see the lines above)"),
-        (r"\bKilled\b|exit code -9|signal 9", "the process was killed, usually for running out of RAM (Colab: 12.7 GB)"),
+        (
+            r"\bKilled\b|exit code -9|signal 9",
+            "the process was killed, usually for running out of RAM (Colab: 12.7 GB)",
+        ),
     )
 )
 
