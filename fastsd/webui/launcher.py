@@ -1,0 +1,235 @@
+"""``fastsd webui``: start a web UI with fastsd's models and make it reachable — one call.
+
+:func:`launch` picks the tunnel (Colab's proxy by default inside Colab, where the free tier does
+not allow third-party tunnels), makes sure a public tunnel never serves the UI without a login,
+installs and starts the backend under supervision, opens the tunnel once the server answers,
+prints the checked URL, and blocks until Ctrl-C / a cell interrupt, then stops everything.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import storage, tunnel
+from ..errors import UserInputError
+from ..paths import cache_dir, fastsd_home
+from ..redact import register
+from ..runtime import environment, gpus
+
+BACKEND_NAMES = ("a1111", "forge", "comfyui", "builtin")
+
+
+@dataclass
+class WebUIOptions:
+    """What ``fastsd webui`` was asked for (the CLI's flags, as values)."""
+
+    backend: str = "builtin"
+    tunnel: str | None = None  # None: colab inside Colab, else none
+    model: str | None = None
+    port: int | None = None
+    listen: bool = False
+    auth: str | None = None
+    ref: str | None = None
+    temp: bool = False
+    extensions: list[str] = field(default_factory=list)
+    controlnet: list[str] = field(default_factory=list)
+    family: str | None = None
+    ngrok_token: str | None = None
+    timeout: float = 900.0
+    root: str | None = None
+
+
+def choose_tunnel(
+    requested: str | None,
+    *,
+    env: str | None = None,
+    tier: Callable[[], str] = tunnel.colab_tier,
+    echo: Callable[[str], None] = print,
+) -> str:
+    """The tunnel to use: the requested one, else Colab's proxy in Colab, else none.
+
+    In Colab without a sign of a paid plan, the free-tier rule is said plainly; an explicit
+    third-party tunnel is still honoured (the user chose it), with the same notice.
+    """
+    env = env or environment()
+    if requested is not None and requested not in tunnel.KINDS:
+        raise UserInputError(f"unknown tunnel {requested!r}: choose from {', '.join(tunnel.KINDS)}")
+    if env != "colab":
+        return requested or "none"
+    if tier() != "paid" and (requested is None or tunnel.needs_password(requested)):
+        echo(tunnel.COLAB_FREE_NOTICE)
+    return requested or "colab"
+
+
+def check_auth(auth: str | None) -> str | None:
+    """Validate ``user:password`` (and register it as a secret)."""
+    if auth is None:
+        return None
+    if not re.fullmatch(r"[^:,\s]+:[^,\s]{4,}", auth):
+        raise UserInputError("--auth must be user:password (no spaces or commas, password of 4+ characters)")
+    register(auth)
+    return auth
+
+
+def resolve_auth(auth: str | None, kind: str, listen: bool, echo: Callable[[str], None]) -> str | None:
+    """The login to use: the given one, or a generated one when the UI would be public without it."""
+    auth = check_auth(auth)
+    if auth is None and (tunnel.needs_password(kind) or listen):
+        auth = tunnel.generate_auth()
+        user, password = auth.split(":", 1)
+        # Shown once, on the terminal / cell output only: the user needs it to log in. Never logged.
+        echo(f"the web UI is public, so it gets a login: user {user}  password {password}")
+    return auth
+
+
+def _announce(t: tunnel.Tunnel, auth: str | None, echo: Callable[[str], None]) -> None:
+    echo(f"web UI ready: {t.url}" + (f"  (local: {t.local_url})" if t.url != t.local_url else ""))
+    if t.note:
+        echo(t.note)
+    if auth:
+        echo(f"log in as {auth.split(':', 1)[0]} (password as given or shown above)")
+    echo("press Ctrl-C (or interrupt the cell) to stop")
+
+
+def launch(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> int:
+    """Run the web UI described by ``opts`` until interrupted. Returns an exit code.
+
+    Raises:
+        UserInputError: bad options (unknown backend/tunnel, malformed --auth, ComfyUI behind a
+            tunnel that cannot carry a login...).
+        FastsdError: install, startup or tunnel failures, each with what to do.
+    """
+    backend_name = opts.backend.lower()
+    if backend_name not in BACKEND_NAMES:
+        raise UserInputError(f"unknown backend {opts.backend!r}: choose from {', '.join(BACKEND_NAMES)}")
+    kind = choose_tunnel(opts.tunnel, echo=echo)
+    home = fastsd_home(opts.root)
+    if backend_name == "builtin":
+        return _launch_builtin(opts, kind, home, echo)
+    return _launch_backend(opts, backend_name, kind, home, echo)
+
+
+def _wait_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _launch_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[str], None]) -> int:
+    from . import server  # the built-in server (fastsd.webui.server); imported only when used
+
+    port = opts.port or 7860
+    auth = resolve_auth(opts.auth, kind, opts.listen, echo)
+    host = "0.0.0.0" if opts.listen else "127.0.0.1"
+    handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=kind == "gradio")
+    t: tunnel.Tunnel | None = None
+    try:
+        if kind == "gradio":
+            url = getattr(handle, "share_url", None)
+            if not url:
+                raise tunnel.TunnelError("gradio did not create a share link (gradio's share servers unreachable?)")
+            tunnel.health_check(url, auth=auth)
+            t = tunnel.Tunnel("gradio", url, handle.url)
+        else:
+            t = tunnel.open_tunnel(kind, port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
+        _announce(t, auth, echo)
+        _wait_forever()
+    finally:
+        if t is not None:
+            t.close()
+        handle.stop()
+    return 0
+
+
+def _auth_pair(auth: str | None) -> tuple[str, str] | None:
+    if auth is None:
+        return None
+    user, password = auth.split(":", 1)
+    return user, password
+
+
+def _launch_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: Callable[[str], None]) -> int:
+    from . import controlnet as cn
+    from .backends import context_for, get_backend, install_backend, install_dir_for, xformers_installed
+    from .modelfolders import build_links, comfy_extra_paths
+    from .supervise import Supervisor
+
+    backend = get_backend(name)
+    if kind == "gradio":
+        raise UserInputError("--tunnel gradio is the built-in UI's share link: use cloudflared or ngrok with " + name)
+    if name == "comfyui" and kind in ("cloudflared", "localtunnel"):
+        raise UserInputError(
+            "ComfyUI has no login of its own, so it is not put on a public tunnel that cannot add one: "
+            "use --tunnel ngrok (fastsd adds a password) or --tunnel colab"
+        )
+    auth = resolve_auth(opts.auth, kind, opts.listen, echo)
+    if name == "comfyui" and opts.listen and auth:
+        echo("ComfyUI has no login of its own: --listen exposes it to the local network without one")
+
+    family = cn.base_family(opts.model, opts.family)
+    controlnets = cn.resolve(opts.controlnet, family)
+    ckpt = None
+    if opts.model:
+        path = Path(opts.model).expanduser()
+        if not path.is_file():
+            # TODO(lead): fetch registry specs (sd15, sdxl, hf:...) through fastsd.models once it lands.
+            raise UserInputError(
+                f"--model {opts.model!r} is not a model file: with {name}, give a .safetensors file "
+                "(models in <home>/models and sessions' exports are listed in the UI anyway)"
+            )
+        ckpt = path.resolve()
+
+    inst = install_backend(
+        backend,
+        install_dir_for(backend, home, temp=opts.temp),
+        ref=opts.ref,
+        extensions=opts.extensions,
+        controlnet=bool(controlnets),
+        echo=echo,
+    )
+    for model in controlnets:
+        cn.fetch(model, home, echo=echo)
+    links = cache_dir() / "webui-links" / name
+    linked = build_links(home, links)
+    echo(f"linked {len(linked)} model file(s) from {home} into {links}")
+    if name == "comfyui":
+        storage.write_text(links / "extra_model_paths.yaml", comfy_extra_paths(links))
+
+    ctx = context_for(
+        inst,
+        links,
+        port=opts.port or backend.spec.default_port,
+        listen=opts.listen,
+        auth=auth if name != "comfyui" else None,
+        gpu=bool(gpus()),
+        xformers=xformers_installed(inst.python),
+        controlnet=bool(controlnets) or name == "forge",
+        ckpt=ckpt,
+    )
+    echo(f"starting {backend.spec.title}: {backend.describe(ctx)}")
+    sup = Supervisor(
+        f"webui-{name}",
+        backend.command(ctx),
+        ready_url=backend.ready_url(ctx),
+        env=backend.environment(ctx),
+        cwd=inst.install_dir,
+        auth=ctx.auth,
+        ready_timeout=opts.timeout,
+        log_path=cache_dir() / "logs" / f"webui-{name}.log",
+        mirror_path=home / "logs" / f"webui-{name}.log",
+        echo=echo,
+    )
+    t: tunnel.Tunnel | None = None
+    with sup:
+        try:
+            sup.wait_ready()
+            t = tunnel.open_tunnel(kind, ctx.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
+            _announce(t, auth, echo)
+            sup.wait()
+        finally:
+            if t is not None:
+                t.close()
+    return 0
