@@ -489,7 +489,7 @@ class Session:
         if s["models"]:
             for m in s["models"]:
                 step = f", step {m['step']}" if m.get("step") is not None else ""
-                size = f"{m['size'] / 1024**3:.2f} GiB" if m["size"] >= 1024**3 else f"{m['size'] / 1024**2:.1f} MiB"
+                size = _human_size(m["size"])
                 flag = "" if m["ok"] else " (size differs from the manifest!)"
                 lines.append(f"  model        {m['file']} ({m['kind']}{step}, {size}){flag}")
         else:
@@ -502,6 +502,14 @@ class Session:
                 f"  lock         {state[lock['state']]}: pid {lock.get('pid')} on host {lock.get('host')} since {since}"
             )
         return "\n".join(lines)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def list_sessions(home: str | os.PathLike[str] | None = None) -> list[str]:
