@@ -205,7 +205,12 @@ def test_collect_from_folder_zip_and_file_with_captions(tmp_path):
     _write(tmp_path / "single.txt", b"a single one")
     found, failed = collect([tmp_path / "in", tmp_path / "single.JPG", tmp_path / "missing.png"])
     names = {Path(c.name.split(":")[-1]).name: c.caption for c in found}
-    assert names == {"a.jpg": "zwx dog on grass", "b.png": None, "c.webp": "zwx dog asleep", "single.JPG": "a single one"}
+    assert names == {
+        "a.jpg": "zwx dog on grass",
+        "b.png": None,
+        "c.webp": "zwx dog asleep",
+        "single.JPG": "a single one",
+    }
     reasons = {Path(n).name: r for n, r in failed}
     assert "unsupported format (.pdf)" in reasons["notes.pdf"]
     assert reasons["missing.png"] == "no such file or folder"

@@ -25,7 +25,18 @@ def test_session_commands_end_to_end(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "created session my_dog" in r.stdout
 
-    r = cli("session", "add", "my_dog", str(_photos(tmp_path / "photos")), "--crop", "center", "--size", "576", "--root", root)
+    r = cli(
+        "session",
+        "add",
+        "my_dog",
+        str(_photos(tmp_path / "photos")),
+        "--crop",
+        "center",
+        "--size",
+        "576",
+        "--root",
+        root,
+    )
     assert r.returncode == 0, r.stderr
     assert "added 3 image(s), skipped 0 duplicate(s), 1 file(s) failed" in r.stdout
     assert "broken.png" in r.stdout
@@ -36,7 +47,7 @@ def test_session_commands_end_to_end(cli, tmp_path):
     r = cli("session", "show", "my_dog", "--root", root)
     assert r.returncode == 0, r.stderr
     assert "base model   sd15" in r.stdout
-    assert "3 instance image(s): 1 with their own caption, 2 captioned \"zwx dog\"" in r.stdout
+    assert '3 instance image(s): 1 with their own caption, 2 captioned "zwx dog"' in r.stdout
     assert "training     not started" in r.stdout
 
     r = cli("session", "show", "my_dog", "--json", "--root", root)
