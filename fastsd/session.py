@@ -533,7 +533,8 @@ def remove_session(name: str, home: str | os.PathLike[str] | None = None, *, for
     """
     session = Session.open(name, home)
     aside = session.path.parent / f"{storage.TEMP_PREFIX}rm-{uuid.uuid4().hex[:8]}-{session.name}"
-    with session.lock(force=force, command="remove"):
+    # no heartbeat thread: it could re-create the folder by refreshing the lock after the rename
+    with session.lock(force=force, command="remove", heartbeat=0):
         os.rename(session.path, aside)
     shutil.rmtree(aside, ignore_errors=True)
     return session.path
@@ -677,7 +678,10 @@ def _import_entries(
         storage.write_json(staging / SESSION_FILE, info)
         for sub in SUBDIRS:
             (staging / sub).mkdir(parents=True, exist_ok=True)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError as err:  # another import of the same name won the race
+            raise UserInputError(f"a session named {new_name} already exists: import with another name") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

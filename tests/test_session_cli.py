@@ -114,3 +114,42 @@ def test_session_cli_lock_message_and_force(cli, tmp_path):
     assert r.returncode == 0 and "added 3 image(s)" in r.stdout
     r = cli("session", "rm", "busy", "--yes", "--root", str(root))
     assert r.returncode == 0
+
+
+def test_rm_asks_in_a_terminal(tmp_path):
+    """With a terminal on stdin, rm asks; anything but y/yes keeps the session (exit 2)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    root = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, "-m", "fastsd", "session", "new", "asked", "--root", str(root)], env=env, check=True
+    )
+
+    def rm(answer: str) -> subprocess.CompletedProcess:
+        master, slave = pty.openpty()
+        try:
+            os.write(master, answer.encode())
+            return subprocess.run(
+                [sys.executable, "-m", "fastsd", "session", "rm", "asked", "--root", str(root)],
+                stdin=slave,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    r = rm("n\n")
+    assert r.returncode == 2 and "delete session asked" in r.stdout and "not removed" in r.stdout
+    assert (root / "sessions" / "asked").is_dir()
+    r = rm("y\n")
+    assert r.returncode == 0 and "removed session asked" in r.stdout
+    assert not (root / "sessions" / "asked").exists()

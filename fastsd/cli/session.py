@@ -166,7 +166,10 @@ def run_rm(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        answer = input(f"delete session {s.name} and everything in {s.path}? [y/N] ").strip().lower()
+        try:
+            answer = input(f"delete session {s.name} and everything in {s.path}? [y/N] ").strip().lower()
+        except EOFError:
+            answer = ""
         if answer not in ("y", "yes"):
             print("not removed")
             return 2
