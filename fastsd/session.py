@@ -254,7 +254,7 @@ class Session:
                 self.save()
             shutil.rmtree(dest)
         os.rename(staging, dest)
-        storage._fsync_dir(self.checkpoints_dir)
+        storage.fsync_dir(self.checkpoints_dir)
         entry = {"step": step, "path": rel_dest, "files": files, "sizes": sizes, "time": time.time()}
         self.info["checkpoints"] = [c for c in self.info.get("checkpoints", []) if c["step"] != step] + [entry]
         self.info["checkpoints"].sort(key=lambda c: c["step"])

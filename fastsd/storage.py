@@ -57,7 +57,8 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename inside it survives a crash (best effort: not every filesystem can)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -110,7 +111,7 @@ def write_stream(
             if sha != digest.hexdigest():
                 raise StorageError(f"{final}: the file read back differs from what was written; try again")
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return {"path": str(final), "size": size, "sha256": sha}
     except OSError as err:
         _unlink_quiet(tmp)
@@ -118,6 +119,9 @@ def write_stream(
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+_fsync_dir = fsync_dir  # the name used before it was public
 
 
 class _HashingWriter:

@@ -342,3 +342,33 @@ def test_damaged_zip_and_bad_zip_member(session, tmp_path):
     failed = dict(report.failed)
     assert "not a readable zip" in failed[str(tmp_path / "bad.zip")]
     assert "not an image" in failed[f"{good}:b.jpg"]
+
+
+def test_scattered_texture_does_not_drag_a_centred_subject_to_the_edge():
+    rng = np.random.default_rng(0)
+    a = np.full((600, 1200, 3), BACKGROUND, dtype=np.uint8)
+    noise = rng.integers(0, 60, size=(600, 1200, 1), dtype=np.uint8)
+    a = np.clip(a.astype(int) + noise - 30, 0, 255).astype(np.uint8)  # grass texture everywhere
+    img = Image.fromarray(a)
+    d = ImageDraw.Draw(img)
+    d.ellipse((500, 200, 700, 400), fill=SUBJECT)
+    _, info = crop_image(img, "smart", 512)
+    left, _, right, _ = info["box"]
+    assert left <= 500 and right >= 700
+
+
+def test_detect_faces_scales_boxes_back_and_sorts_by_size(monkeypatch):
+    """The OpenCV 4 cascade call as Colab has it, with a stand-in cascade (OpenCV 5 ships none)."""
+    seen = {}
+
+    class FakeCascade:
+        def detectMultiScale(self, gray, scaleFactor, minNeighbors, minSize):  # noqa: N802, N803 - OpenCV's names
+            seen["shape"] = gray.shape
+            return np.array([[10, 20, 30, 30], [100, 50, 60, 60]])
+
+    monkeypatch.setattr(images, "_face_cascade", lambda: FakeCascade())
+    boxes = images.detect_faces(Image.new("RGB", (1280, 960)))
+    assert seen["shape"] == (480, 640)  # detection runs on a 640-px copy
+    assert boxes == [(200, 100, 120, 120), (20, 40, 60, 60)]
+    monkeypatch.setattr(images, "_face_cascade", lambda: None)
+    assert images.detect_faces(Image.new("RGB", (100, 100))) == []
