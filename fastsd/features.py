@@ -31,7 +31,7 @@ FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
             "accelerate>=1.0",
             "peft>=0.13",
             "bitsandbytes>=0.45",
-            "opencv-python-headless>=4.8",
+            "opencv-python-headless>=4.8,<5",  # 5.x ships no Haar cascades (smart crop)
             "tensorboard>=2.14",
         ),
     ),

@@ -18,17 +18,29 @@ never leaves a half checkpoint that looks complete.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
 import time
+import uuid
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import UserInputError
+from .images import filename_caption  # noqa: F401 - re-exported: session.filename_caption is public
+from .locks import LOCK_FILE, SessionLock, lock_state, read_lock
 from .paths import fastsd_home
+
+if TYPE_CHECKING:
+    from .images import AddReport
+
+log = logging.getLogger(__name__)
 
 SESSION_FILE = "session.json"
 SUBDIRS = ("instance_images", "captions", "class_images", "checkpoints", "models", "samples", "logs")
@@ -54,14 +66,6 @@ def normalize_name(name: str) -> str:
             f"session name {name!r} is not allowed: use only letters, digits, '-' and '_' (no paths, no '..')"
         )
     return cleaned
-
-
-def filename_caption(stem: str) -> str:
-    """Caption from a file name as Colab users know it: ``my_dog (3)`` -> ``my dog``."""
-    text = re.sub(r"\(\d+\)", " ", stem)
-    text = re.sub(r"[_\-]+", " ", text)
-    text = re.sub(r"\d+", " ", text)
-    return re.sub(r"\s+", " ", text).strip()
 
 
 @dataclass
@@ -122,8 +126,6 @@ class Session:
         Raises:
             UserInputError: no such session, or its ``session.json`` is unreadable.
         """
-        import json
-
         name = normalize_name(name)
         path = fastsd_home(home) / "sessions" / name
         meta = path / SESSION_FILE
@@ -133,6 +135,8 @@ class Session:
             )
         try:
             info = json.loads(meta.read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as err:
             raise UserInputError(
                 f"{meta} is unreadable ({err}); restore it from a copy or re-create the session"
@@ -212,18 +216,46 @@ class Session:
     def record_checkpoint(self, step: int, source: str | os.PathLike[str]) -> dict[str, Any]:
         """Copy a finished local checkpoint folder into ``checkpoints/step-NNNNNN`` and list it.
 
-        Every file is copied with a verified sha256; the manifest entry is written last, so a
-        crash before it leaves an unlisted folder that :meth:`clean` removes.
+        Files are copied (sha256 verified) into a temporary folder that is renamed to its final
+        name once complete; the manifest entry is written last. A crash at any point leaves
+        either the previous manifest with its complete checkpoints, or leftovers that are not
+        listed and that :meth:`clean` removes. Re-recording a step replaces it the same way.
+
+        Returns:
+            The manifest entry: ``{"step", "path", "files": {rel: sha256}, "sizes": {rel: bytes}, "time"}``.
+
+        Raises:
+            UserInputError: ``source`` is not a folder or holds no files.
+            StorageError: a copy failed (disk full...); listed checkpoints are untouched.
         """
-        dest = self.checkpoints_dir / f"step-{step:06d}"
-        if dest.exists():
-            shutil.rmtree(dest)
-        files = {}
         src = Path(source)
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = f.relative_to(src).as_posix()
-            files[rel] = storage.copy_file(f, dest / rel, verify_sha256=True)["sha256"]
-        entry = {"step": step, "path": dest.relative_to(self.path).as_posix(), "files": files, "time": time.time()}
+        if not src.is_dir():
+            raise UserInputError(f"checkpoint source {src} is not a folder")
+        sources = sorted(p for p in src.rglob("*") if p.is_file())
+        if not sources:
+            raise UserInputError(f"checkpoint source {src} is empty: nothing to record")
+        dest = self.checkpoints_dir / f"step-{step:06d}"
+        staging = self.checkpoints_dir / f"{storage.TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}"
+        files, sizes = {}, {}
+        try:
+            for f in sources:
+                rel = f.relative_to(src).as_posix()
+                result = storage.copy_file(f, staging / rel, verify_sha256=True)
+                files[rel], sizes[rel] = result["sha256"], result["size"]
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        rel_dest = dest.relative_to(self.path).as_posix()
+        if dest.exists():
+            # Unlist first, then delete: a crash in between leaves an unlisted folder, never a
+            # listed half-deleted one.
+            if any(c["path"] == rel_dest for c in self.info.get("checkpoints", [])):
+                self.info["checkpoints"] = [c for c in self.info["checkpoints"] if c["path"] != rel_dest]
+                self.save()
+            shutil.rmtree(dest)
+        os.rename(staging, dest)
+        storage.fsync_dir(self.checkpoints_dir)
+        entry = {"step": step, "path": rel_dest, "files": files, "sizes": sizes, "time": time.time()}
         self.info["checkpoints"] = [c for c in self.info.get("checkpoints", []) if c["step"] != step] + [entry]
         self.info["checkpoints"].sort(key=lambda c: c["step"])
         self.save()
@@ -238,21 +270,40 @@ class Session:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def verify_checkpoint(self, entry: dict[str, Any]) -> bool:
-        """True when every file of a listed checkpoint is present with its recorded sha256."""
+    def verify_checkpoint(self, entry: dict[str, Any], *, quick: bool = False) -> bool:
+        """True when every file of a listed checkpoint is present with its recorded sha256.
+
+        Args:
+            entry: a manifest entry from :meth:`checkpoints`.
+            quick: check presence and sizes only (no re-reading of gigabytes from Drive).
+        """
         folder = self.path / entry["path"]
-        return all(
-            (folder / rel).is_file() and storage.sha256_file(folder / rel) == sha for rel, sha in entry["files"].items()
-        )
+        sizes = entry.get("sizes") or {}
+        for rel, sha in entry["files"].items():
+            f = folder / rel
+            if not f.is_file():
+                return False
+            if rel in sizes and f.stat().st_size != sizes[rel]:
+                return False
+            if not quick and storage.sha256_file(f) != sha:
+                return False
+        return True
 
     def prune_checkpoints(self, keep: int) -> list[int]:
-        """Keep the newest ``keep`` checkpoints; delete the others. Returns the removed steps."""
+        """Keep the newest ``keep`` checkpoints; delete the others. Returns the removed steps.
+
+        The manifest is saved before folders are deleted, so a crash never leaves a listed,
+        half-deleted checkpoint.
+        """
         entries = self.checkpoints()
         drop = entries[:-keep] if keep > 0 else entries
+        if not drop:
+            return []
+        dropped = {c["path"] for c in drop}
+        self.info["checkpoints"] = [c for c in self.info.get("checkpoints", []) if c["path"] not in dropped]
+        self.save()
         for entry in drop:
             shutil.rmtree(self.path / entry["path"], ignore_errors=True)
-        self.info["checkpoints"] = [c for c in self.info.get("checkpoints", []) if c not in drop]
-        self.save()
         return [c["step"] for c in drop]
 
     def record_model(
@@ -276,7 +327,11 @@ class Session:
         return [m for m in self.info.get("models", []) if (self.path / m["file"]).is_file()]
 
     def clean(self) -> list[Path]:
-        """Remove leftovers of interrupted writes: temp files and unlisted checkpoint folders."""
+        """Remove leftovers of interrupted writes: temp files and unlisted checkpoint folders.
+
+        Call it while holding the session's lock (a write in progress elsewhere looks like a
+        leftover).
+        """
         removed = storage.clean_temp_files(self.path)
         listed = {c["path"] for c in self.info.get("checkpoints", [])}
         for folder in self.checkpoints_dir.glob("step-*"):
@@ -285,8 +340,351 @@ class Session:
                 removed.append(folder)
         return removed
 
+    # ---- locking
+
+    def lock(self, *, force: bool = False, command: str | None = None, **kwargs: Any) -> SessionLock:
+        """The session's lock, to use as ``with session.lock(): ...`` around writes.
+
+        Args:
+            force: break an existing lock (``--force``).
+            command: what holds it, shown to a second user (e.g. ``"fastsd train"``).
+            kwargs: ``stale_after`` / ``heartbeat`` seconds for :class:`~fastsd.locks.SessionLock`.
+
+        Raises:
+            SessionLockedError: on enter, when another live process holds it.
+        """
+        return SessionLock(self.path, name=self.name, force=force, command=command, **kwargs)
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """The current lock record plus its ``state`` (live/dead/stale), or None when unlocked."""
+        record = read_lock(self.path)
+        if record is None:
+            return None
+        return {**record, "state": lock_state(record)}
+
+    # ---- adding images and listing captions
+
+    def add_images(
+        self,
+        sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        *,
+        crop: str = "smart",
+        size: int | None = None,
+        captions: str = "auto",
+        force: bool = False,
+        progress: bool = True,
+    ) -> AddReport:
+        """Add instance images from files, folders and zips (see :func:`fastsd.images.add_images`).
+
+        Holds the session lock while adding.
+
+        Raises:
+            UserInputError: bad options, or no image files at all.
+            SessionLockedError: another process uses the session (``force=True`` breaks the lock).
+        """
+        from .images import add_images
+
+        with self.lock(force=force, command="add images"):
+            return add_images(self, sources, crop=crop, size=size, captions=captions, progress=progress)
+
+    def captions(self) -> dict[str, str]:
+        """Every instance image's file name mapped to its caption (own or default)."""
+        return {p.name: self.caption(p) for p in self.images()}
+
+    def has_own_caption(self, image: str | os.PathLike[str]) -> bool:
+        """True when the image has a non-empty ``captions/<stem>.txt``."""
+        txt = self.captions_dir / f"{Path(image).stem}.txt"
+        return txt.is_file() and bool(txt.read_text(encoding="utf-8").strip())
+
+    def remove_image(self, image: str | os.PathLike[str]) -> None:
+        """Delete an instance image, its caption and its record.
+
+        Raises:
+            UserInputError: no such image in the session.
+        """
+        name = Path(image).name
+        path = self.instance_dir / name
+        if not path.is_file():
+            raise UserInputError(f"session {self.name} has no image {name}: see 'fastsd session show {self.name}'")
+        path.unlink()
+        (self.captions_dir / f"{path.stem}.txt").unlink(missing_ok=True)
+        if self.info.get("images", {}).pop(name, None) is not None:
+            self.save()
+
+    # ---- describing
+
+    def summary(self, *, verify: bool = False) -> dict[str, Any]:
+        """What the session holds, as data (``show --json``).
+
+        Args:
+            verify: re-hash checkpoint files (slow on Drive); otherwise presence and sizes are checked.
+        """
+        images = self.images()
+        own = sum(1 for p in images if self.has_own_caption(p))
+        class_dirs = sorted(p for p in (self.path / "class_images").iterdir() if p.is_dir())
+        checkpoints = [
+            {"step": c["step"], "path": c["path"], "ok": self.verify_checkpoint(c, quick=not verify)}
+            for c in self.checkpoints()
+        ]
+        models = [{**m, "ok": (self.path / m["file"]).stat().st_size == m.get("size")} for m in self.models()]
+        progress = self.info.get("progress") or {}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "created": self.info.get("created"),
+            "base_model": self.info.get("base_model"),
+            "family": self.info.get("family"),
+            "resolution": self.info.get("resolution"),
+            "instance_token": self.info.get("instance_token"),
+            "class_word": self.info.get("class_word"),
+            "default_prompt": self.default_prompt(),
+            "images": len(images),
+            "own_captions": own,
+            "class_images": {
+                p.name: sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for p in class_dirs
+            },
+            "step": progress.get("step", 0),
+            "total_steps": progress.get("total_steps"),
+            "checkpoints": checkpoints,
+            "checkpoints_verified": "sha256" if verify else "size",
+            "models": models,
+            "lock": self.lock_holder(),
+        }
+
+    def describe(self, *, verify: bool = False) -> str:
+        """What the session holds, in plain words (``fastsd session show``)."""
+        s = self.summary(verify=verify)
+        lines = [f"session {s['name']}  ({s['path']})"]
+        family = f" ({s['family']})" if s["family"] else ""
+        lines.append(f"  base model   {s['base_model'] or 'not chosen yet'}{family}, training size {s['resolution']}")
+        lines.append(f'  subject      "{s["default_prompt"]}" (token {s["instance_token"]}, class {s["class_word"]})')
+        if s["images"]:
+            rest = s["images"] - s["own_captions"]
+            caps = f"{s['own_captions']} with their own caption"
+            if rest:
+                caps += f', {rest} captioned "{s["default_prompt"]}"'
+            lines.append(f"  images       {s['images']} instance image(s): {caps}")
+        else:
+            lines.append(f"  images       none yet: add some with 'fastsd session add {s['name']} PHOTOS'")
+        for slug, count in s["class_images"].items():
+            lines.append(f"  class images {count} in class_images/{slug}")
+        total = s["total_steps"]
+        if s["step"]:
+            of = f" of {total} ({100 * s['step'] // total}%)" if total else ""
+            lines.append(f"  training     step {s['step']}{of}")
+        else:
+            lines.append("  training     not started")
+        if s["checkpoints"]:
+            how = "sha256 checked" if verify else "sizes checked; --verify re-hashes"
+            good = [c for c in s["checkpoints"] if c["ok"]]
+            bad = [c for c in s["checkpoints"] if not c["ok"]]
+            text = ", ".join(f"step {c['step']}" for c in good) or "none"
+            lines.append(f"  checkpoints  {len(good)} complete ({how}): {text}")
+            if bad:
+                lines.append(
+                    "  damaged      " + ", ".join(f"step {c['step']}" for c in bad) + " (files missing or changed)"
+                )
+        else:
+            lines.append("  checkpoints  none yet")
+        if s["models"]:
+            for m in s["models"]:
+                step = f", step {m['step']}" if m.get("step") is not None else ""
+                size = _human_size(m["size"])
+                flag = "" if m["ok"] else " (size differs from the manifest!)"
+                lines.append(f"  model        {m['file']} ({m['kind']}{step}, {size}){flag}")
+        else:
+            lines.append("  models       none exported yet")
+        lock = s["lock"]
+        if lock:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lock.get("since") or 0)))
+            state = {"live": "in use", "dead": "left locked by a process that is gone", "stale": "locked, looks stale"}
+            lines.append(
+                f"  lock         {state[lock['state']]}: pid {lock.get('pid')} on host {lock.get('host')} since {since}"
+            )
+        return "\n".join(lines)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
 
 def list_sessions(home: str | os.PathLike[str] | None = None) -> list[str]:
-    """Names of the sessions under the fastsd home."""
+    """Names of the sessions under the fastsd home (in-progress imports and removals excluded)."""
     root = fastsd_home(home) / "sessions"
-    return sorted(p.name for p in root.iterdir() if (p / SESSION_FILE).is_file())
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / SESSION_FILE).is_file())
+
+
+def remove_session(name: str, home: str | os.PathLike[str] | None = None, *, force: bool = False) -> Path:
+    """Delete a session folder and everything in it.
+
+    The folder is first renamed to a temporary name (one atomic step, so a half-deleted session
+    never looks like a session), then deleted.
+
+    Returns:
+        The path the session had.
+
+    Raises:
+        UserInputError: no such session.
+        SessionLockedError: the session is in use (``force=True`` breaks the lock).
+    """
+    session = Session.open(name, home)
+    aside = session.path.parent / f"{storage.TEMP_PREFIX}rm-{uuid.uuid4().hex[:8]}-{session.name}"
+    # no heartbeat thread: it could re-create the folder by refreshing the lock after the rename
+    with session.lock(force=force, command="remove", heartbeat=0):
+        os.rename(session.path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    return session.path
+
+
+#: Files never carried over by an import: lock files, sync records, temp files.
+_NOT_IMPORTED = (LOCK_FILE, storage.SYNC_STATE)
+
+
+def _importable(rel: str) -> bool:
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts) or rel.startswith("/") or ":" in parts[0]:
+        return False
+    return not any(p.startswith(storage.TEMP_PREFIX) or p in _NOT_IMPORTED or p == "__MACOSX" for p in parts)
+
+
+def import_session(
+    source: str | os.PathLike[str], home: str | os.PathLike[str] | None = None, *, name: str | None = None
+) -> Session:
+    """Bring a session in from a folder (a shared Drive folder, a copy) or a zip of one.
+
+    ``source`` is the session folder itself, or a folder/zip holding exactly one session folder.
+    Every file is copied with the safe-write helper into a temporary folder that becomes the
+    session in one rename. Checkpoints whose files do not match the source manifest (a copy
+    interrupted mid-sync) are dropped from the manifest and not copied as complete.
+
+    Args:
+        source: folder or ``.zip``.
+        home: the fastsd home to import into.
+        name: the new session's name (default: the name in its ``session.json``).
+
+    Returns:
+        The imported :class:`Session`.
+
+    Raises:
+        UserInputError: no session found in ``source``, its ``session.json`` is unreadable, or a
+            session of that name already exists (pass ``name``).
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise UserInputError(f"cannot import {src}: no such file or folder")
+    if src.is_file() and src.suffix.lower() == ".zip":
+        try:
+            archive = zipfile.ZipFile(src)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UserInputError(f"cannot import {src}: not a readable zip ({err})") from err
+        with archive:
+            members = {i.filename: i for i in archive.infolist() if not i.is_dir()}
+            prefix = _find_session_prefix(src, [m for m in members if m.rsplit("/", 1)[-1] == SESSION_FILE])
+            entries = {
+                m[len(prefix) :]: (lambda fh, i=info: _copy_member(archive, i, fh))
+                for m, info in members.items()
+                if m.startswith(prefix) and not _is_zip_symlink(info)
+            }
+            return _import_entries(src, entries, home, name, fallback=Path(prefix.rstrip("/")).name or src.stem)
+    if not src.is_dir():
+        raise UserInputError(f"cannot import {src}: give a session folder or a .zip of one")
+    found = [p.relative_to(src).as_posix() for p in src.glob(SESSION_FILE)] + [
+        p.relative_to(src).as_posix() for p in src.glob(f"*/{SESSION_FILE}")
+    ]
+    prefix = _find_session_prefix(src, found)
+    root = src / prefix if prefix else src
+    entries = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            entries[p.relative_to(root).as_posix()] = lambda fh, p=p: _copy_path(p, fh)
+    return _import_entries(src, entries, home, name, fallback=root.name)
+
+
+def _find_session_prefix(src: Path, found: list[str]) -> str:
+    if SESSION_FILE in found:
+        return ""
+    tops = [f for f in found if f.count("/") == 1 and not f.startswith(("__MACOSX/", "."))]
+    if len(tops) == 1:
+        return tops[0][: -len(SESSION_FILE)]
+    if not tops:
+        raise UserInputError(f"no session found in {src}: it holds no session.json (at its top or one folder down)")
+    raise UserInputError(
+        f"{src} holds {len(tops)} sessions ({', '.join(t.split('/')[0] for t in tops)}): import one folder"
+    )
+
+
+def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
+    return (info.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, fh: Any) -> None:
+    with archive.open(info) as inp:
+        shutil.copyfileobj(inp, fh, storage.CHUNK)
+
+
+def _copy_path(path: Path, fh: Any) -> None:
+    with open(path, "rb") as inp:
+        shutil.copyfileobj(inp, fh, storage.CHUNK)
+
+
+def _import_entries(
+    src: Path, entries: dict[str, Any], home: str | os.PathLike[str] | None, name: str | None, *, fallback: str
+) -> Session:
+    if SESSION_FILE not in entries:
+        raise UserInputError(f"no session found in {src}: it holds no session.json")
+    staging_root = fastsd_home(home) / "sessions"
+    staging = staging_root / f"{storage.TEMP_PREFIX}import-{uuid.uuid4().hex[:8]}"
+    try:
+        meta = staging / ".incoming-session.json"
+        storage.write_stream(meta, entries[SESSION_FILE])
+        try:
+            info = json.loads(meta.read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise UserInputError(f"cannot import {src}: its session.json is unreadable ({err})") from err
+        meta.unlink()
+        new_name = normalize_name(name or str(info.get("name") or fallback))
+        final = staging_root / new_name
+        if final.exists():
+            raise UserInputError(f"a session named {new_name} already exists: import with another name (--name NEW)")
+        hashes: dict[str, str | None] = {}
+        skipped = []
+        for rel, produce in sorted(entries.items()):
+            if rel == SESSION_FILE:
+                continue
+            if not _importable(rel):
+                skipped.append(rel)
+                continue
+            hashes[rel] = storage.write_stream(staging / rel, produce, verify_sha256=True)["sha256"]
+        if skipped:
+            log.info("import skipped %d internal or unsafe entr(ies): %s", len(skipped), ", ".join(skipped[:5]))
+        info["name"] = new_name
+        kept = []
+        for c in info.get("checkpoints", []) or []:
+            files = c.get("files") or {}
+            good = bool(files) and all(hashes.get(f"{c['path']}/{rel}") == sha for rel, sha in files.items())
+            if good:
+                kept.append(c)
+            else:
+                log.warning("import: checkpoint step %s is incomplete in %s; it is not listed", c.get("step"), src)
+                shutil.rmtree(staging / c.get("path", "-missing-"), ignore_errors=True)
+        info["checkpoints"] = kept
+        info["models"] = [m for m in info.get("models", []) or [] if hashes.get(m.get("file")) == m.get("sha256")]
+        storage.write_json(staging / SESSION_FILE, info)
+        for sub in SUBDIRS:
+            (staging / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, final)
+        except OSError as err:  # another import of the same name won the race
+            raise UserInputError(f"a session named {new_name} already exists: import with another name") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    session = Session.open(new_name, home)
+    session.clean()  # unlisted checkpoint folders that came along
+    return session

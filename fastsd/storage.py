@@ -9,10 +9,13 @@ name. A crash leaves at most a ``.fastsd-tmp-*`` file, which :func:`clean_temp_f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,23 @@ from .errors import StorageError
 
 TEMP_PREFIX = ".fastsd-tmp-"
 CHUNK = 8 * 1024 * 1024
+#: Record of verified copies kept in a sync destination; lets an interrupted sync resume cheaply.
+SYNC_STATE = ".fastsd-sync.json"
+
+log = logging.getLogger(__name__)
+
+
+def _storage_error(final: Path, err: OSError) -> StorageError:
+    """One-line StorageError for a failed write; disk full gets its own advice."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f", {shutil.disk_usage(final.parent).free // (1024 * 1024)} MiB free"
+        return StorageError(
+            f"disk full while writing {final}{free}: free some space (or Drive quota) and run again; "
+            "files already complete were not touched"
+        )
+    return StorageError(f"could not write {final}: {err.strerror or err}; nothing was replaced")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -37,7 +57,8 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename inside it survives a crash (best effort: not every filesystem can)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -90,14 +111,17 @@ def write_stream(
             if sha != digest.hexdigest():
                 raise StorageError(f"{final}: the file read back differs from what was written; try again")
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return {"path": str(final), "size": size, "sha256": sha}
     except OSError as err:
         _unlink_quiet(tmp)
-        raise StorageError(f"could not write {final}: {err.strerror or err}; nothing was replaced") from err
+        raise _storage_error(final, err) from err
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+_fsync_dir = fsync_dir  # the name used before it was public
 
 
 class _HashingWriter:
@@ -171,3 +195,132 @@ def clean_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
 def _unlink_quiet(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def _is_internal(rel: Path) -> bool:
+    """Temp files of interrupted writes and the sync record are never synced."""
+    return any(part.startswith(TEMP_PREFIX) for part in rel.parts) or rel.name == SYNC_STATE
+
+
+def sync_folder(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    delete: bool = False,
+    save_every: float = 10.0,
+) -> dict[str, Any]:
+    """Copy a local work folder to Drive (or anywhere) safely; an interrupted sync resumes.
+
+    Every file is copied with :func:`copy_file` (temp name, fsync, sha256 verified, atomic
+    rename), so the destination never holds a partial file under a final name. What was verified
+    is recorded in ``dst/.fastsd-sync.json`` (source size, mtime and sha256); a file whose source
+    is unchanged and whose copy still has the recorded size is skipped without re-reading it.
+    Without that record (first run, or a copy made by hand) a destination file with the same
+    size and sha256 as its source is also skipped, so a re-run after a crash only copies what is
+    missing or different.
+
+    Args:
+        src: the folder to copy from (usually on local disk).
+        dst: the folder to copy into (usually on Drive); created when missing.
+        delete: also remove destination files that are no longer in ``src``.
+        save_every: seconds between saves of the sync record (it is also saved at the end and
+            when a write fails).
+
+    Returns:
+        ``{"copied": [rel...], "skipped": [rel...], "deleted": [rel...], "bytes": n}``.
+
+    Raises:
+        UserInputError: ``src`` is not a folder.
+        StorageError: a copy failed (disk full, I/O error). Files copied before it stay complete
+            and recorded; run the sync again to resume.
+    """
+    from .errors import UserInputError
+
+    src_root, dst_root = Path(src), Path(dst)
+    if not src_root.is_dir():
+        raise UserInputError(f"cannot sync {src_root}: it is not a folder")
+    dst_root.mkdir(parents=True, exist_ok=True)
+    state_path = dst_root / SYNC_STATE
+    try:
+        state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    except (OSError, ValueError):
+        state = {}  # a lost record only costs re-hashing
+    files: dict[str, Any] = state.get("files", {}) if isinstance(state.get("files"), dict) else {}
+    report: dict[str, Any] = {"copied": [], "skipped": [], "deleted": [], "bytes": 0}
+    last_save = time.monotonic()
+
+    def save_state() -> None:
+        with contextlib.suppress(StorageError):  # the record is an optimisation, never a reason to fail
+            write_json(state_path, {"version": 1, "files": files})
+
+    seen: set[str] = set()
+    try:
+        for path in sorted(p for p in src_root.rglob("*") if p.is_file() and not p.is_symlink()):
+            rel_path = path.relative_to(src_root)
+            if _is_internal(rel_path):
+                continue
+            rel = rel_path.as_posix()
+            seen.add(rel)
+            st = path.stat()
+            target = dst_root / rel_path
+            known = files.get(rel)
+            if (
+                known
+                and known.get("size") == st.st_size
+                and known.get("mtime_ns") == st.st_mtime_ns
+                and target.is_file()
+                and target.stat().st_size == st.st_size
+            ):
+                report["skipped"].append(rel)
+                continue
+            sha = sha256_file(path)
+            if target.is_file() and target.stat().st_size == st.st_size and sha256_file(target) == sha:
+                report["skipped"].append(rel)
+            else:
+                copy_file(path, target, verify_sha256=True)
+                report["copied"].append(rel)
+                report["bytes"] += st.st_size
+            files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+            if time.monotonic() - last_save > save_every:
+                save_state()
+                last_save = time.monotonic()
+    except StorageError as err:
+        save_state()
+        done = len(report["copied"]) + len(report["skipped"])
+        raise StorageError(f"{err} (sync of {src_root} stopped after {done} files; run it again to resume)") from err
+    if delete:
+        for path in sorted(p for p in dst_root.rglob("*") if p.is_file()):
+            rel_path = path.relative_to(dst_root)
+            if _is_internal(rel_path) or rel_path.as_posix() in seen:
+                continue
+            _unlink_quiet(path)
+            files.pop(rel_path.as_posix(), None)
+            report["deleted"].append(rel_path.as_posix())
+    for rel in [r for r in files if r not in seen]:
+        files.pop(rel)
+    save_state()
+    return report
+
+
+def flush(*, unmount: bool = False) -> bool:
+    """Push written data to the storage below; with ``unmount`` also flush and unmount Colab's Drive.
+
+    ``os.sync()`` asks the kernel to write its caches (for Drive's FUSE mount that hands the data
+    to the Drive client). Colab's ``drive.flush_and_unmount()`` is the only call that waits until
+    Drive has uploaded everything, but it unmounts Drive, so it runs only when asked (at the very
+    end of a notebook).
+
+    Returns:
+        True when Drive was flushed and unmounted, False otherwise (not asked, or not on Colab).
+    """
+    if hasattr(os, "sync"):
+        os.sync()
+    if not unmount:
+        return False
+    try:
+        from google.colab import drive  # type: ignore[import-not-found]
+    except ImportError:
+        log.info("not running in Colab: nothing to unmount (files are already written)")
+        return False
+    drive.flush_and_unmount()
+    return True

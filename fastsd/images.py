@@ -1,0 +1,583 @@
+"""Instance images: gather them from files, folders and zips, clean them up, crop them, caption them.
+
+What a user drops in is rarely training-ready: phone photos lie on their side (EXIF orientation),
+PNGs carry alpha, the same photo comes twice, a folder holds a stray PDF or a broken download.
+:func:`add_images` takes all of it, adds what it can and says, by name, what it skipped and why.
+
+Cropping to the square training size (``size``, 512–1024, a multiple of 64):
+
+- ``smart`` (default): the square is placed over the subject. Faces come first (OpenCV's Haar
+  cascade, when the installed OpenCV ships it); without a face, the square that holds the most
+  *saliency* wins, saliency being edge strength plus colour contrast against the image's
+  dominant colour, so an off-centre dog on a lawn stays in the picture.
+- ``center``: the middle square, the classic behaviour.
+- ``none``: the aspect ratio is kept (for aspect-ratio buckets): the image is scaled to about
+  ``size * size`` pixels and its sides trimmed to multiples of 64.
+
+Images smaller than the training size are upscaled, with a warning: they train blurry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import storage
+from .errors import UserInputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+HEIC_SUFFIXES = (".heic", ".heif")
+CAPTION_SUFFIXES = (".txt", ".caption")
+CROP_MODES = ("smart", "center", "none")
+#: auto: an external .txt/.caption next to the image, else the ``<token> <class>`` prompt;
+#: filename: the cleaned file name (``my_dog (3).jpg`` -> ``my dog``); token: always the prompt.
+CAPTION_MODES = ("auto", "filename", "token")
+MIN_SIZE, MAX_SIZE, SIZE_STEP = 512, 1024, 64
+#: Members of a zip larger than this are refused rather than read into memory (zip bombs).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+#: How much (0..1) saliency at the image's edge is discounted against its centre in smart crops.
+CENTER_PRIOR = 0.3
+#: Saved format of cropped images: lossless, read by every trainer.
+SAVE_SUFFIX = ".png"
+
+
+def check_size(size: int) -> int:
+    """Validate a training size: 512–1024 and a multiple of 64.
+
+    Raises:
+        UserInputError: any other value.
+    """
+    if not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE or size % SIZE_STEP:
+        raise UserInputError(
+            f"training size {size} is not supported: use a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE} "
+            "(512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL)"
+        )
+    return size
+
+
+def filename_caption(stem: str) -> str:
+    """Caption from a file name as Colab users know it: ``my_dog (3)`` -> ``my dog``."""
+    text = re.sub(r"\(\d+\)", " ", stem)
+    text = re.sub(r"[_\-]+", " ", text)
+    text = re.sub(r"\d+", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---------------------------------------------------------------- gathering sources
+
+
+@dataclass
+class Candidate:
+    """One file that may be an image: where it came from, how to read it, its external caption."""
+
+    name: str  # shown in reports: a path, or ``archive.zip:member``
+    stem: str
+    suffix: str
+    read: Callable[[], bytes]
+    caption: str | None = None
+
+
+@dataclass
+class AddReport:
+    """What :func:`add_images` did.
+
+    Attributes:
+        added: file names (in ``instance_images/``) of the images added.
+        duplicates: ``(source, existing image)`` pairs skipped as exact duplicates.
+        failed: ``(source, reason)`` pairs: corrupt, unsupported or unreadable inputs.
+        warnings: notes on images that were added (upscaled, no face found...).
+    """
+
+    added: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Plain-text report, one line per skipped file."""
+        lines = [
+            f"added {len(self.added)} image(s), skipped {len(self.duplicates)} duplicate(s), "
+            f"{len(self.failed)} file(s) failed"
+        ]
+        lines += [f"  duplicate: {src} (same as {existing})" for src, existing in self.duplicates]
+        lines += [f"  failed: {src}: {reason}" for src, reason in self.failed]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _read_caption(data: bytes) -> str:
+    return " ".join(data.decode("utf-8", errors="replace").split())
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX" or name == "Thumbs.db" or name == "desktop.ini"
+
+
+def _group(entries: list[tuple[str, str, Callable[[], bytes]]], failed: list[tuple[str, str]]) -> list[Candidate]:
+    """Turn (display name, file name, reader) of one folder into candidates, pairing captions by stem."""
+    captions: dict[str, Callable[[], bytes]] = {}
+    for _display, fname, read in entries:
+        p = Path(fname)
+        if p.suffix.lower() in CAPTION_SUFFIXES:
+            captions.setdefault(p.stem, read)
+    out = []
+    for display, fname, read in entries:
+        p = Path(fname)
+        suffix = p.suffix.lower()
+        if suffix in CAPTION_SUFFIXES:
+            continue
+        if suffix not in IMAGE_SUFFIXES + HEIC_SUFFIXES:
+            what = f"({suffix})" if suffix else "(no file extension)"
+            failed.append((display, f"unsupported format {what}: use jpg, png, webp or bmp"))
+            continue
+        caption = None
+        if p.stem in captions:
+            try:
+                caption = _read_caption(captions[p.stem]()) or None
+            except OSError as err:
+                failed.append((display, f"its caption file is unreadable: {err.strerror or err}"))
+        out.append(Candidate(display, p.stem, suffix, read, caption))
+    return out
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+def _from_zip(path: Path, failed: list[tuple[str, str]]) -> list[Candidate]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        failed.append((str(path), f"not a readable zip file ({err})"))
+        return []
+    folders: dict[str, list[tuple[str, str, Callable[[], bytes]]]] = {}
+    for info in sorted(archive.infolist(), key=lambda i: i.filename):
+        if info.is_dir():
+            continue
+        parts = info.filename.split("/")
+        if any(_hidden(part) for part in parts):
+            continue
+        display = f"{path}:{info.filename}"
+        if info.file_size > MAX_MEMBER_BYTES:
+            failed.append((display, f"too large ({info.file_size // (1024 * 1024)} MiB) for an image"))
+            continue
+
+        def read(info: zipfile.ZipInfo = info) -> bytes:
+            try:
+                return archive.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise OSError(f"damaged zip member ({err})") from err
+
+        folders.setdefault("/".join(parts[:-1]), []).append((display, parts[-1], read))
+    out: list[Candidate] = []
+    for entries in folders.values():
+        out += _group(entries, failed)
+    return out
+
+
+def _from_folder(root: Path, failed: list[tuple[str, str]]) -> list[Candidate]:
+    out: list[Candidate] = []
+
+    def onerror(err: OSError) -> None:
+        failed.append((str(err.filename or root), f"folder is unreadable: {err.strerror or err}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        here = Path(dirpath)
+        entries = []
+        for fname in sorted(filenames):
+            if _hidden(fname):
+                continue
+            path = here / fname
+            if path.suffix.lower() == ".zip":
+                out += _from_zip(path, failed)
+                continue
+            entries.append((str(path), fname, _file_reader(path)))
+        out += _group(entries, failed)
+    return out
+
+
+def _from_file(path: Path, failed: list[tuple[str, str]]) -> list[Candidate]:
+    if path.suffix.lower() == ".zip":
+        return _from_zip(path, failed)
+    entries = [(str(path), path.name, _file_reader(path))]
+    for suffix in CAPTION_SUFFIXES:
+        sibling = path.with_suffix(suffix)
+        if sibling.is_file() and path.suffix.lower() not in CAPTION_SUFFIXES:
+            entries.append((str(sibling), sibling.name, _file_reader(sibling)))
+    return _group(entries, failed)
+
+
+def collect(sources: Iterable[str | os.PathLike[str]]) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Expand files, folders (recursively) and zips into image candidates.
+
+    Hidden files, ``__MACOSX`` and caption files are not candidates; caption files
+    (``<stem>.txt`` / ``<stem>.caption`` in the same folder) become the candidates' captions.
+
+    Returns:
+        ``(candidates, failed)``: failed holds ``(name, reason)`` for missing paths, unreadable
+        folders, bad zips and files of an unsupported type.
+    """
+    candidates: list[Candidate] = []
+    failed: list[tuple[str, str]] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            candidates += _from_folder(path, failed)
+        elif path.is_file():
+            candidates += _from_file(path, failed)
+        elif path.exists():
+            failed.append((str(path), "not a file or folder"))
+        else:
+            failed.append((str(path), "no such file or folder"))
+    return candidates, failed
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class ImageReadError(Exception):
+    """An input that is not a usable image; ``str()`` is the reason shown to the user."""
+
+
+def _register_heif() -> None:
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise ImageReadError("HEIC/HEIF needs pillow-heif: pip install pillow-heif, or convert it to jpg") from err
+    pillow_heif.register_heif_opener()
+
+
+def open_image(data: bytes, *, suffix: str = "", draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes into an upright RGB image.
+
+    EXIF orientation is applied (phone photos), transparency is flattened onto white, palette
+    and greyscale images become RGB. With ``draft_size`` a JPEG is decoded at a reduced scale
+    that still keeps both sides at least that large (much faster for 12+ MP photos).
+
+    Raises:
+        ImageReadError: not an image, truncated, or too large to decode safely.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if suffix in HEIC_SUFFIXES:
+        _register_heif()
+    try:
+        img = Image.open(io.BytesIO(data))
+        if draft_size and img.format == "JPEG":
+            # draft() picks the largest 1/2^k scale that keeps the requested box; account for
+            # a 90-degree EXIF rotation by asking for a square box.
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+    except UnidentifiedImageError as err:
+        raise ImageReadError("not an image, or a format Pillow cannot read") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"too many pixels to decode safely ({err})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageReadError(f"corrupt or truncated image ({err})") from err
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------- focal point and cropping
+
+
+@functools.lru_cache(maxsize=1)
+def _face_cascade() -> Any:
+    """OpenCV's frontal-face Haar cascade, or None when this OpenCV does not ship it (OpenCV 5 moved it out)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    if not folder or not hasattr(cv2, "CascadeClassifier"):
+        return None
+    path = Path(folder) / "haarcascade_frontalface_default.xml"
+    if not path.is_file():
+        return None
+    cascade = cv2.CascadeClassifier(str(path))
+    return None if cascade.empty() else cascade
+
+
+def face_detection_available() -> bool:
+    """True when OpenCV's Haar face cascade can be loaded here."""
+    return _face_cascade() is not None
+
+
+def detect_faces(img: Image.Image) -> list[tuple[int, int, int, int]]:
+    """Face boxes ``(x, y, w, h)`` in ``img`` coordinates, largest first; [] without face detection."""
+    cascade = _face_cascade()
+    if cascade is None:
+        return []
+    import cv2
+    import numpy as np
+
+    scale = min(1.0, 640 / max(img.size))
+    small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    gray = cv2.equalizeHist(cv2.cvtColor(np.asarray(small), cv2.COLOR_RGB2GRAY))
+    side = max(24, min(gray.shape) // 12)
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=6, minSize=(side, side))
+    boxes = [tuple(int(round(v / scale)) for v in box) for box in (found if len(found) else [])]
+    return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)  # type: ignore[return-value]
+
+
+def saliency_map(img: Image.Image, *, max_side: int = 256) -> Any:
+    """A small float map of where the subject probably is: edge strength plus colour contrast.
+
+    Both terms are normalised to [0, 1] and blurred. Colour contrast is the Lab distance from the
+    image's median colour, which is usually the background (sky, wall, lawn).
+
+    Returns:
+        ``(map, scale)``: a 2-D float32 numpy array and the factor from ``img`` to map pixels.
+    """
+    import cv2
+    import numpy as np
+
+    scale = min(1.0, max_side / max(img.size))
+    small = np.asarray(img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale)))))
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    edges = np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3))
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
+    contrast = np.linalg.norm(lab - np.median(lab.reshape(-1, 3), axis=0), axis=2)
+    k = max(3, (min(gray.shape) // 16) | 1)
+
+    def norm(a: Any) -> Any:
+        a = cv2.GaussianBlur(a, (k, k), 0)
+        top = float(a.max())
+        return a / top if top > 0 else a
+
+    return norm(edges) + norm(contrast), scale
+
+
+def focal_point(img: Image.Image, crop_side: int | None = None) -> tuple[float, float, str]:
+    """Where a square crop of ``img`` should be centred, and how that was decided.
+
+    Faces first: the centre of all faces when they fit in one crop, else of the largest face.
+    Otherwise the square of side ``crop_side`` (default: the short side) holding the most saliency.
+
+    Returns:
+        ``(x, y, method)`` in ``img`` pixels; method is ``"face"``, ``"saliency"`` or ``"center"``.
+    """
+    import numpy as np
+
+    w, h = img.size
+    side = crop_side or min(w, h)
+    faces = detect_faces(img)
+    if faces:
+        x0 = min(b[0] for b in faces)
+        y0 = min(b[1] for b in faces)
+        x1 = max(b[0] + b[2] for b in faces)
+        y1 = max(b[1] + b[3] for b in faces)
+        if x1 - x0 > side or y1 - y0 > side:
+            x0, y0, fw, fh = faces[0]
+            x1, y1 = x0 + fw, y0 + fh
+        return (x0 + x1) / 2, (y0 + y1) / 2, "face"
+    if w == h and side >= w:
+        return w / 2, h / 2, "center"
+    sal, scale = saliency_map(img)
+    if float(sal.max()) <= 0:
+        return w / 2, h / 2, "center"
+    # Best window along each axis via cumulative sums of the map's column/row totals.
+    win = max(1, round(side * scale))
+
+    def best_center(profile: Any, full: int) -> float:
+        if win >= len(profile):
+            return full / 2
+        # A mild centre prior: photographers centre their subject more often than not, so
+        # scattered texture (foliage, a busy wall) should not drag the crop to an edge.
+        pos = np.linspace(-1.0, 1.0, len(profile))
+        profile = profile * (1.0 - CENTER_PRIOR * pos * pos)
+        sums = np.convolve(profile, np.ones(win), mode="valid")
+        best = np.flatnonzero(sums >= sums.max() * 0.999)
+        start = float(best[len(best) // 2])  # the middle of equally good windows
+        return (start + win / 2) / scale
+
+    return best_center(sal.sum(axis=0), w), best_center(sal.sum(axis=1), h), "saliency"
+
+
+def crop_box(size: tuple[int, int], center: tuple[float, float], side: int) -> tuple[int, int, int, int]:
+    """The ``side`` x ``side`` box centred as near ``center`` as the image allows."""
+    w, h = size
+    left = min(max(0, round(center[0] - side / 2)), w - side)
+    top = min(max(0, round(center[1] - side / 2)), h - side)
+    return left, top, left + side, top + side
+
+
+def crop_image(img: Image.Image, mode: str = "smart", size: int = 512) -> tuple[Image.Image, dict[str, Any]]:
+    """Crop and resize one image for training.
+
+    Args:
+        img: an RGB image.
+        mode: ``smart``, ``center`` or ``none`` (see the module doc).
+        size: the training size (512–1024, multiple of 64).
+
+    Returns:
+        ``(image, info)``; info has ``focus`` (face/saliency/center/none), ``box`` (the crop in
+        the input's pixels) and ``upscaled`` (True when the input was smaller than needed).
+
+    Raises:
+        UserInputError: an unknown mode or size.
+    """
+    from PIL import Image
+
+    check_size(size)
+    if mode not in CROP_MODES:
+        raise UserInputError(f"crop mode {mode!r} is unknown: use one of {', '.join(CROP_MODES)}")
+    w, h = img.size
+    if mode == "none":
+        scale = math.sqrt(size * size / (w * h))
+        rw, rh = max(SIZE_STEP, round(w * scale)), max(SIZE_STEP, round(h * scale))
+        tw, th = rw // SIZE_STEP * SIZE_STEP, rh // SIZE_STEP * SIZE_STEP
+        resized = img.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        left, top = (rw - tw) // 2, (rh - th) // 2
+        out = resized.crop((left, top, left + tw, top + th))
+        return out, {"focus": "none", "box": (0, 0, w, h), "upscaled": scale > 1.0}
+    side = min(w, h)
+    if mode == "center":
+        cx, cy, focus = w / 2, h / 2, "center"
+    else:
+        cx, cy, focus = focal_point(img, side)
+    box = crop_box((w, h), (cx, cy), side)
+    out = img.crop(box)
+    if side != size:
+        out = out.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return out, {"focus": focus, "box": box, "upscaled": side < size}
+
+
+# ---------------------------------------------------------------- adding to a session
+
+
+def _safe_stem(stem: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:60]
+    return cleaned or "image"
+
+
+def _unique_stem(stem: str, taken: set[str]) -> str:
+    candidate, n = stem, 2
+    while candidate.lower() in taken:
+        candidate = f"{stem}-{n}"
+        n += 1
+    taken.add(candidate.lower())
+    return candidate
+
+
+def add_images(
+    session: Session,
+    sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    crop: str = "smart",
+    size: int | None = None,
+    captions: str = "auto",
+    progress: bool = True,
+) -> AddReport:
+    """Add instance images to a session: decode, de-duplicate, crop, save, caption.
+
+    Each image is saved as PNG in ``instance_images/`` with the safe-write helper, and its source
+    hash is recorded in ``session.json`` (``images``) so adding the same photo again is skipped.
+    A caption is written to ``captions/<stem>.txt`` when one comes with the image (``auto``) or
+    from its file name (``filename``); otherwise the session's ``<token> <class>`` prompt applies.
+
+    Args:
+        session: the session to add to (the caller holds its lock; :meth:`Session.add_images` does).
+        sources: files, folders and zips (one or a list).
+        crop: ``smart`` (default), ``center`` or ``none``.
+        size: training size; default the session's resolution.
+        captions: ``auto`` (default), ``filename`` or ``token``.
+        progress: show a progress bar.
+
+    Returns:
+        An :class:`AddReport`. Bad files are in ``failed``, never raised.
+
+    Raises:
+        UserInputError: bad crop/caption mode or size, or no image files at all in ``sources``
+            (the message names what was looked at and why each file was refused).
+        StorageError: writing to the session failed (disk full...); images saved before stay.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    size = check_size(int(size or session.info.get("resolution") or 512))
+    if crop not in CROP_MODES:
+        raise UserInputError(f"crop mode {crop!r} is unknown: use one of {', '.join(CROP_MODES)}")
+    if captions not in CAPTION_MODES:
+        raise UserInputError(f"caption mode {captions!r} is unknown: use one of {', '.join(CAPTION_MODES)}")
+    candidates, failed = collect(sources)
+    report = AddReport(failed=failed)
+    if not candidates:
+        looked = ", ".join(str(s) for s in sources) or "(nothing)"
+        reasons = "; ".join(f"{n}: {r}" for n, r in failed[:5])
+        raise UserInputError(
+            f"no images found in {looked}" + (f" ({reasons})" if reasons else "") + ": add jpg, png, webp or bmp files"
+        )
+    records: dict[str, Any] = session.info.setdefault("images", {})
+    present = {p.name for p in session.images()}
+    known = {rec["sha256"]: fname for fname, rec in records.items() if fname in present and "sha256" in rec}
+    taken = {p.stem.lower() for p in session.instance_dir.iterdir()}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(candidates, desc="adding images", unit="img", disable=not progress or len(candidates) < 4)
+    try:
+        for cand in bar:
+            try:
+                data = cand.read()
+            except OSError as err:
+                report.failed.append((cand.name, f"unreadable: {err.strerror or err}"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in known:
+                report.duplicates.append((cand.name, known[digest]))
+                continue
+            try:
+                img = open_image(data, suffix=cand.suffix, draft_size=size)
+                out, info = crop_image(img, crop, size)
+            except ImageReadError as err:
+                report.failed.append((cand.name, str(err)))
+                continue
+            stem = _unique_stem(_safe_stem(cand.stem), taken)
+            fname = stem + SAVE_SUFFIX
+            buf = io.BytesIO()
+            out.save(buf, format="PNG")
+            storage.write_bytes(session.instance_dir / fname, buf.getvalue())
+            text = cand.caption if captions == "auto" else filename_caption(cand.stem) if captions == "filename" else ""
+            if text:
+                session.set_caption(fname, text)
+            known[digest] = fname
+            records[fname] = {
+                "source": cand.name,
+                "sha256": digest,
+                "crop": crop,
+                "focus": info["focus"],
+            }
+            report.added.append(fname)
+            if info["upscaled"]:
+                report.warnings.append(
+                    f"{cand.name} is {img.width}x{img.height}, smaller than {size}: upscaled, it will train blurry"
+                )
+    finally:
+        if report.added:
+            session.save()
+    if crop == "smart" and report.added and not face_detection_available():
+        log.debug("face detection unavailable in this OpenCV: smart crop used saliency only")
+    return report

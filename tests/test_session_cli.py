@@ -1,0 +1,155 @@
+"""``fastsd session ...`` end to end on a temp root."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+from PIL import Image, ImageDraw
+
+
+def _photos(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (x, color) in enumerate([(150, (220, 20, 20)), (650, (20, 20, 220)), (400, (20, 180, 20))]):
+        img = Image.new("RGB", (900, 600), (128, 128, 128))
+        ImageDraw.Draw(img).ellipse((x - 80, 220, x + 80, 380), fill=color)
+        img.save(folder / f"zwx_dog ({i + 1}).jpg", quality=90)
+    (folder / "zwx_dog (1).txt").write_text("zwx dog on a grey wall")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return folder
+
+
+def test_session_commands_end_to_end(cli, tmp_path):
+    root = str(tmp_path / "home")
+    r = cli("session", "new", "my dog", "--base-model", "sd15", "--class", "dog", "--token", "zwx", "--root", root)
+    assert r.returncode == 0, r.stderr
+    assert "created session my_dog" in r.stdout
+
+    r = cli(
+        "session",
+        "add",
+        "my_dog",
+        str(_photos(tmp_path / "photos")),
+        "--crop",
+        "center",
+        "--size",
+        "576",
+        "--root",
+        root,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "added 3 image(s), skipped 0 duplicate(s), 1 file(s) failed" in r.stdout
+    assert "broken.png" in r.stdout
+
+    r = cli("session", "list", "--root", root)
+    assert r.returncode == 0 and "my_dog" in r.stdout and "3 images" in r.stdout
+
+    r = cli("session", "show", "my_dog", "--root", root)
+    assert r.returncode == 0, r.stderr
+    assert "base model   sd15" in r.stdout
+    assert '3 instance image(s): 1 with their own caption, 2 captioned "zwx dog"' in r.stdout
+    assert "training     not started" in r.stdout
+
+    r = cli("session", "show", "my_dog", "--json", "--root", root)
+    data = json.loads(r.stdout)
+    assert data["images"] == 3 and data["resolution"] == 512 and data["lock"] is None
+    img = next((tmp_path / "home" / "sessions" / "my_dog" / "instance_images").iterdir())
+    assert Image.open(img).size == (576, 576)
+
+    # import a zip of it under another name, then remove both
+    archive = tmp_path / "shared.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in (tmp_path / "home" / "sessions" / "my_dog").rglob("*"):
+            if f.is_file():
+                z.write(f, "my_dog/" + f.relative_to(tmp_path / "home" / "sessions" / "my_dog").as_posix())
+    r = cli("session", "import", str(archive), "--root", root)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = cli("session", "import", str(archive), "--name", "friend_dog", "--root", root)
+    assert r.returncode == 0, r.stderr
+    assert "imported session friend_dog" in r.stdout and "3 instance image(s)" in r.stdout
+
+    r = cli("session", "rm", "friend_dog", "--root", root)  # stdin is not a terminal here
+    assert r.returncode == 2 and "pass --yes" in r.stderr
+    assert (tmp_path / "home" / "sessions" / "friend_dog").is_dir()
+    r = cli("session", "rm", "friend_dog", "--yes", "--root", root)
+    assert r.returncode == 0 and "removed session friend_dog" in r.stdout
+    r = cli("session", "list", "--root", root)
+    assert "friend_dog" not in r.stdout and "my_dog" in r.stdout
+
+
+def test_session_cli_bad_input(cli, tmp_path):
+    root = str(tmp_path / "home")
+    r = cli("session", "new", "../evil", "--root", root)
+    assert r.returncode == 2 and "fastsd: error: session name '../evil' is not allowed" in r.stderr
+    r = cli("session", "new", "ok", "--resolution", "700", "--root", root)
+    assert r.returncode == 2 and "multiple of 64" in r.stderr
+    r = cli("session", "show", "nope", "--root", root)
+    assert r.returncode == 2 and "no session named nope" in r.stderr
+    assert cli("session", "new", "ok", "--root", root).returncode == 0
+    (tmp_path / "empty").mkdir()
+    r = cli("session", "add", "ok", str(tmp_path / "empty"), "--root", root)
+    assert r.returncode == 2 and "no images found" in r.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"nope")
+    r = cli("session", "add", "ok", str(tmp_path / "bad"), "--root", root)
+    assert r.returncode == 1 and "x.jpg: not an image" in r.stdout
+    r = cli("session", "list", "--json", "--root", root)
+    assert json.loads(r.stdout)[0]["name"] == "ok"
+    r = cli("session", "rm", "ok", "--root", root, input="y\n")  # piped input is not a terminal: still refused
+    assert r.returncode == 2
+
+
+def test_session_cli_lock_message_and_force(cli, tmp_path):
+    root = tmp_path / "home"
+    assert cli("session", "new", "busy", "--root", str(root)).returncode == 0
+    (root / "sessions" / "busy" / ".fastsd-lock.json").write_text(
+        json.dumps({"pid": 999, "host": "colab-abc", "since": 0, "heartbeat": 9e12, "token": "t"})
+    )
+    _photos(tmp_path / "p")
+    r = cli("session", "add", "busy", str(tmp_path / "p"), "--root", str(root))
+    assert r.returncode == 1 and "session busy is in use by pid 999 on host colab-abc since" in r.stderr
+    r = cli("session", "show", "busy", "--root", str(root))
+    assert "lock         in use: pid 999 on host colab-abc" in r.stdout
+    r = cli("session", "add", "busy", str(tmp_path / "p"), "--force", "--root", str(root))
+    assert r.returncode == 0 and "added 3 image(s)" in r.stdout
+    r = cli("session", "rm", "busy", "--yes", "--root", str(root))
+    assert r.returncode == 0
+
+
+def test_rm_asks_in_a_terminal(tmp_path):
+    """With a terminal on stdin, rm asks; anything but y/yes keeps the session (exit 2)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    root = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, "-m", "fastsd", "session", "new", "asked", "--root", str(root)], env=env, check=True
+    )
+
+    def rm(answer: str) -> subprocess.CompletedProcess:
+        master, slave = pty.openpty()
+        try:
+            os.write(master, answer.encode())
+            return subprocess.run(
+                [sys.executable, "-m", "fastsd", "session", "rm", "asked", "--root", str(root)],
+                stdin=slave,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    r = rm("n\n")
+    assert r.returncode == 2 and "delete session asked" in r.stdout and "not removed" in r.stdout
+    assert (root / "sessions" / "asked").is_dir()
+    r = rm("y\n")
+    assert r.returncode == 0 and "removed session asked" in r.stdout
+    assert not (root / "sessions" / "asked").exists()
