@@ -58,6 +58,16 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q, k
 
 
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16  # aligned rows keep SDPA on its fused kernels
+
+
+def _grow(t: torch.Tensor, total: int) -> torch.Tensor:
+    bigger = torch.zeros(*t.shape[:2], total, t.shape[3], dtype=t.dtype, device=t.device)
+    bigger[:, :, : t.shape[2]] = t
+    return bigger
+
+
 class FastGlmOcr:
     """Greedy generator over a loaded ``GlmOcrForConditionalGeneration`` (weights shared, not copied).
 
@@ -66,10 +76,17 @@ class FastGlmOcr:
         cuda_graphs: capture the decode step in a CUDA graph (CUDA only; falls back to eager on failure).
         vision_batch: images per vision-tower call (1 keeps peak memory lowest; more saves launches).
         prefill_batch: sequences per prefill chunk.
+        grow_by: KV slots added when a batch outgrows its cache.
     """
 
     def __init__(
-        self, model: Any, *, cuda_graphs: bool = True, vision_batch: int = 1, prefill_batch: int = 8
+        self,
+        model: Any,
+        *,
+        cuda_graphs: bool = True,
+        vision_batch: int = 1,
+        prefill_batch: int = 8,
+        grow_by: int = 1024,
     ) -> None:
         self.model = model
         self.core = model.model
@@ -87,6 +104,7 @@ class FastGlmOcr:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.vision_batch = max(1, vision_batch)
         self.prefill_batch = max(1, prefill_batch)
+        self.grow_by = max(16, grow_by)
 
     # ----------------------------------------------------------------- vision + embeddings
     def image_embeds(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -114,7 +132,7 @@ class FastGlmOcr:
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         b, q_len, _ = h.shape
-        for layer, (kc, vc) in zip(self.text.layers, caches):
+        for layer, (kc, vc) in zip(self.text.layers, caches, strict=True):
             attn = layer.self_attn
             residual = h
             x = layer.input_layernorm(h)
@@ -160,8 +178,9 @@ class FastGlmOcr:
         mm = inputs["mm_token_type_ids"].to(dev)
         grid = inputs["image_grid_thw"].to(dev)
         bsz, length = input_ids.shape
-        total = length + max_new_tokens
-        total = (total + 15) // 16 * 16  # aligned rows keep SDPA on its fused kernels
+        # KV capacity grows in chunks: decode attention reads the whole buffer every step, so a
+        # 4096-token cap must not cost 4096 slots while pages end after a few hundred tokens.
+        total = _round16(length + min(max_new_tokens, self.grow_by))
 
         # 1. vision + embeddings + M-RoPE positions (the model's own code)
         img = self.image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -265,11 +284,21 @@ class FastGlmOcr:
             h = self._layers(h, cos, sin, caches, slice(None), write, attend)
             tok.copy_(choose(self._logits(h[:, -1])))
 
-        graph = self._capture(decode_step, [tok, step, unfinished, seen, key_valid, out]) if max_new_tokens > 1 else None
+        graph = (
+            self._capture(decode_step, [tok, step, unfinished, seen, key_valid, out]) if max_new_tokens > 1 else None
+        )
         finish = ["length"] * bsz
         stopped: set[int] = set()
         n_steps = 1
         for i in range(1, max_new_tokens):
+            if length + i > total:
+                # out of KV slots: copy into bigger buffers, re-capture (the graph holds the old ones)
+                new_total = _round16(min(length + max_new_tokens, total + self.grow_by))
+                caches = [(_grow(k, new_total), _grow(v, new_total)) for k, v in caches]
+                grown = torch.zeros(bsz, new_total, dtype=torch.bool, device=dev)
+                grown[:, :total] = key_valid
+                key_valid, total = grown, new_total
+                graph = self._capture(decode_step, [tok, step, unfinished, seen, key_valid, out])
             graph.replay() if graph is not None else decode_step()
             n_steps += 1
             if (i + 1) % check_every == 0 or i == max_new_tokens - 1:
@@ -319,17 +348,17 @@ class FastGlmOcr:
                 for _ in range(2):
                     fn()
             torch.cuda.current_stream().wait_stream(stream)
-            for t, s in zip(state, saved):
+            for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
-            for t, s in zip(state, saved):
+            for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
             return graph
         except Exception as err:  # noqa: BLE001 - e.g. quantized kernels that sync; eager still works
             log.warning("CUDA graph capture failed (%s); decoding eagerly", err)
             torch.cuda.synchronize()
-            for t, s in zip(state, saved):
+            for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
             return None
