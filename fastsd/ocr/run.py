@@ -93,11 +93,7 @@ class OcrRun:
 
         o, summary = self.o, self.summary
         start = time.perf_counter()
-        task = o["task"]
-        template = None
-        if task == "extract":
-            schema = o["schema"]
-            template = schema_template(schema) if isinstance(schema, dict) else load_schema(schema) if schema else None
+        task, template = o["task"], o["template"]
         prompt = build_prompt(task, template)
         ranges = parse_page_ranges(o["pages"])
         out_dir = Path(o["out"]) if o["out"] else fastsd_home(o["root"]) / "ocr"
@@ -260,10 +256,16 @@ def ocr(
     if dpi < 36 or dpi > 1200:
         raise UserInputError(f"--dpi {dpi} is out of range; use 72-600 (200 is the default)")
     parse_page_ranges(pages)  # fail fast on malformed ranges
+    template = None
+    if task == "extract":
+        if schema is None:
+            raise UserInputError("--task extract needs --schema FILE.json with the keys to extract")
+        template = schema_template(schema) if isinstance(schema, dict) else load_schema(schema)
+    build_prompt(task, template)
     return OcrRun(
         inputs,
         task=task,
-        schema=schema,
+        template=template,
         out=out,
         dpi=dpi,
         pages=pages,
