@@ -62,7 +62,7 @@ CHAT_TEMPLATE = (
     "[gMASK]<sop>"
     "{%- for message in messages -%}"
     "{%- if message['role'] in ['system', 'user', 'assistant', 'observation'] -%}"
-    "{{ '<|' + message['role'] + '|>' }}\n"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}"
     "{%- for item in message['content'] -%}"
@@ -76,7 +76,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
 #: Small pixel bounds: 112x112 .. 224x224 (16..64 image tokens per page).

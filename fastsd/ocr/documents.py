@@ -122,9 +122,14 @@ def _pdf_pages(path: Path, grid: PatchGrid, dpi: int, ranges) -> tuple[list[Page
     try:
         pdf = pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as err:
+        # PDFium's error code can be stale from an earlier document, so look at the file itself
         msg = str(err)
-        if "password" in msg.lower():
+        with open(path, "rb") as fh:
+            raw = fh.read(2_000_000)
+        if b"/Encrypt" in raw:
             raise ValueError("the PDF is password-protected; decrypt it first (e.g. qpdf --decrypt)") from None
+        if re.search(rb"/Count\s+0\b", raw):
+            raise ValueError("the document has no pages") from None
         raise ValueError(f"not a readable PDF ({msg}); the file may be damaged") from None
     count = len(pdf)
     pages = []

@@ -24,14 +24,14 @@ log = logging.getLogger(__name__)
 FALLBACK_CHAT_TEMPLATE = (
     "[gMASK]<sop>"
     "{%- for message in messages -%}"
-    "{{ '<|' + message['role'] + '|>' }}\n"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}<|begin_of_image|><|image|><|end_of_image|>"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
 
