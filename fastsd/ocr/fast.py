@@ -254,7 +254,7 @@ class FastGlmOcr:
                 logits = logits.index_copy(1, eos, torch.where(block, torch.full_like(cur, -float("inf")), cur))
             nxt = logits.argmax(-1)
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
-            unfinished.logical_and_(~torch.isin(nxt, eos))
+            unfinished.logical_and_(~(nxt[:, None] == eos[None, :]).any(-1))  # isin, graph-safe
             seen.scatter_(1, nxt[:, None], True)
             out.index_copy_(1, step, nxt[:, None])
             step.add_(1)
