@@ -560,9 +560,9 @@ def train(
         stem = f"{session.name}-{'lora-' if not full else ''}step-{step}"
         dst = session.models_dir / f"{stem}.safetensors"
         if full:
-            import importlib.util
-
-            if importlib.util.find_spec("fastsd.models.convert") is None:
+            try:
+                import fastsd.models.convert  # noqa: F401 - written alongside; exports wait for it
+            except ImportError:
                 log.warning("single-file export skipped: this fastsd has no fastsd.models.convert yet")
                 return
             for te in models.text_encoders:
