@@ -97,7 +97,9 @@ def test_lora_sdxl_joint_exports_loadable_kohya_file(home, tiny_sdxl, captured):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     s = make_session(home, tiny_sdxl)
-    r = train(s, TrainConfig(method="lora", te_steps=2, unet_steps=2, schedule="joint", unet_lr=1e-2, te_lr=1e-2, **FAST))
+    r = train(
+        s, TrainConfig(method="lora", te_steps=2, unet_steps=2, schedule="joint", unet_lr=1e-2, te_lr=1e-2, **FAST)
+    )
     assert r.steps == 2 and len(r.models) == 1
     m = captured["models"]
     base = dict(_base(tiny_sdxl, "unet", UNet2DConditionModel).named_parameters())
@@ -220,3 +222,24 @@ def test_two_processes_on_cpu(home, tiny_sd1, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     s = Session.open("ddp", home)
     assert s.latest_checkpoint()["step"] == 2 and len(s.models()) == 1
+
+
+def test_optimizer_step_inside_backward_matches_normal_step():
+    from fastsd.train.optim import make_optim
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    twin.load_state_dict(net.state_dict())
+    normal = make_optim("adamw", [(list(net.parameters()), 1e-2)], in_backward=False)
+    fused = make_optim("adamw", [(list(twin.parameters()), 1e-2)], in_backward=True)
+    for i in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(i))
+        net(x).square().mean().backward()
+        normal.step()
+        normal.zero_grad()
+        twin(x).square().mean().backward()  # stepped by the hooks
+        assert all(p.grad is None for p in twin.parameters())
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    fused.close()

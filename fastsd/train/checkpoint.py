@@ -90,7 +90,9 @@ def load(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
         rng = load_file(folder / RNG)
         optimizer = torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserInputError(f"checkpoint {folder} is unreadable ({err}): resume from an older one or start over") from err
+        raise UserInputError(
+            f"checkpoint {folder} is unreadable ({err}): resume from an older one or start over"
+        ) from err
     return {"weights": weights, "optimizer": optimizer, "state": state, "rng": rng}
 
 

@@ -112,6 +112,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     export_every: int = 0
     export: bool = True
+    save_final: bool = True
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
     sample_seeds: list[int] = field(default_factory=lambda: [1, 2])

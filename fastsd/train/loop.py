@@ -281,7 +281,9 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if main:
-        session.update(family=family, progress={"step": session.info.get("progress", {}).get("step", 0), "total_steps": total})
+        session.update(
+            family=family, progress={"step": session.info.get("progress", {}).get("step", 0), "total_steps": total}
+        )
 
     # ---- 2. models
     models = _Models(c.model, family, dtype, full)
@@ -332,7 +334,7 @@ def train(
     unet_trainable = sum(p.numel() for p in params_of("unet"))
     te_trainable = sum(p.numel() for n in models.te_names for p in params_of(n)) if te_train else 0
     frozen_bytes = sum(p.numel() * p.element_size() for p in models.unet.parameters() if not full)
-    allow_in_backward = scaler is None and c.grad_accum == 1 and world == 1 and device.type == "cuda"
+    allow_in_backward = scaler is None and c.grad_accum == 1 and world == 1
     pixels = (c.resolution / facts["native_resolution"]) ** 2
     family_key = "sd2-v" if facts["native_resolution"] == 768 else family
     plan = memory.plan(
@@ -385,11 +387,7 @@ def train(
             start = int(resume_state["state"]["step"])
             trained = set(resume_state["state"]["trained"])
             for name, module in comps.items():
-                part = {
-                    k[len(name) + 1 :]: v
-                    for k, v in resume_state["weights"].items()
-                    if k.split(".", 1)[0] == name
-                }
+                part = {k[len(name) + 1 :]: v for k, v in resume_state["weights"].items() if k.split(".", 1)[0] == name}
                 if part:
                     with torch.no_grad():
                         own = dict(module.named_parameters())
@@ -631,6 +629,8 @@ def train(
 
     bar = tqdm(total=total, initial=start, desc=f"train {session.name}", disable=not (main and c.progress))
     step = start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # report the training peak, not the one-off caching
     t0 = time.perf_counter()
     t_log = t0
     steps_at_log = start
@@ -740,7 +740,7 @@ def train(
             save_state(step)
         log.info("interrupted at step %d: state saved; continue with --resume", step)
     else:
-        if main and (not result.checkpoints or not result.checkpoints[-1].endswith(f"{step:06d}")):
+        if main and c.save_final and (not result.checkpoints or not result.checkpoints[-1].endswith(f"{step:06d}")):
             save_state(step)
         if c.sample_every and step % c.sample_every:
             sample(step)
