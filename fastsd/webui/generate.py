@@ -10,6 +10,7 @@ gives the same image whatever the batch size. All of its methods must run on the
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -372,10 +373,8 @@ class PipelineManager:
         """Release the loaded model and its GPU memory."""
         if self.pipe is None:
             return
-        try:
+        with contextlib.suppress(AttributeError, RuntimeError):
             self.pipe.remove_all_hooks()
-        except (AttributeError, RuntimeError):
-            pass
         self.pipe = None
         self.loaded = None
         self._task_pipes.clear()

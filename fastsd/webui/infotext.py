@@ -26,10 +26,7 @@ PNG_COMPRESS_LEVEL = 4
 
 def quote(value: Any) -> str:
     """A value as A1111 writes it: floats without a trailing .0, JSON-quoted if it has , : or a newline."""
-    if isinstance(value, float):
-        text = f"{value:g}"
-    else:
-        text = str(value)
+    text = f"{value:g}" if isinstance(value, float) else str(value)
     if "," not in text and "\n" not in text and ":" not in text:
         return text
     return json.dumps(text, ensure_ascii=False)
