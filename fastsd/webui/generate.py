@@ -204,6 +204,23 @@ def memory_settings(family: str, vram_gib: float, overrides: dict[str, Any] | No
     return chosen
 
 
+def encode_clip_skip(pipe: Any, texts: list[str], clip_skip: int) -> Any:
+    """SD1/SD2 prompt embeddings from CLIP layer ``-clip_skip`` (A1111 numbering: 1 = last layer).
+
+    The chosen hidden state goes through the encoder's final layer norm, as in A1111 and diffusers.
+    """
+    import torch
+
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    device = pipe._execution_device
+    mask = ids.attention_mask.to(device) if getattr(te.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        out = te(ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        norm = getattr(te, "text_model", te).final_layer_norm  # transformers 5 has no .text_model
+        return norm(out.hidden_states[-clip_skip]).to(te.dtype)
+
+
 def random_seed() -> int:
     """A fresh seed in A1111's range."""
     return int(random.randrange(4294967294))
@@ -608,7 +625,12 @@ class PipelineManager:
                 "callback_on_step_end": on_step,
                 "output_type": "pil",
             }
-            if clip_skip > 1 and self.family != "sd3":
+            if clip_skip > 1 and self.family == "sd":
+                # Encoded here: diffusers' SD clip_skip path breaks on transformers 5, and it skips
+                # layers for the prompt only, where A1111 skips them for the negative prompt too.
+                kwargs["prompt_embeds"] = encode_clip_skip(pipe, kwargs.pop("prompt"), clip_skip)
+                kwargs["negative_prompt_embeds"] = encode_clip_skip(pipe, kwargs.pop("negative_prompt"), clip_skip)
+            elif clip_skip > 1 and self.family == "sdxl":
                 kwargs["clip_skip"] = clip_skip - 1  # diffusers counts layers skipped; A1111 counts from 1
             if req.eta is not None and "eta" in inspect.signature(pipe.__call__).parameters:
                 kwargs["eta"] = req.eta

@@ -121,6 +121,7 @@ class Worker:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
+        self.submitted = 0  # jobs submitted so far (the last job's number)
         self._thread = threading.Thread(target=self._run, name="fastsd-gpu-worker", daemon=True)
         self._thread.start()
 
@@ -131,6 +132,7 @@ class Worker:
         """
         with self._ids_lock:  # the id order and the queue order must agree
             job = _Job(next(self._ids), name, fn, Future())
+            self.submitted = job.job_id
             job.future.job_id = job.job_id  # type: ignore[attr-defined]
             self._queue.put(job)
         return job.future
