@@ -33,7 +33,7 @@ from ..paths import cache_dir
 from ..storage import TEMP_PREFIX, write_stream, write_text
 from . import keymap
 from .detect import Detection, detect, weight_files
-from .tensorfile import TensorInfo, TensorSource, safetensors_header, tensor_bytes
+from .tensorfile import TensorInfo, TensorSource, read_into, safetensors_header, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -202,19 +202,12 @@ def _chunks(info: TensorInfo, source: TensorSource, dtype: torch.dtype):
         return
     itemsize = info.dtype.itemsize
     step = CHUNK_BYTES // itemsize * itemsize
-    fh = source._handles.get(info.path) or source._handles.setdefault(info.path, open(info.path, "rb"))  # noqa: SIM115
+    fh = source.handle(info.path)
     for pos in range(info.start, info.end, step):  # type: ignore[arg-type]
-        n = min(step, info.end - pos)  # type: ignore[operator]
-        buf = bytearray(n)
-        got = os.preadv(fh.fileno(), [buf], pos) if hasattr(os, "preadv") else _seek_read(fh, buf, pos)
-        if got != n:
+        buf = bytearray(min(step, info.end - pos))  # type: ignore[operator]
+        if read_into(fh, buf, pos) != len(buf):
             raise ModelFormatError(f"{info.path} ended early while reading {info.name}; the file is truncated")
         yield torch.frombuffer(buf, dtype=info.dtype).to(dtype)
-
-
-def _seek_read(fh: BinaryIO, buf: bytearray, pos: int) -> int:
-    fh.seek(pos)
-    return fh.readinto(buf) or 0
 
 
 def _stream_tensors(plans: list[tuple[TensorSource, list[keymap.Op]]], half: bool, fh: BinaryIO, header: bytes) -> None:

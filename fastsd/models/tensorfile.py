@@ -118,27 +118,31 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
 
 def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> torch.Tensor:
     """Read one tensor from a safetensors file into fresh memory (no mmap)."""
+    if fh is None:
+        with open(info.path, "rb") as own:
+            return read_tensor(info, own)
     buf = bytearray(info.end - info.start)  # type: ignore[operator]
-    own = fh is None
-    fh = fh or open(info.path, "rb")
-    try:
-        view = memoryview(buf)
-        pos, done = info.start, 0
-        while done < len(buf):
-            if hasattr(os, "preadv"):
-                n = os.preadv(fh.fileno(), [view[done:]], pos + done)
-            else:  # Windows: no positioned reads
-                fh.seek(pos + done)
-                n = fh.readinto(view[done:])
-            if not n:
-                raise ModelFormatError(f"{info.path} ended early while reading {info.name}; the file is truncated")
-            done += n
-    finally:
-        if own:
-            fh.close()
+    if read_into(fh, buf, info.start) != len(buf):  # type: ignore[arg-type]
+        raise ModelFormatError(f"{info.path} ended early while reading {info.name}; the file is truncated")
     if not buf:
         return torch.empty(info.shape, dtype=info.dtype)
     return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def read_into(fh: BinaryIO, buf: bytearray, pos: int) -> int:
+    """Fill ``buf`` from byte ``pos`` of ``fh``; returns how many bytes were read (short at end of file)."""
+    view = memoryview(buf)
+    done = 0
+    while done < len(buf):
+        if hasattr(os, "preadv"):  # positioned read: no shared file offset, releases the GIL
+            n = os.preadv(fh.fileno(), [view[done:]], pos + done)
+        else:
+            fh.seek(pos + done)
+            n = fh.readinto(view[done:]) or 0
+        if not n:
+            break
+        done += n
+    return done
 
 
 def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -206,10 +210,13 @@ class TensorSource:
         info = self.infos[name]
         if info.start is None:
             return self._pickled[info.path][name]
-        fh = self._handles.get(info.path)
-        if fh is None:
-            fh = self._handles[info.path] = open(info.path, "rb")
-        return read_tensor(info, fh)
+        return read_tensor(info, self.handle(info.path))
+
+    def handle(self, path: Path) -> BinaryIO:
+        """An open read handle on ``path``, kept until :meth:`close`."""
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+        return self._handles[path]
 
     def close(self) -> None:
         for fh in self._handles.values():
