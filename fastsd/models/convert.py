@@ -33,12 +33,13 @@ from ..paths import cache_dir
 from ..storage import TEMP_PREFIX, write_stream, write_text
 from . import keymap
 from .detect import Detection, detect, weight_files
-from .tensorfile import TensorInfo, TensorSource, read_into, safetensors_header, tensor_bytes
+from .tensorfile import TensorInfo, TensorSource, map_flat, safetensors_header, tensor_bytes
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "ckpt")
 CHUNK_BYTES = 16 * 1024 * 1024
+WRITEBACK_BYTES = 256 * 1024 * 1024
 CONFIGS = Path(__file__).parent / "configs"
 
 #: family/variant -> modelspec architecture (the names kohya sd-scripts and Stability's tools write).
@@ -196,18 +197,30 @@ def _build(op: keymap.Op, source: TensorSource, dtype: torch.dtype) -> torch.Ten
 
 
 def _chunks(info: TensorInfo, source: TensorSource, dtype: torch.dtype):
-    """A plain copy in pieces of at most CHUNK_BYTES, so memory stays flat for any tensor size."""
-    if info.start is None or info.nbytes <= CHUNK_BYTES:
+    """A plain copy in pieces of at most CHUNK_BYTES, so memory stays flat for any tensor size.
+
+    Pieces are flat; the output bytes are the same as the whole tensor's, shape lives in the header.
+    """
+    if info.start is None:
         yield _build(keymap.Op("", (info.name,)), source, dtype)
         return
     itemsize = info.dtype.itemsize
     step = CHUNK_BYTES // itemsize * itemsize
     fh = source.handle(info.path)
     for pos in range(info.start, info.end, step):  # type: ignore[arg-type]
-        buf = bytearray(min(step, info.end - pos))  # type: ignore[operator]
-        if read_into(fh, buf, pos) != len(buf):
-            raise ModelFormatError(f"{info.path} ended early while reading {info.name}; the file is truncated")
-        yield torch.frombuffer(buf, dtype=info.dtype).to(dtype)
+        yield map_flat(fh, info, pos, min(pos + step, info.end)).to(dtype)  # type: ignore[type-var]
+
+
+def _start_writeback(fh: BinaryIO) -> None:
+    """Ask the kernel to start writing what we wrote so far, while we go on computing.
+
+    write_stream ends with an fsync; without this the whole file would sit dirty in the page cache
+    until then and the fsync would wait for all of it (and hold that much RAM on a small Colab).
+    """
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fh.flush()
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _stream_tensors(plans: list[tuple[TensorSource, list[keymap.Op]]], half: bool, fh: BinaryIO, header: bytes) -> None:
@@ -222,8 +235,13 @@ def _stream_tensors(plans: list[tuple[TensorSource, list[keymap.Op]]], half: boo
 
     def writer() -> None:
         try:
+            flushed = 0
             while (item := pending.get()) is not None:
                 fh.write(item[1])
+                flushed += len(item[1])
+                if flushed >= WRITEBACK_BYTES:
+                    _start_writeback(fh)
+                    flushed = 0
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             failure.append(err)
             while pending.get() is not None:  # drain so the producer never blocks
@@ -320,12 +338,23 @@ def diffusers_to_single_file(
 # --- single file -> Diffusers ----------------------------------------------------------------
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's (and GPT-2's) reversible byte -> printable character table; vocab ids follow its order.
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
 def _clip_tokenizer_files(folder: Path, pad: str) -> None:
     """Write CLIP's BPE vocabulary (shipped as the merges list; vocab.json is derived from it)."""
     merges = gzip.decompress((CONFIGS / "clip_merges.txt.gz").read_bytes()).decode("utf-8")
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
+    symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     vocab += ["".join(line.split(" ")) for line in merges.split("\n")[1:] if line]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
