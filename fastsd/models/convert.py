@@ -310,11 +310,11 @@ def diffusers_to_single_file(
     if dst.suffix != f".{fmt}":
         raise UserInputError(f"{dst.name}: the name should end in .{fmt} for format {fmt}")
     det = detect(src)
+    _require_full(det, "conversion")
     if det.layout != "diffusers":
         raise UserInputError(
             f"{src} is not a Diffusers folder; to make a Diffusers folder from it, give a folder as DST"
         )
-    _require_full(det, "conversion")
     _check_dst(dst, overwrite)
     plans = _plans(src, det)
     meta = {**modelspec(det, dst.stem, half), **(metadata or {})}
@@ -452,9 +452,9 @@ def single_file_to_diffusers(
     if dst.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
         raise UserInputError(f"{src} is already a single file; give a folder as DST to make a Diffusers model")
     det = detect(src)
+    _require_full(det, "conversion")
     if det.layout != "single-file":
         raise UserInputError(f"{src} is a Diffusers folder; give a .safetensors DST to make a single file")
-    _require_full(det, "conversion")
     _check_dst(dst, overwrite)
     name, cls_name = config_for(det)
     config_dir = Path(config) if config else shipped_config(name)
