@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from ..errors import ModelFormatError, NetworkError, UserInputError
 from ..paths import cache_dir, fastsd_home
-from ..storage import CHUNK, TEMP_PREFIX, copy_file, sha256_file
+from ..storage import TEMP_PREFIX, copy_file, sha256_file
 from .registry import BASE_MODELS, base_model
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def download(
                     open(partial, "ab" if resumed else "wb") as fh,
                     tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, disable=not progress) as bar,
                 ):
-                    for chunk in r.iter_bytes(CHUNK):
+                    for chunk in r.iter_bytes():  # as it arrives: a cut keeps all received
                         fh.write(chunk)
                         bar.update(len(chunk))
                     fh.flush()
