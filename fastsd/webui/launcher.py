@@ -124,17 +124,11 @@ def _launch_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[s
     port = opts.port or 7860
     auth = resolve_auth(opts.auth, kind, opts.listen, echo)
     host = "0.0.0.0" if opts.listen else "127.0.0.1"
-    handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=kind == "gradio")
+    public = kind not in ("none", "colab") or opts.listen
+    handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=public)
     t: tunnel.Tunnel | None = None
     try:
-        if kind == "gradio":
-            url = getattr(handle, "share_url", None)
-            if not url:
-                raise tunnel.TunnelError("gradio did not create a share link (gradio's share servers unreachable?)")
-            tunnel.health_check(url, auth=auth)
-            t = tunnel.Tunnel("gradio", url, handle.url)
-        else:
-            t = tunnel.open_tunnel(kind, port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
+        t = tunnel.open_tunnel(kind, port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
         _announce(t, auth, echo)
         _wait_forever()
     finally:
