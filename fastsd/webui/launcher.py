@@ -167,12 +167,13 @@ def _launch_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: 
     controlnets = cn.resolve(opts.controlnet, family)
     ckpt = None
     if opts.model:
-        path = Path(opts.model).expanduser()
+        from ..models.fetch import get
+
+        path = get(opts.model, home=home)  # a local file as it is; sd15, hf:..., URLs are downloaded
         if not path.is_file():
-            # TODO(lead): fetch registry specs (sd15, sdxl, hf:...) through fastsd.models once it lands.
             raise UserInputError(
-                f"--model {opts.model!r} is not a model file: with {name}, give a .safetensors file "
-                "(models in <home>/models and sessions' exports are listed in the UI anyway)"
+                f"--model {opts.model!r} is a Diffusers folder: {name} loads single files; convert it with "
+                f"'fastsd convert {path} {path.name}.safetensors --half' and pass that"
             )
         ckpt = path.resolve()
 
