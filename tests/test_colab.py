@@ -10,18 +10,23 @@ import pytest
 STANDIN = Path(__file__).parent / "colab_standin"
 
 
+def _drop_google_modules() -> None:
+    for name in [m for m in sys.modules if m == "google" or m.startswith("google.")]:
+        del sys.modules[name]
+
+
 @pytest.fixture
 def colab(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(STANDIN))
-    for name in [m for m in sys.modules if m == "google" or m.startswith("google.")]:
-        monkeypatch.delitem(sys.modules, name)
+    _drop_google_modules()
     monkeypatch.setenv("COLAB_RELEASE_TAG", "standin")
     drive = tmp_path / "drive" / "MyDrive"
     monkeypatch.setenv("STANDIN_DRIVE", str(drive))
     monkeypatch.setenv("FASTSD_DRIVE_DIR", str(drive))
     monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "calls.log"))
     monkeypatch.delenv("FASTSD_HOME", raising=False)
-    return tmp_path
+    yield tmp_path
+    _drop_google_modules()  # the stand-in must not leak into later tests as a "real" Colab
 
 
 def test_mount_drive_makes_home_on_drive(colab):
