@@ -38,12 +38,9 @@ def flush_drive(unmount: bool = True) -> None:
 
     Call it at the very end of a notebook, or before deliberately ending a runtime.
     """
-    if environment() != "colab":
-        return
-    from google.colab import drive  # type: ignore[import-not-found]
+    from .storage import flush
 
-    if unmount:
-        drive.flush_and_unmount()
+    flush(unmount=unmount)
 
 
 def secret(name: str) -> str | None:

@@ -273,11 +273,12 @@ def read_until(
 
 def colab_proxy_url(port: int) -> str:
     """Colab's proxy URL for ``port`` (only inside a Colab notebook kernel)."""
+    from .colab import proxy_url
+
     try:
-        from google.colab.output import eval_js  # type: ignore[import-not-found]
+        return proxy_url(port)
     except ImportError as err:
         raise UserInputError("--tunnel colab works only inside a Colab notebook: use ngrok or cloudflared") from err
-    return str(eval_js(f"google.colab.kernel.proxyPort({int(port)})"))
 
 
 def colab_tier() -> str:
@@ -317,12 +318,9 @@ def ngrok_token(explicit: str | None = None) -> str:
     Raises:
         UserInputError: none found (with where to get one).
     """
-    token = explicit or os.environ.get("NGROK_AUTHTOKEN")
-    if not token:
-        with contextlib.suppress(Exception):
-            from google.colab import userdata  # type: ignore[import-not-found]
+    from .colab import secret
 
-            token = userdata.get("NGROK_AUTHTOKEN")
+    token = explicit or secret("NGROK_AUTHTOKEN")
     if not token:
         raise UserInputError(
             "ngrok needs an authtoken: add it as the Colab secret NGROK_AUTHTOKEN (key icon on the left), set "
