@@ -131,7 +131,7 @@ def execute(
     *,
     cwd: str | os.PathLike[str],
     timeout: int = 600,
-    after: dict[str, Callable[[nbformat.NotebookNode], None]] | None = None,
+    after: dict[str, Callable[[nbformat.NotebookNode, Callable[[], nbformat.NotebookNode]], None]] | None = None,
 ) -> nbformat.NotebookNode:
     """Execute a notebook with form values injected; returns the executed notebook.
 
@@ -141,8 +141,9 @@ def execute(
         env: the kernel's environment (see :func:`kernel_env`).
         cwd: the kernel's working folder (Colab's ``/content``).
         timeout: seconds per cell.
-        after: ``{title prefix: hook(cell)}``, each run right after the cell whose ``#@title``
-            starts with the prefix, while the kernel still runs.
+        after: ``{title prefix: hook(cell, rerun)}``, each run right after the cell whose ``#@title``
+            starts with the prefix, while the kernel still runs; ``rerun()`` executes that cell
+            again and returns it (with the new outputs).
 
     Raises:
         nbclient.exceptions.CellExecutionError: a cell failed (its output is in the message).
@@ -159,7 +160,7 @@ def execute(
             client.execute_cell(cell, index)
             for prefix, hook in list(hooks.items()):
                 if title(cell).startswith(prefix):
-                    hook(cell)
+                    hook(copy.deepcopy(cell), lambda cell=cell, index=index: client.execute_cell(cell, index))
                     del hooks[prefix]
     if hooks:
         raise KeyError(f"no cell titled {sorted(hooks)}")
