@@ -112,3 +112,11 @@ def run_cli(
 def cli():
     """The :func:`run_cli` helper as a fixture."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_glm_ocr(tmp_path_factory) -> Path:
+    """Folder of a tiny random-weight GLM-OCR model with its processor files (offline)."""
+    from tiny_glm_ocr import save_tiny_glm_ocr
+
+    return save_tiny_glm_ocr(tmp_path_factory.mktemp("tiny-glm-ocr"))
