@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,8 @@ def setup(*, drive: bool = True, home: str | os.PathLike[str] | None = None) -> 
         The fastsd home.
     """
     _register_error_handler()
+    # trio (imported by some web libraries) warns when any custom exception handler exists; ours is deliberate
+    warnings.filterwarnings("ignore", message="IPython detected, but you already have a custom exception handler")
     _log_to_cell()
     if drive:
         from .colab import mount_drive
@@ -577,9 +580,7 @@ def train(session: Session, **form: Any) -> Any:
     def on_sample(step: int, paths: list[Path]) -> None:
         show_images(paths, columns=min(4, len(paths)), titles=[f"step {step}: {Path(p).name}" for p in paths])
 
-    result = run_train(session, config, on_sample=on_sample)
-    print(result.summary())
-    return result
+    return run_train(session, config, on_sample=on_sample)  # the trainer logs its summary
 
 
 # ---------------------------------------------------------------- trying the model

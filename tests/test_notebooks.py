@@ -25,12 +25,14 @@ NAMES = ("fastsd_dreambooth", "fastsd_webui", "fastsd_ocr")
 
 
 def _missing(*modules: str) -> list[str]:
+    """Modules not in this checkout (an editable install of another checkout does not count)."""
     out = []
     for m in modules:
         try:
-            if importlib.util.find_spec(m) is None:
-                out.append(m)
+            spec = importlib.util.find_spec(m)
         except ModuleNotFoundError:
+            spec = None
+        if spec is None or not str(spec.origin or "").startswith(str(REPO)):
             out.append(m)
     return out
 
