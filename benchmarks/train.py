@@ -1,0 +1,302 @@
+"""Training speed and memory through fastsd's real training loop, one JSON line per variant.
+
+Builds full-size random-weight SD1.5 (UNet, VAE, CLIP-L) and SDXL (UNet, VAE, CLIP-L + OpenCLIP-bigG)
+from the real configs written below (no download), saves them as Diffusers folders on local disk,
+creates a session with a few images, and runs :func:`fastsd.train.train` for each variant: a mode
+(``unet``, ``unet+te``, ``sdxl-lora``) plus the optimisations toggled (compile, channels_last,
+8-bit vs fused AdamW, gradient checkpointing, bf16 vs fp16, VRAM budget). it/s is measured over
+the steps after the first log interval (compile warm-up excluded); peak is allocated VRAM during
+training (after caching).
+
+    python benchmarks/train.py                 # the curated GPU set (< 9 min on an H100)
+    python benchmarks/train.py --variants unet-compile-full,sdxl-lora-budget10
+    python benchmarks/train.py --small         # CPU smoke run on tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_BIGG = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+SCHED = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+#: name -> (model, TrainConfig overrides). Base: 512 px (SDXL 1024), batch 1, bf16, fused AdamW, no GC.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "unet-eager": ("sd15", {"method": "full", "te_steps": 0}),
+    "unet-eager-no-channels-last": ("sd15", {"method": "full", "te_steps": 0, "channels_last": False}),
+    "unet-eager-fp16-scaler": ("sd15", {"method": "full", "te_steps": 0, "precision": "fp16"}),
+    "unet-eager-8bit": ("sd15", {"method": "full", "te_steps": 0, "optimizer": "adamw8bit"}),
+    "unet-eager-gc": ("sd15", {"method": "full", "te_steps": 0, "gradient_checkpointing": "on"}),
+    "unet-eager-in-backward": ("sd15", {"method": "full", "te_steps": 0, "fused_backward": True}),
+    "unet-compile-blocks": ("sd15", {"method": "full", "te_steps": 0, "compile": "blocks"}),
+    "unet-compile-full": ("sd15", {"method": "full", "te_steps": 0, "compile": "full"}),
+    "unet+te-eager": ("sd15", {"method": "full", "schedule": "joint"}),
+    "unet+te-8bit-budget9": (
+        "sd15",
+        {"method": "full", "schedule": "joint", "optimizer": "adamw8bit", "vram_budget_gb": 9},
+    ),
+    "unet+te-compile-8bit-budget9": (
+        "sd15",
+        {"method": "full", "schedule": "joint", "optimizer": "adamw8bit", "vram_budget_gb": 9, "compile": "blocks"},
+    ),
+    "unet+te-compile-full-8bit-in-backward": (
+        "sd15",
+        {"method": "full", "schedule": "joint", "optimizer": "adamw8bit", "fused_backward": True, "compile": "full"},
+    ),
+    "sdxl-lora-eager": ("sdxl", {"method": "lora", "te_steps": 0, "gradient_checkpointing": "off"}),
+    "sdxl-lora-budget10": ("sdxl", {"method": "lora", "te_steps": 0, "vram_budget_gb": 10}),
+    "sdxl-lora-gc": ("sdxl", {"method": "lora", "te_steps": 0, "gradient_checkpointing": "on"}),
+    "sdxl-lora-compile-budget10": (
+        "sdxl",
+        {"method": "lora", "te_steps": 0, "vram_budget_gb": 10, "compile": "blocks"},
+    ),
+}
+#: the curated set one GPU call runs (ordered so the most informative come first).
+DEFAULT = [
+    "unet-eager",
+    "unet-eager-8bit",
+    "unet-compile-full",
+    "unet-compile-blocks",
+    "unet+te-8bit-budget9",
+    "unet+te-compile-8bit-budget9",
+    "sdxl-lora-budget10",
+    "sdxl-lora-eager",
+    "sdxl-lora-compile-budget10",
+    "unet-eager-no-channels-last",
+    "unet-eager-fp16-scaler",
+    "unet-eager-gc",
+]
+
+
+def build_model(kind: str, folder: Path, small: bool) -> Path:
+    """Save a random-weight Diffusers folder of ``kind`` (``sd15``/``sdxl``; tiny ones with ``small``)."""
+    if (folder / "model_index.json").exists():
+        return folder
+    from tiny_models import build_sd1, build_sdxl, write_clip_tokenizer
+
+    if small:
+        pipe = build_sd1(folder) if kind == "sd15" else build_sdxl(folder)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_clip_tokenizer(folder / "_tok")
+    tok = CLIPTokenizer.from_pretrained(folder / "_tok")
+    build = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    with build:  # random init on the GPU: seconds instead of minutes
+        if kind == "sd15":
+            unet = UNet2DConditionModel(**SD15_UNET)
+            vae = AutoencoderKL(**VAE, scaling_factor=0.18215)
+            te = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        else:
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            vae = AutoencoderKL(**{**VAE, "sample_size": 1024}, scaling_factor=0.13025, force_upcast=True)
+            te = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+    if kind == "sd15":
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te,
+            text_encoder_2=te2,
+            tokenizer=tok,
+            tokenizer_2=tok,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**SCHED),
+        )
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)  # fp16 on disk: faster to write
+    del pipe, unet, vae, te
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return folder
+
+
+def make_session(home: Path, name: str, model: Path, resolution: int, images: int = 4):
+    import numpy as np
+    from PIL import Image
+
+    from fastsd.session import Session
+
+    s = Session.create(name, home, base_model=str(model), resolution=resolution, class_word="person", exist_ok=True)
+    for i in range(images):
+        arr = (np.random.RandomState(i).rand(resolution, resolution, 3) * 255).astype("uint8")
+        Image.fromarray(arr).save(s.instance_dir / f"img{i}.png")
+    return s
+
+
+def run_variant(name: str, model: Path, home: Path, args: argparse.Namespace) -> dict:
+    from fastsd.train import TrainConfig, train
+
+    kind, overrides = VARIANTS[name]
+    res = args.resolution or ((64 if kind == "sd15" else 64) if args.small else (512 if kind == "sd15" else 1024))
+    session = make_session(home, name.replace("+", "_"), model, res)
+    rates: list[float] = []
+    log_every = args.log_every
+    cfg = {
+        "resolution": res,
+        "allow_resolution": True,
+        "unet_steps": args.steps,
+        "te_steps": args.steps,
+        "precision": "fp32" if args.small else "bf16",
+        "optimizer": "adamw" if args.small else "adamw_fused",
+        "gradient_checkpointing": "off",
+        "vram_budget_gb": None,
+        "save_every": 0,
+        "save_final": False,
+        "export": False,
+        "log_every": log_every,
+        "progress": False,
+        "gpu": "cpu" if args.small else "h100",
+        "min_snr_gamma": 5.0,
+        **overrides,
+    }
+    if cfg.get("vram_budget_gb") is not None and "gradient_checkpointing" not in overrides:
+        cfg["gradient_checkpointing"] = "auto"
+    t0 = time.perf_counter()
+    result = train(session, TrainConfig(**cfg), on_log=lambda step, info: rates.append(info["it_per_s"]))
+    measured = rates[1:] or rates  # the first interval holds compile / cudnn warm-up
+    return {
+        "variant": name,
+        "model": kind,
+        "resolution": res,
+        "it_per_s": round(sum(measured) / len(measured), 3),
+        "first_interval_it_per_s": round(rates[0], 3) if rates else None,
+        "peak_vram_gib": result.peak_vram_gb,
+        "steps": result.steps,
+        "plan": result.plan,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per variant")
+    ap.add_argument("--log-every", type=int, default=10, help="it/s is averaged over intervals after the first")
+    ap.add_argument("--resolution", type=int)
+    ap.add_argument("--budget-s", type=float, default=510, help="skip remaining variants after this many seconds")
+    ap.add_argument("--workdir", default=None, help="where the random models are saved (default: a temp folder)")
+    ap.add_argument("--small", action="store_true", help="tiny models on the CPU (smoke run)")
+    args = ap.parse_args()
+    if args.small:
+        args.steps, args.log_every = min(args.steps, 4), 2
+        torch.set_num_threads(1)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fastsd-bench-"))
+    start = time.perf_counter()
+    models: dict[str, Path] = {}
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if name not in VARIANTS:
+            print(json.dumps({"variant": name, "error": "unknown variant"}), flush=True)
+            continue
+        if time.perf_counter() - start > args.budget_s:
+            print(json.dumps({"variant": name, "skipped": "time budget"}), flush=True)
+            continue
+        kind = VARIANTS[name][0]
+        try:
+            if kind not in models:
+                t = time.perf_counter()
+                models[kind] = build_model(kind, work / kind, args.small)
+                print(json.dumps({"built": kind, "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+            print(json.dumps(run_variant(name, models[kind], work / "home", args)), flush=True)
+        except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+            print(json.dumps({"variant": name, "error": f"{type(err).__name__}: {err}"[:500]}), flush=True)
+            traceback.print_exc(limit=3)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``fastsd train SESSION``: DreamBooth fine-tuning (full or LoRA) of the session's base model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..train.config import COMPILE, GRAD_CHECKPOINTING, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, TrainConfig
+
+
+def _onoff(value: str) -> bool:
+    return value.lower() in ("1", "on", "true", "yes")
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=parents,
+        help="DreamBooth-train a session (full or LoRA); resumable",
+        description="Fine-tune the session's base model on its instance images. Runs under 'accelerate launch' "
+        "for data parallel training (effective batch = --batch-size x GPUs; use --scale-lr to scale the LR with it).",
+    )
+    p.add_argument("session", help="session name")
+    p.add_argument("--method", choices=("full", "lora"), default="full")
+    p.add_argument("--model", metavar="SPEC", help="base model (Diffusers folder); default: the session's")
+    p.add_argument("--steps", type=int, dest="unet_steps", metavar="N", help="UNet steps (full: 1500, lora: 1000)")
+    p.add_argument("--te-steps", type=int, metavar="N", help="text-encoder steps (full: 350, lora: 0 = frozen)")
+    p.add_argument("--schedule", choices=("sequential", "joint"), default="sequential")
+    p.add_argument("--lr", type=float, dest="unet_lr", help="UNet learning rate (full: 2e-6, lora: 1e-4)")
+    p.add_argument("--te-lr", type=float, help="text-encoder learning rate (full: 1e-6, lora: 5e-5)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--scale-lr", action="store_true", help="multiply LRs by batch x accumulation x processes")
+    p.add_argument("--resolution", type=int, help="training size in px (default: the session's)")
+    p.add_argument("--allow-resolution", action="store_true", help="allow a size above the model's native one")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--rank", type=int, dest="lora_rank", default=4, help="LoRA rank")
+    p.add_argument("--prior", action="store_true", dest="prior_preservation", help="prior preservation")
+    p.add_argument("--class-prompt", help="class prompt (default: 'a photo of <class word>')")
+    p.add_argument("--class-images", type=int, dest="num_class_images", default=100)
+    p.add_argument("--offset-noise", type=float, default=0.0)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="0 disables Min-SNR weighting")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gpu", choices=("auto", *PRESETS), default="auto", help="settings preset")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="auto")
+    p.add_argument("--gradient-checkpointing", choices=GRAD_CHECKPOINTING, default="auto")
+    p.add_argument("--vram-budget", type=float, dest="vram_budget_gb", metavar="GB")
+    p.add_argument("--compile", choices=COMPILE, default="off")
+    p.add_argument("--channels-last", type=_onoff, default=True, metavar="on|off")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep", type=int, dest="keep_checkpoints", default=2, help="checkpoints kept")
+    p.add_argument("--export-every", type=int, default=0)
+    p.add_argument("--no-export", action="store_false", dest="export")
+    p.add_argument("--sample-every", type=int, default=0)
+    p.add_argument("--sample-prompt", action="append", dest="sample_prompts", default=[], metavar="TEXT")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from the session's latest checkpoint")
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    skip = {"session", "root", "debug", "func", "command", "json"}
+    fields = {k: v for k, v in vars(args).items() if k not in skip}
+    if fields.get("min_snr_gamma") == 0:
+        fields["min_snr_gamma"] = None
+    result = train(args.session, TrainConfig(**fields), home=args.root)
+    if args.json:
+        out = {k: (str(v) if k == "samples" else v) for k, v in vars(result).items()}
+        out["samples"] = [str(s) for s in result.samples]
+        print(json.dumps(out))
+    else:
+        print(result.summary())
+    return 130 if result.stopped == "interrupted" else 0

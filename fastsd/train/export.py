@@ -1,0 +1,42 @@
+"""Exports a run leaves in the session's ``models/``: single-file fp16 checkpoints and kohya LoRA files.
+
+A fully fine-tuned model is saved as a Diffusers folder on local scratch disk, then converted to
+one A1111/ComfyUI ``.safetensors`` by :func:`fastsd.models.convert.diffusers_to_single_file`
+(imported only when needed). A LoRA is written directly in kohya's format (:mod:`.lora`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import FastsdError
+from . import lora
+
+
+def export_full(pipeline: Any, dst: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``pipeline`` as one fp16 single-file checkpoint at ``dst``.
+
+    Raises:
+        FastsdError: the converter module is not installed in this checkout.
+    """
+    try:
+        from ..models.convert import diffusers_to_single_file
+    except ImportError as err:
+        raise FastsdError(
+            "single-file export needs fastsd.models.convert, which this installation lacks: update fastsd"
+        ) from err
+    scratch = Path(tempfile.mkdtemp(prefix="fastsd-export-"))
+    try:
+        pipeline.save_pretrained(scratch, safe_serialization=True)
+        return Path(diffusers_to_single_file(scratch, dst, half=True, overwrite=True, metadata=metadata))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_lora(modules: dict[str, Any], dst: Path, *, rank: int, alpha: float, family: str) -> Path:
+    """Write the LoRA adapters of ``modules`` (component -> model) as a kohya LoRA file at ``dst``."""
+    tensors = lora.kohya_state_dict(modules, alpha, family)
+    return lora.save_kohya(dst, tensors, rank=rank, alpha=alpha, family=family)

@@ -1,0 +1,81 @@
+"""LoRA adapters (peft) for the UNet and text encoders, and the kohya/A1111 LoRA file they export to.
+
+The kohya format is what A1111, Forge, ComfyUI and diffusers' ``load_lora_weights`` all read:
+one ``.safetensors`` with, per adapted layer, ``<name>.lora_down.weight`` (A), ``<name>.lora_up.weight``
+(B) and ``<name>.alpha``, where ``<name>`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``,
+``lora_te2_``) followed by the Diffusers module path with dots turned into underscores (the
+"diffusers-named" kohya layout those loaders convert).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import storage
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+#: kohya file prefixes per (family, component).
+PREFIXES = {
+    "unet": "lora_unet",
+    "text_encoder": "lora_te",
+    "text_encoder_2": "lora_te2",
+}
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def add_lora(model: Any, rank: int, alpha: float, component: str) -> list[torch.nn.Parameter]:
+    """Inject a LoRA adapter (peft) into ``model``'s attention projections; returns its trainable tensors."""
+    from peft import LoraConfig
+
+    targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()  # fp32 masters even when the frozen base is bf16/fp16
+    return params
+
+
+def kohya_state_dict(
+    modules: dict[str, Any], alpha: float, family: str, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """The kohya LoRA tensors of the adapters in ``modules`` (component name -> peft-adapted model)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out: dict[str, torch.Tensor] = {}
+    for component, model in modules.items():
+        prefix = PREFIXES[component]
+        if component == "text_encoder" and family == "sdxl":
+            prefix = "lora_te1"
+        for key, tensor in get_peft_model_state_dict(model).items():
+            module, _, kind = key.rpartition(".lora_")
+            if component != "unet" and not module.startswith("text_model."):
+                # transformers 5 dropped CLIP's ``text_model.`` level; kohya names keep it
+                module = f"text_model.{module}"
+            name = f"{prefix}_{module.replace('.', '_')}"
+            if kind == "A.weight":
+                out[f"{name}.lora_down.weight"] = tensor.detach().to("cpu", dtype).contiguous()
+                out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+            elif kind == "B.weight":
+                out[f"{name}.lora_up.weight"] = tensor.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def save_kohya(path: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, family: str) -> Path:
+    """Write a kohya LoRA file safely (temp + fsync + sha256 verify + rename) with kohya's metadata keys."""
+    from safetensors.torch import save
+
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": BASE_VERSION.get(family, family),
+        "ss_training_comment": "trained with fastsd",
+    }
+    storage.write_bytes(path, save(tensors, metadata=metadata), verify_sha256=True)
+    return path

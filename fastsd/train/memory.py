@@ -1,0 +1,116 @@
+"""VRAM planning: turn gradient checkpointing and the in-backward optimizer step on only when the budget needs them.
+
+The estimate is parameters and optimizer state (exact, from the loaded models) plus activations
+(a per-family table measured at the native resolution, batch 1, 16-bit, scaled by pixels and batch).
+The loop also retries the first step with full checkpointing if it runs out of memory anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+GIB = 1024**3
+
+#: Activation memory of one training step, GiB, at the family's native resolution, batch 1, no checkpointing.
+ACTIVATIONS_GIB = {"sd1": 2.0, "sd2": 2.0, "sd2-v": 4.5, "sdxl": 6.5}
+#: Fraction of activation memory that remains with every block checkpointed.
+CHECKPOINTED_FRACTION = 0.2
+#: Optimizer state bytes per trainable parameter.
+STATE_BYTES = {"adamw8bit": 2, "adamw_fused": 8, "adamw": 8}
+
+
+def plan(
+    *,
+    budget_gb: float | None,
+    family_key: str,
+    pixels_ratio: float,
+    batch: int,
+    trainable: int,
+    frozen_bytes: int,
+    optimizer: str,
+    low_precision: bool,
+    allow_in_backward: bool,
+    checkpointing: str,
+    fused_backward: bool | None,
+) -> dict[str, Any]:
+    """Choose checkpointing fraction (0..1) and in-backward stepping for a VRAM budget.
+
+    Returns:
+        ``{"checkpoint_fraction", "fused_backward", "estimate_gb"}``; with no budget (CPU) nothing
+        is turned on that was not asked for.
+    """
+    act = ACTIVATIONS_GIB.get(family_key, 2.0) * pixels_ratio * batch * GIB
+    casts = trainable * 2 if low_precision else 0  # autocast's 16-bit weight copies live until backward
+
+    def fixed(in_backward: bool) -> float:
+        grads = 0 if in_backward else trainable * 4
+        return trainable * (4 + STATE_BYTES.get(optimizer, 8)) + grads + casts + frozen_bytes
+
+    in_backward = bool(fused_backward) and allow_in_backward
+    fraction = {"on": 1.0, "off": 0.0}.get(checkpointing, 0.0)
+    if budget_gb is not None:
+        budget = budget_gb * GIB
+        if fused_backward is None and allow_in_backward and fixed(False) + act > budget:
+            in_backward = True
+        if checkpointing == "auto":
+            room = budget - fixed(in_backward)
+            if act > room:
+                saved_per_unit = act * (1 - CHECKPOINTED_FRACTION)
+                fraction = min(1.0, max(0.0, (act - room) / saved_per_unit) + 0.1)
+                fraction = round(min(1.0, fraction), 2)
+    estimate = fixed(in_backward) + act * (1 - fraction * (1 - CHECKPOINTED_FRACTION))
+    return {"checkpoint_fraction": fraction, "fused_backward": in_backward, "estimate_gb": round(estimate / GIB, 2)}
+
+
+def _level_weights(unet: Any) -> list[tuple[float, Any]]:
+    """(activation weight, module) for every module that supports checkpointing, biggest first."""
+    out: list[tuple[float, Any]] = []
+    n = len(unet.down_blocks)
+    levels = [(b, i) for i, b in enumerate(unet.down_blocks)] + [(b, n - 1 - i) for i, b in enumerate(unet.up_blocks)]
+    levels.append((unet.mid_block, n - 1))
+    for block, level in levels:
+        if block is None:
+            continue
+        area = 4.0**-level
+        resnets = getattr(block, "resnets", [])
+        if hasattr(block, "gradient_checkpointing") and resnets:
+            out.append((resnets[0].out_channels * len(resnets) * area * 2, block))
+        for attn in getattr(block, "attentions", []) or []:
+            if hasattr(attn, "gradient_checkpointing"):
+                depth = len(getattr(attn, "transformer_blocks", [1]))
+                out.append((attn.config.in_channels * depth * area * 4, attn))
+    out.sort(key=lambda t: -t[0])
+    return out
+
+
+def apply_checkpointing(unet: Any, fraction: float) -> int:
+    """Checkpoint the blocks holding the largest activations until ``fraction`` of them is covered.
+
+    Returns:
+        How many blocks are checkpointed.
+    """
+    if fraction <= 0:
+        if getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
+        return 0
+    unet.enable_gradient_checkpointing()
+    weights = _level_weights(unet)
+    total = sum(w for w, _ in weights) or 1.0
+    covered = 0.0
+    count = 0
+    for w, module in weights:
+        keep = covered < fraction * total - 1e-9
+        module.gradient_checkpointing = keep
+        if keep:
+            covered += w
+            count += 1
+    return count
+
+
+def peak_gb(device: torch.device) -> float | None:
+    """Peak allocated memory on a CUDA device in GiB (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 2)

@@ -1,0 +1,245 @@
+"""DreamBooth training on the tiny fixtures (CPU): what trains changes, what is frozen doesn't; prior
+preservation, resume equivalence, exports that load, NaN handling, 2 processes, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastsd.errors import FastsdError
+from fastsd.session import Session
+from fastsd.train import TrainConfig, loop, train
+
+FAST = {"resolution": 64, "allow_resolution": True, "log_every": 1, "save_every": 0, "min_snr_gamma": 5.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the CI box has 2 shared cores: more threads than that makes tiny models 10x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_session(home, model, name="dog", n=3, **kw):
+    s = Session.create(name, home, base_model=str(model), resolution=64, class_word="dog", **kw)
+    for i in range(n):
+        rng = np.random.RandomState(i)
+        arr = (rng.rand(64, 64 + 32 * (i % 2), 3) * 255).astype("uint8")  # one non-square: buckets
+        Image.fromarray(arr).save(s.instance_dir / f"img{i}.png")
+    return s
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The _Models instance a run used, to inspect its modules afterwards."""
+    box = {}
+    real = loop._Models
+
+    def spy(*a, **k):
+        box["models"] = real(*a, **k)
+        return box["models"]
+
+    monkeypatch.setattr(loop, "_Models", spy)
+    return box
+
+
+def _base(model, sub, cls):
+    return cls.from_pretrained(model, subfolder=sub, local_files_only=True)
+
+
+def _changed(before, module, keys=None):
+    now = dict(module.named_parameters())
+    return {k for k, v in before.items() if (keys is None or k in keys) and not torch.equal(v, now[k].detach().cpu())}
+
+
+def test_full_sd1_sequential_trains_te_then_unet(home, tiny_sd1, captured):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    s = make_session(home, tiny_sd1)
+    r = train(s, TrainConfig(method="full", te_steps=2, unet_steps=2, offset_noise=0.05, **FAST))
+    assert r.steps == 4 and r.stopped is None and np.isfinite(r.final_loss)
+    m = captured["models"]
+    unet0 = dict(_base(tiny_sd1, "unet", UNet2DConditionModel).named_parameters())
+    te0 = dict(_base(tiny_sd1, "text_encoder", CLIPTextModel).named_parameters())
+    vae0 = dict(_base(tiny_sd1, "vae", AutoencoderKL).named_parameters())
+    assert len(_changed(unet0, m.unet)) > len(unet0) // 2
+    assert len(_changed(te0, m.text_encoders[0])) > len(te0) // 2
+    assert not _changed(vae0, m.vae)
+    ckpt = load_file(s.path / s.latest_checkpoint()["path"] / "weights.safetensors")
+    assert {k.split(".")[0] for k in ckpt} == {"unet", "text_encoder"}
+    assert s.info["progress"]["step"] == 4
+
+
+def test_full_sd2_v_prediction_unet_only_keeps_te_frozen(home, tiny_sd2, captured):
+    from transformers import CLIPTextModel
+
+    s = make_session(home, tiny_sd2)
+    r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=2, **FAST))
+    assert r.steps == 2
+    te0 = dict(_base(tiny_sd2, "text_encoder", CLIPTextModel).named_parameters())
+    assert not _changed(te0, captured["models"].text_encoders[0])
+    ckpt = load_file(s.path / s.latest_checkpoint()["path"] / "weights.safetensors")
+    assert {k.split(".")[0] for k in ckpt} == {"unet"}
+
+
+def test_lora_sdxl_joint_exports_loadable_kohya_file(home, tiny_sdxl, captured):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    s = make_session(home, tiny_sdxl)
+    r = train(
+        s, TrainConfig(method="lora", te_steps=2, unet_steps=2, schedule="joint", unet_lr=1e-2, te_lr=1e-2, **FAST)
+    )
+    assert r.steps == 2 and len(r.models) == 1
+    m = captured["models"]
+    base = dict(_base(tiny_sdxl, "unet", UNet2DConditionModel).named_parameters())
+    peft_names = {n.replace(".base_layer", ""): p for n, p in m.unet.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[k], peft_names[k].detach().cpu().float()) for k in base)  # frozen base
+    lora_file = s.path / r.models[0]
+    keys = load_file(lora_file).keys()
+    assert any(k.startswith("lora_unet_down_blocks_") and k.endswith(".lora_down.weight") for k in keys)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
+    assert s.models()[0]["kind"] == "lora"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, generator=g, output_type="np")
+
+    before = render().images
+    pipe.load_lora_weights(str(lora_file))
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    assert np.abs(render().images - before).max() > 1e-4
+
+
+def test_prior_preservation_generates_then_reuses(home, tiny_sd1, monkeypatch):
+    s = make_session(home, tiny_sd1, n=2)
+    cfg = TrainConfig(method="lora", unet_steps=1, prior_preservation=True, num_class_images=2, sample_steps=2, **FAST)
+    train(s, cfg)
+    folder = s.class_images_dir("a photo of dog")
+    made = sorted(folder.glob("*.png"))
+    assert len(made) == 2
+    stamps = [p.stat().st_mtime_ns for p in made]
+    monkeypatch.setattr(loop._Models, "pipeline", lambda *a, **k: pytest.fail("class images regenerated"))
+    train(s, TrainConfig(**{**cfg.to_dict(), "export": False}))
+    assert [p.stat().st_mtime_ns for p in sorted(folder.glob("*.png"))] == stamps
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd1):
+    cfg = {"method": "full", "te_steps": 1, "unet_steps": 4, "seed": 3, "export": False, **FAST}
+    a = make_session(home, tiny_sd1, name="a")
+    train(a, TrainConfig(**cfg))
+
+    b = make_session(home, tiny_sd1, name="b")
+
+    def kill(step, info):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    r = train(b, TrainConfig(**cfg), on_log=kill)
+    assert r.stopped == "interrupted" and b.latest_checkpoint()["step"] == 3
+    r = train(Session.open("b", home), TrainConfig(**cfg, resume=True))
+    assert r.steps == 5 and r.stopped is None
+
+    wa = load_file(a.path / a.latest_checkpoint()["path"] / "weights.safetensors")
+    b = Session.open("b", home)
+    wb = load_file(b.path / b.latest_checkpoint()["path"] / "weights.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):
+    s = make_session(home, tiny_sd1, n=1)
+    monkeypatch.setattr(loop.F, "mse_loss", lambda a, b, reduction: (a - b) * float("nan"))
+    with pytest.raises(FastsdError, match="NaN"):
+        train(s, TrainConfig(method="lora", unet_steps=2, **FAST))
+    assert s.models() == []
+
+
+def test_unreadable_image_is_skipped(home, tiny_sd1, caplog):
+    s = make_session(home, tiny_sd1, n=2)
+    (s.instance_dir / "broken.png").write_bytes(b"not a png")
+    r = train(s, TrainConfig(method="lora", unet_steps=1, export=False, **FAST))
+    assert r.steps == 1
+    assert "skipping unreadable image broken.png" in caplog.text
+
+
+def test_full_export_loads_with_from_single_file(home, tiny_sd1):
+    pytest.importorskip("fastsd.models.convert")
+    from diffusers import StableDiffusionPipeline
+
+    s = make_session(home, tiny_sd1, n=1)
+    r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=1, **FAST))
+    path = s.path / r.models[0]
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(tiny_sd1), local_files_only=True, safety_checker=None
+    )
+    assert pipe.unet is not None
+
+
+def test_cli_end_to_end_lora_with_samples(home, tiny_sd1, cli):
+    make_session(home, tiny_sd1, name="cli_dog")
+    res = cli(
+        "train", "cli_dog", "--method", "lora", "--steps", "2", "--resolution", "64", "--allow-resolution",
+        "--sample-every", "2", "--sample-steps", "2", "--log-every", "1", "--json",
+        env={"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 2 and len(out["samples"]) == 2 and out["models"]
+    s = Session.open("cli_dog", home)
+    assert s.models()[0]["kind"] == "lora" and list(s.samples_dir.glob("*.png"))
+    assert list(s.logs_dir.rglob("events.out.tfevents*"))
+    bad = cli("train", "cli_dog", "--steps", "0", env={"FASTSD_HOME": str(home)})
+    assert bad.returncode == 2 and "steps must be > 0" in bad.stderr
+
+
+def test_two_processes_on_cpu(home, tiny_sd1, tmp_path):
+    from conftest import REPO
+
+    make_session(home, tiny_sd1, name="ddp", n=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "fastsd", "train", "ddp", "--method", "lora", "--steps", "2", "--resolution", "64",
+        "--allow-resolution", "--log-every", "1", "--json",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = Session.open("ddp", home)
+    assert s.latest_checkpoint()["step"] == 2 and len(s.models()) == 1
+
+
+def test_optimizer_step_inside_backward_matches_normal_step():
+    from fastsd.train.optim import make_optim
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    twin.load_state_dict(net.state_dict())
+    normal = make_optim("adamw", [(list(net.parameters()), 1e-2)], in_backward=False)
+    fused = make_optim("adamw", [(list(twin.parameters()), 1e-2)], in_backward=True)
+    for i in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(i))
+        net(x).square().mean().backward()
+        normal.step()
+        normal.zero_grad()
+        twin(x).square().mean().backward()  # stepped by the hooks
+        assert all(p.grad is None for p in twin.parameters())
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    fused.close()

@@ -1,0 +1,111 @@
+"""Training config validation, GPU presets, buckets and the deterministic batch order (no models loaded)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from fastsd.errors import UserInputError
+from fastsd.train.config import TrainConfig, detect_preset, resolve
+from fastsd.train.data import BatchOrder, buckets_for, nearest_bucket
+
+
+def _gpu(name, vram, bf16=True):
+    return SimpleNamespace(name=name, vram_total_gb=vram, bf16=bf16)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "preset"),
+    [
+        ([], "cpu"),
+        ([_gpu("Tesla T4", 15, bf16=False)], "t4"),
+        ([_gpu("NVIDIA L4", 22)], "l4"),
+        ([_gpu("NVIDIA A100-SXM4-40GB", 40)], "a100"),
+        ([_gpu("NVIDIA H100 80GB HBM3", 80)], "h100"),
+        ([_gpu("Quadro RTX 5000", 16, bf16=False)], "t4"),
+    ],
+)
+def test_preset_from_gpu(gpus, preset):
+    assert detect_preset(gpus) == preset
+
+
+def test_t4_preset_is_fp16_8bit_and_overridable(tiny_sd1):
+    t4 = [_gpu("Tesla T4", 15, bf16=False)]
+    c, facts = resolve(TrainConfig(model=str(tiny_sd1)), gpu_list=t4)
+    assert (c.precision, c.optimizer, c.gpu) == ("fp16", "adamw8bit", "t4")
+    assert (c.unet_steps, c.te_steps, c.unet_lr, c.te_lr) == (1500, 350, 2e-6, 1e-6)
+    assert facts["family"] == "sd1"
+    c, _ = resolve(TrainConfig(model=str(tiny_sd1), precision="fp32", optimizer="adamw_fused"), gpu_list=t4)
+    assert (c.precision, c.optimizer) == ("fp32", "adamw_fused")
+    c, _ = resolve(TrainConfig(model=str(tiny_sd1), method="lora"), gpu_list=[])
+    assert (c.unet_steps, c.te_steps, c.unet_lr) == (1000, 0, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"unet_steps": 0}, "steps must be > 0"),
+        ({"unet_steps": -5}, "steps must be > 0"),
+        ({"unet_lr": 0.0}, "learning rates must be > 0"),
+        ({"te_lr": -1e-6, "te_steps": 10}, "learning rates must be > 0"),
+        ({"resolution": 768}, "above sd1's native 512"),
+        ({"resolution": 500}, "multiple of 64"),
+        ({"method": "dora"}, "unknown method"),
+        ({"optimizer": "sgd"}, "unknown optimizer"),
+    ],
+)
+def test_invalid_settings_are_rejected_with_reason(tiny_sd1, kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        resolve(TrainConfig(model=str(tiny_sd1), **kwargs), gpu_list=[])
+
+
+def test_768_on_sd1_allowed_with_override(tiny_sd1):
+    c, _ = resolve(TrainConfig(model=str(tiny_sd1), resolution=768, allow_resolution=True), gpu_list=[])
+    assert c.resolution == 768
+
+
+def test_sdxl_full_rules(tiny_sdxl):
+    with pytest.raises(UserInputError, match="text encoders in an SDXL full fine-tune"):
+        resolve(TrainConfig(model=str(tiny_sdxl), method="full", te_steps=100), gpu_list=[])
+    with pytest.raises(UserInputError, match="use --method lora"):
+        resolve(TrainConfig(model=str(tiny_sdxl), method="full", te_steps=0), gpu_list=[_gpu("Tesla T4", 15, False)])
+    c, facts = resolve(TrainConfig(model=str(tiny_sdxl), method="lora"), gpu_list=[_gpu("Tesla T4", 15, False)])
+    assert facts["family"] == "sdxl" and c.resolution == 1024
+
+
+def test_sd2_768_is_v_prediction(tiny_sd2):
+    c, facts = resolve(TrainConfig(model=str(tiny_sd2)), gpu_list=[])
+    assert facts == {"family": "sd2", "prediction_type": "v_prediction", "native_resolution": 768}
+    assert c.resolution == 768
+
+
+def test_empty_session_and_missing_model(tiny_sd1, tmp_path):
+    with pytest.raises(UserInputError, match="no instance images"):
+        resolve(TrainConfig(model=str(tiny_sd1)), num_images=0, gpu_list=[])
+    with pytest.raises(UserInputError, match="not a Diffusers folder"):
+        resolve(TrainConfig(model=str(tmp_path)), gpu_list=[])
+    with pytest.raises(UserInputError, match="no base model"):
+        resolve(TrainConfig(), session_info={}, gpu_list=[])
+
+
+def test_empty_session_fails_before_loading(home, tiny_sd1, monkeypatch):
+    from fastsd.session import Session
+    from fastsd.train import loop, train
+
+    monkeypatch.setattr(loop, "_Models", lambda *a, **k: pytest.fail("model loaded before validation"))
+    Session.create("empty", home, base_model=str(tiny_sd1))
+    with pytest.raises(UserInputError, match="no instance images"):
+        train("empty", home=home)
+
+
+def test_buckets_and_order():
+    table = buckets_for(512)
+    assert (512, 512) in table and all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in table)
+    assert nearest_bucket(1200, 800, table)[0] > nearest_bucket(1200, 800, table)[1]
+    sizes = [(512, 512)] * 5 + [(576, 448)] * 3
+    a, b = BatchOrder(sizes, 2, seed=7), BatchOrder(sizes, 2, seed=7)
+    seq = [a.batch(i) for i in range(12)]
+    assert seq == [b.batch(i) for i in range(12)]
+    assert all(len({sizes[i] for i in batch}) == 1 and len(batch) == 2 for batch in seq)  # one bucket per batch
+    assert seq[: a.per_epoch] != [BatchOrder(sizes, 2, seed=8).batch(i) for i in range(a.per_epoch)]
