@@ -132,6 +132,7 @@ def execute(
     cwd: str | os.PathLike[str],
     timeout: int = 600,
     after: dict[str, Callable[[nbformat.NotebookNode, Callable[[], nbformat.NotebookNode]], None]] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> nbformat.NotebookNode:
     """Execute a notebook with form values injected; returns the executed notebook.
 
@@ -144,6 +145,7 @@ def execute(
         after: ``{title prefix: hook(cell, rerun)}``, each run right after the cell whose ``#@title``
             starts with the prefix, while the kernel still runs; ``rerun()`` executes that cell
             again and returns it (with the new outputs).
+        skip: title prefixes of cells not to run.
 
     Raises:
         nbclient.exceptions.CellExecutionError: a cell failed (its output is in the message).
@@ -155,7 +157,7 @@ def execute(
     hooks = dict(after or {})
     with client.setup_kernel(env=env):
         for index, cell in enumerate(nb.cells):
-            if cell.cell_type != "code":
+            if cell.cell_type != "code" or title(cell).startswith(skip):
                 continue
             client.execute_cell(cell, index)
             for prefix, hook in list(hooks.items()):

@@ -135,7 +135,7 @@ def test_fastsd_errors_are_one_line_in_a_kernel(tmp_path):
 
 
 @pytest.mark.slow
-@needs("fastsd.train", "fastsd.webui.server")
+@needs("fastsd.train")
 def test_dreambooth_notebook_runs(tmp_path, tiny_sd1):
     env = kernel_env(tmp_path)
     _images(Path(env["STANDIN_UPLOADS"]))
@@ -152,7 +152,7 @@ def test_dreambooth_notebook_runs(tmp_path, tiny_sd1):
         "text_encoder_steps": 0,
         "train_resolution": 64,
         "save_every": 2,
-        "sample_every": 2,
+        "sample_every": 3,
         "images": 2,
         "try_steps": 2,
         "try_seed": 7,
@@ -173,12 +173,14 @@ def test_dreambooth_notebook_runs(tmp_path, tiny_sd1):
     def after_session(cell, rerun):
         seen["session_again"] = output_text(rerun())
 
+    no_server = _missing("fastsd.webui.server")  # the Try cell needs the built-in web UI
     nb = execute(
         NOTEBOOKS / "fastsd_dreambooth.ipynb",
         values,
         env,
         cwd=tmp_path,
         after={"4.": after_images, "6.": after_train, "3.": after_session},
+        skip=("7.",) if no_server else (),
     )
     home = tmp_path / "drive" / "MyDrive" / "fastsd"
     info = json.loads((home / "sessions" / "rex" / "session.json").read_text())
@@ -191,15 +193,17 @@ def test_dreambooth_notebook_runs(tmp_path, tiny_sd1):
     assert "trained to step 3 of 3 already" in seen["train_again"]
     (lora,) = [m for m in info["models"] if m["kind"] == "lora"]
     assert (home / "sessions" / "rex" / lora["file"]).stat().st_size > 0
-    # try: a grid of two generated images
-    try_cell = [c for c in nb.cells if c.cell_type == "code" and "7. Try" in c.source][0]
-    assert "".join(outputs_of_type(try_cell, "text/html")).count("data:image/png;base64") == 2
     # export cell lists the model and offers the remover (a widget, nothing deleted without a click)
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
     assert lora["file"].split("/")[-1] in output_text(last)
     assert outputs_of_type(last, "application/vnd.jupyter.widget-view+json")
     assert json.loads((home / "sessions" / "rex" / "session.json").read_text())["checkpoints"]
     assert "drive.mount" in (tmp_path / "colab-calls.log").read_text()
+    if no_server:
+        pytest.xfail(f"the Try cell was not run: {no_server} not in this checkout yet")
+    # try: a grid of two generated images
+    try_cell = [c for c in nb.cells if c.cell_type == "code" and "7. Try" in c.source][0]
+    assert "".join(outputs_of_type(try_cell, "text/html")).count("data:image/png;base64") == 2
 
 
 @pytest.mark.slow
