@@ -19,6 +19,7 @@ Rules the helpers keep:
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -361,7 +362,8 @@ def upload_images(session: Session, *, crop: str = "smart", size: int | None = N
     if environment() == "colab":
         folder = _upload_folder("images")
         try:
-            _colab_upload(folder)
+            if not _colab_upload(folder):
+                raise UserInputError("nothing was uploaded: choose files in the dialog, or give a Drive folder")
             report = session.add_images(folder, crop=crop, size=size)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -634,6 +636,8 @@ def try_model(
         model = str(file)
     handle = _try_server(session.name, model, home)
     size = int(size or session.info.get("resolution") or 512)
+    with contextlib.suppress(httpx.HTTPError):  # a reused server: list the LoRA a new run exported
+        httpx.post(f"{handle.url}/sdapi/v1/refresh-loras", timeout=60)
     body = {
         "prompt": prompt,
         "steps": int(steps),
