@@ -282,17 +282,16 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _colab_upload(folder: Path) -> list[Path]:
-    """Colab's upload dialog; the files land in ``folder`` (Colab's own copies in the cwd are removed)."""
+def _colab_files() -> list[tuple[str, bytes]]:
+    """Colab's upload dialog; Colab's own copies of the files in the working folder are removed."""
     from google.colab import files  # type: ignore[import-not-found]
 
     uploaded = files.upload()
-    paths = save_uploads(uploaded.items(), folder)
     for name, data in uploaded.items():
         copy = Path.cwd() / Path(name).name
         if copy.is_file() and copy.stat().st_size == len(data):
             copy.unlink()
-    return paths
+    return list(uploaded.items())
 
 
 def _upload_widget(on_files: Callable[[list[tuple[str, bytes]]], None], accept: str, label: str) -> Any:
@@ -321,7 +320,7 @@ def _upload_widget(on_files: Callable[[list[tuple[str, bytes]]], None], accept: 
     return box
 
 
-def add_images(session: Session, source: str = "", *, crop: str = "smart", size: int | None = None) -> AddReport | None:
+def add_images(session: Session, source: str = "", *, crop: str = "smart", size: int | None = None) -> Any:
     """Add instance images: from ``source`` (Drive folders, files or zips, comma-separated), else an upload.
 
     Args:
@@ -331,10 +330,10 @@ def add_images(session: Session, source: str = "", *, crop: str = "smart", size:
         size: crop size; default the session's resolution.
 
     Returns:
-        The :class:`~fastsd.images.AddReport` (its summary is printed); None when an upload
-        widget was shown instead (outside Colab: the files are added when its button is pressed).
+        The :class:`~fastsd.images.AddReport` (its summary is printed); outside Colab, with no
+        ``source``, the upload widget shown instead (the files are added when its button is pressed).
     """
-    paths = [p.strip() for p in source.replace("\n", ",").split(",") if p.strip()]
+    paths = _split(source)
     if not paths:
         return upload_images(session, crop=crop, size=size)
     report = session.add_images(paths, crop=crop, size=size)
@@ -342,35 +341,30 @@ def add_images(session: Session, source: str = "", *, crop: str = "smart", size:
     return report
 
 
-def upload_images(session: Session, *, crop: str = "smart", size: int | None = None) -> AddReport | None:
+def upload_images(session: Session, *, crop: str = "smart", size: int | None = None) -> Any:
     """Upload photos (and zips, and ``.txt`` captions) from this computer into the session.
 
-    In Colab this is Colab's upload dialog and returns the report; elsewhere a ``FileUpload``
-    widget with an "Add to session" button is shown and None is returned.
+    In Colab this is Colab's upload dialog and returns the :class:`~fastsd.images.AddReport`;
+    elsewhere a ``FileUpload`` widget with an "Add to session" button is shown and returned.
     """
-
-    def add(entries: list[tuple[str, bytes]]) -> AddReport:
-        folder = _upload_folder("images")
-        try:
-            save_uploads(entries, folder)
-            report = session.add_images(folder, crop=crop, size=size)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        print(report.summary())
-        return report
-
     if environment() == "colab":
-        folder = _upload_folder("images")
-        try:
-            if not _colab_upload(folder):
-                raise UserInputError("nothing was uploaded: choose files in the dialog, or give a Drive folder")
-            report = session.add_images(folder, crop=crop, size=size)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        print(report.summary())
-        return report
-    _upload_widget(add, "image/*,.zip,.txt,.heic,.heif", "Add to session")
-    return None
+        return _add_uploads(session, _colab_files(), crop, size)
+    return _upload_widget(
+        lambda entries: _add_uploads(session, entries, crop, size), "image/*,.zip,.txt,.heic,.heif", "Add to session"
+    )
+
+
+def _add_uploads(session: Session, entries: list[tuple[str, bytes]], crop: str, size: int | None) -> AddReport:
+    if not entries:
+        raise UserInputError("nothing was uploaded: choose files in the dialog, or give a folder on Drive")
+    folder = _upload_folder("images")
+    try:
+        save_uploads(entries, folder)
+        report = session.add_images(folder, crop=crop, size=size)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(report.summary())
+    return report
 
 
 # ---------------------------------------------------------------- galleries
@@ -913,12 +907,12 @@ def _split(text: str) -> list[str]:
 # ---------------------------------------------------------------- OCR
 
 
-def ocr_inputs(source: str = "") -> list[Path] | None:
+def ocr_inputs(source: str = "") -> Any:
     """The files to OCR: ``source`` paths (comma-separated files, folders, globs), else an upload.
 
     Returns:
-        The input paths; None when an upload widget was shown (outside Colab), whose button
-        saves the files and prints the folder to put in the source field.
+        The input paths; outside Colab with no ``source``, the upload widget shown instead, whose
+        button saves the files and prints the folder to put in the documents field.
     """
     paths = _split(source)
     if paths:
@@ -927,20 +921,20 @@ def ocr_inputs(source: str = "") -> list[Path] | None:
             raise UserInputError(f"not found: {', '.join(missing)}: check the paths (is Drive connected?)")
         return [Path(p).expanduser() for p in paths]
     if environment() == "colab":
-        folder = _upload_folder("ocr")
-        files = _colab_upload(folder)
-        if not files:
+        entries = _colab_files()
+        if not entries:
             raise UserInputError("nothing was uploaded: choose files in the dialog, or give a path")
+        folder = _upload_folder("ocr")
+        files = save_uploads(entries, folder)
         print(f"uploaded {len(files)} file(s): {', '.join(p.name for p in files)}")
         return [folder]
 
     def saved(entries: list[tuple[str, bytes]]) -> None:
         folder = _upload_folder("ocr")
         save_uploads(entries, folder)
-        print(f"saved {len(entries)} file(s) in {folder}: put this folder in the source field and run the cell")
+        print(f"saved {len(entries)} file(s) in {folder}: put this folder in the documents field and run the cell again")
 
-    _upload_widget(saved, ".pdf,image/*,.tif,.tiff", "Save files")
-    return None
+    return _upload_widget(saved, ".pdf,image/*,.tif,.tiff", "Save files")
 
 
 def ocr(
@@ -977,8 +971,8 @@ def ocr(
     """
     from .ocr import ocr as run_ocr
 
-    if not inputs:
-        raise UserInputError("no input files: run the Files cell first (give a path, or upload)")
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        raise UserInputError("no input files: run the Documents cell first (a path, or the folder of an upload)")
     options: dict[str, Any] = {
         "task": task,
         "schema": _schema(schema),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import types
 from pathlib import Path
@@ -248,3 +249,25 @@ def test_train_config_from_the_form(session):
     )
     assert (c.unet_steps, c.te_steps, c.unet_lr, c.resolution) == (10, 0, 1e-5, 64)
     assert c.sample_prompts == ["zwx dog"] and c.resume is False
+
+
+def test_upload_widget_outside_colab_adds_on_click(session, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(nb, "environment", lambda: "jupyter")
+    data = _png(tmp_path / "new dog.png", (0, 0, 250)).read_bytes()
+    box = nb.add_images(session, "")  # outside Colab: an upload widget instead of Colab's dialog
+    picker, button = box.children[0].children
+    button.click()
+    assert len(session.images()) == 2 and "choose files first" in capsys.readouterr().out
+    picker.value = (
+        {
+            "name": "new dog.png",
+            "type": "image/png",
+            "size": len(data),
+            "content": memoryview(data),
+            "last_modified": datetime.datetime.now(datetime.timezone.utc),
+        },
+    )
+    button.click()
+    assert [p.name for p in Session.open("rex").images()] == ["a.png", "b.png", "new_dog.png"]
+    button.click()  # the same files again: duplicates, nothing added
+    assert len(Session.open("rex").images()) == 3
