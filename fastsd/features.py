@@ -33,6 +33,7 @@ FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
             "bitsandbytes>=0.45",
             "opencv-python-headless>=4.8,<5",  # 5.x ships no Haar cascades (smart crop)
             "tensorboard>=2.14",
+            "httpx>=0.27",
         ),
     ),
     "webui": (

@@ -18,7 +18,7 @@ from .. import __version__
 from ..errors import FastsdError
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
-COMMANDS = ("doctor", "install", "session", "train", "webui", "ocr")
+COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr")
 
 
 def build_parser() -> argparse.ArgumentParser:

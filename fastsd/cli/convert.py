@@ -1,0 +1,33 @@
+"""``fastsd convert SRC DST``: Diffusers folder -> single file, or single file -> Diffusers folder."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "convert",
+        parents=parents,
+        help="convert between a Diffusers folder and a single-file checkpoint (direction from SRC)",
+    )
+    p.add_argument("src", metavar="SRC", help="a Diffusers folder, or a .safetensors/.ckpt file")
+    p.add_argument("dst", metavar="DST", help="the .safetensors file, or the Diffusers folder to create")
+    p.add_argument("--half", action="store_true", help="store weights as fp16 (single-file output)")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("safetensors", "ckpt"),
+        default="safetensors",
+        help="single-file format; ckpt is a pickle, written only when asked for (default: safetensors)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models.convert import convert
+
+    print(convert(args.src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite))
+    return 0

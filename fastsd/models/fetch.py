@@ -1,0 +1,320 @@
+"""Get a model from wherever the user has it: registry name, Hub, Civitai, Google Drive, any URL, a path.
+
+Hub downloads go through huggingface_hub (its cache, resume and checksums). Everything else is a
+resumable HTTP download: the partial file lives on local disk (``cache_dir()/downloads``) under a
+name derived from the URL, so a second ``get`` after a cut continues with a ``Range`` request; the
+finished file is checked against the sha256 the source publishes (Civitai does; a direct URL may
+carry ``#sha256=HEX``) and only then moved or safely copied under its final name. Tokens come from
+``HF_TOKEN`` / ``CIVITAI_TOKEN`` or the Colab secrets of the same names and never appear in logs or
+messages. Downloaded ``.ckpt``/``.pt`` files are opened with ``torch.load(weights_only=True)``
+before they are kept: a pickle that needs code execution is refused and deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from ..errors import ModelFormatError, NetworkError, UserInputError
+from ..paths import cache_dir, fastsd_home
+from ..storage import TEMP_PREFIX, copy_file, sha256_file
+from .registry import BASE_MODELS, base_model
+
+log = logging.getLogger(__name__)
+
+#: What a Diffusers repo needs; root-level single files (several GB each) and pickles are skipped.
+DIFFUSERS_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*",
+    "tokenizer*/*",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/diffusion_pytorch_model-*.safetensors",
+    "*/diffusion_pytorch_model.safetensors.index.json",
+    "*/model.safetensors",
+    "*/model-*.safetensors",
+    "*/model.safetensors.index.json",
+    "*/preprocessor_config.json",
+]
+PICKLES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_FILE = re.compile(r"https?://huggingface\.co/([^/]+/[^/]+)/(?:resolve|blob)/([^/]+)/(.+)")
+_CIVITAI = re.compile(r"https?://(?:www\.)?civitai\.com/(?:models/(\d+)|api/download/models/(\d+))")
+_DRIVE = re.compile(r"https?://(?:drive|docs)\.google\.com/")
+
+
+def secret(name: str) -> str | None:
+    """A token from the environment, else from Colab's secrets (``google.colab.userdata``), else None."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return userdata.get(name) or None
+    except Exception:  # noqa: BLE001 - not in Colab, or the secret is missing / not shared with this notebook
+        return None
+
+
+def redact(text: str) -> str:
+    """``text`` with any token-looking query parameter or known secret value replaced by ``***``."""
+    text = re.sub(r"(?i)((?:token|key|sig|signature)=)[^&\s]+", r"\1***", text)
+    for name in ("HF_TOKEN", "CIVITAI_TOKEN"):
+        value = os.environ.get(name)
+        if value and len(value) > 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _models_dir(home: str | os.PathLike[str] | None) -> Path:
+    return fastsd_home(home) / "models"
+
+
+# --- Hub -------------------------------------------------------------------------------------
+
+
+def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = secret("HF_TOKEN")
+    try:
+        files = HfApi().list_repo_files(repo, revision=revision, token=token)
+        if "model_index.json" in files:
+            patterns: list[str] | None = DIFFUSERS_PATTERNS
+        elif any(f.endswith(".safetensors") for f in files):
+            patterns = ["*.safetensors", "*.json", "*.txt", "*.yaml"]
+        else:
+            patterns = None
+        path = snapshot_download(repo, revision=revision, local_dir=dest, allow_patterns=patterns, token=token)
+    except HfHubHTTPError as err:
+        raise NetworkError(
+            f"could not download {repo} from the Hub ({type(err).__name__}); check the name, and for gated "
+            "models accept the license and set HF_TOKEN"
+        ) from None
+    return Path(path)
+
+
+def _hub_file(repo: str, revision: str, filename: str, dest: Path) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        path = hf_hub_download(repo, filename, revision=revision, local_dir=dest, token=secret("HF_TOKEN"))
+    except HfHubHTTPError as err:
+        raise NetworkError(f"could not download {filename} from {repo} ({type(err).__name__}); check the URL") from None
+    return Path(path)
+
+
+# --- plain HTTP ------------------------------------------------------------------------------
+
+
+def _filename_from(response: Any, url: str) -> str:
+    disposition = response.headers.get("content-disposition", "")
+    m = re.search(r"filename\*=UTF-8''([^;]+)", disposition) or re.search(r'filename="?([^";]+)"?', disposition)
+    name = unquote(m.group(1)) if m else unquote(Path(urlparse(url).path).name)
+    name = Path(name).name
+    if not name or name in (".", ".."):
+        name = "download"
+    return name
+
+
+def download(
+    url: str,
+    dest_dir: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    filename: str | None = None,
+    headers: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` into ``dest_dir``, resuming an interrupted earlier attempt, checking ``sha256``.
+
+    Args:
+        url: an http(s) URL (may contain a token; it is never logged).
+        dest_dir: the folder the file ends up in.
+        sha256: the expected hex digest; the download is refused (and removed) when it differs.
+        filename: the name to keep; default from Content-Disposition or the URL path.
+        headers: extra request headers (e.g. ``Authorization``).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The final path.
+
+    Raises:
+        NetworkError: the server could not be reached or answered with an error.
+        ModelFormatError: the sha256 does not match.
+    """
+    import httpx
+    from tqdm.auto import tqdm
+
+    key = hashlib.sha256(url.split("#")[0].encode()).hexdigest()[:16]
+    partial_dir = cache_dir() / "downloads"
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    partial = partial_dir / f"{TEMP_PREFIX}part-{key}"
+    have = partial.stat().st_size if partial.exists() else 0
+    req_headers = {"User-Agent": "fastsd", **(headers or {})}
+    if have:
+        req_headers["Range"] = f"bytes={have}-"
+    try:
+        with httpx.stream("GET", url, headers=req_headers, follow_redirects=True, timeout=60) as r:
+            if r.status_code == 416:  # already complete
+                name = filename or _filename_from(r, str(r.url))
+            else:
+                if r.status_code >= 400:
+                    raise NetworkError(f"{redact(url)} answered HTTP {r.status_code}; check the link and any token")
+                name = filename or _filename_from(r, str(r.url))
+                resumed = r.status_code == 206 and have
+                if not resumed:
+                    have = 0
+                total = int(r.headers.get("content-length", 0)) + have or None
+                if resumed:
+                    log.info("resuming %s at %d bytes", name, have)
+                with (
+                    open(partial, "ab" if resumed else "wb") as fh,
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, disable=not progress) as bar,
+                ):
+                    for chunk in r.iter_bytes():  # as it arrives: a cut keeps all received
+                        fh.write(chunk)
+                        bar.update(len(chunk))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+    except httpx.HTTPError as err:
+        raise NetworkError(
+            f"download of {redact(url)} was cut ({type(err).__name__}); run the same command again to resume"
+        ) from None
+    if sha256:
+        got = sha256_file(partial)
+        if got.lower() != sha256.lower():
+            partial.unlink()
+            raise ModelFormatError(
+                f"{name}: sha256 {got[:12]}... does not match the published {sha256[:12]}...; "
+                "the download was damaged or the file changed, try again"
+            )
+    final = Path(dest_dir) / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(partial, final)  # same file system: atomic
+    except OSError:
+        copy_file(partial, final, verify_sha256=True)  # e.g. local disk -> Drive
+        partial.unlink()
+    return final
+
+
+def _civitai(url: str, dest: Path) -> Path:
+    import httpx
+
+    m = _CIVITAI.match(url)
+    assert m
+    query = parse_qs(urlparse(url).query)
+    version = m.group(2) or (query.get("modelVersionId") or [None])[0]
+    token = secret("CIVITAI_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    api = (
+        f"https://civitai.com/api/v1/model-versions/{version}"
+        if version
+        else f"https://civitai.com/api/v1/models/{m.group(1)}"
+    )
+    try:
+        info = httpx.get(api, headers=headers, timeout=30, follow_redirects=True).raise_for_status().json()
+    except httpx.HTTPError as err:
+        raise NetworkError(f"Civitai did not answer for {redact(url)} ({type(err).__name__}); try again") from None
+    if "modelVersions" in info:
+        info = info["modelVersions"][0]
+    files = info.get("files") or []
+    chosen = next((f for f in files if f.get("primary")), files[0] if files else None)
+    if not chosen:
+        raise UserInputError(f"Civitai lists no files for {redact(url)}")
+    sha = (chosen.get("hashes") or {}).get("SHA256")
+    return download(chosen["downloadUrl"], dest, sha256=sha, filename=chosen.get("name"), headers=headers)
+
+
+def _drive(url: str, dest: Path) -> Path:
+    m = re.search(r"/d/([\w-]+)", url) or re.search(r"[?&]id=([\w-]+)", url)
+    if not m:
+        raise UserInputError(f"{url} is not a Google Drive file share link (…/file/d/ID/… or …?id=ID)")
+    direct = f"https://drive.usercontent.google.com/download?id={m.group(1)}&export=download&confirm=t"
+    return download(direct, dest)
+
+
+def _check_pickle(path: Path) -> None:
+    if path.is_file() and path.suffix in PICKLES:
+        from .tensorfile import load_pickle_state_dict
+
+        try:
+            load_pickle_state_dict(path)
+        except ModelFormatError:
+            path.unlink()
+            raise
+
+
+def get(
+    spec: str,
+    dest: str | os.PathLike[str] | None = None,
+    home: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Fetch the model ``spec`` and return where it is on disk.
+
+    Args:
+        spec: a registry name (``sd15``, ``sdxl``...), ``hf:org/repo[@rev]``, a Hub file URL
+            (``https://huggingface.co/org/repo/resolve/rev/file``), a Civitai model or version URL, a
+            Google Drive share link, any http(s) URL (``#sha256=HEX`` to check it), or a local path.
+        dest: the folder to put it in (default ``<home>/models/``, a Hub repo in a subfolder).
+        home: the fastsd home (default: the usual rule, see :func:`fastsd.paths.fastsd_home`).
+
+    Returns:
+        The file or Diffusers folder.
+
+    Raises:
+        UserInputError: an unknown name or a path that does not exist.
+        NetworkError: the source could not be reached.
+        ModelFormatError: checksum mismatch, or a pickle that needs code execution.
+
+    Example:
+        >>> get("sdxl")  # doctest: +SKIP
+        PosixPath('/content/drive/MyDrive/fastsd/models/sdxl')
+    """
+    spec = spec.strip()
+    target = Path(dest).expanduser() if dest else None
+    if spec in BASE_MODELS:
+        entry = base_model(spec)
+        return _hub_snapshot(entry.repo, None, target or _models_dir(home) / spec)
+    if spec.startswith("hf:"):
+        repo, _, rev = spec[3:].partition("@")
+        if repo.count("/") != 1:
+            raise UserInputError(f"{spec}: write a Hub repo as hf:org/name[@revision]")
+        return _hub_snapshot(repo, rev or None, target or _models_dir(home) / repo.replace("/", "--"))
+    if m := _HUB_FILE.match(spec):
+        path = _hub_file(m.group(1), m.group(2), m.group(3).split("?")[0], target or _models_dir(home))
+    elif _CIVITAI.match(spec):
+        path = _civitai(spec, target or _models_dir(home))
+    elif _DRIVE.match(spec):
+        path = _drive(spec, target or _models_dir(home))
+    elif spec.startswith(("http://", "https://")):
+        url, _, frag = spec.partition("#")
+        sha = frag[len("sha256=") :] if frag.startswith("sha256=") else None
+        path = download(url, target or _models_dir(home), sha256=sha)
+    else:
+        local = Path(spec).expanduser()
+        if not local.exists():
+            raise UserInputError(
+                f"{spec} is not a known model name ({', '.join(BASE_MODELS)}), a URL, hf:org/repo, or an existing path"
+            )
+        if target is None:
+            return local.resolve()
+        out = target / local.name
+        if local.is_dir():
+            with contextlib.suppress(FileExistsError):
+                shutil.copytree(local, out)
+        else:
+            copy_file(local, out, verify_sha256=True)
+        path = out
+    _check_pickle(path)
+    log.info("model ready: %s", path)
+    return path

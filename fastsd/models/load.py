@@ -1,0 +1,77 @@
+"""Load a Diffusers folder or a single-file checkpoint as a diffusers pipeline, offline.
+
+The web UI and the trainer call :func:`load_pipeline` with whatever the user has; single files are
+read by diffusers' ``from_single_file`` with the config fastsd ships for the detected family, so
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFormatError, UserInputError
+from .convert import _require_full, config_for, shipped_config
+from .detect import detect
+
+#: (family, task) -> diffusers pipeline class name.
+PIPELINES = {
+    ("sd1", "txt2img"): "StableDiffusionPipeline",
+    ("sd1", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd1", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sd2", "txt2img"): "StableDiffusionPipeline",
+    ("sd2", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd2", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+}
+TASKS = ("txt2img", "img2img", "inpaint")
+
+
+def load_pipeline(
+    path_or_folder: str | os.PathLike[str],
+    *,
+    torch_dtype: Any = None,
+    pipeline: str = "txt2img",
+    config: str | os.PathLike[str] | None = None,
+) -> Any:
+    """A diffusers pipeline for ``path_or_folder`` (Diffusers folder or single file), without network.
+
+    Args:
+        path_or_folder: a Diffusers pipeline folder or a ``.safetensors``/``.ckpt`` full model.
+        torch_dtype: e.g. ``torch.float16``; None keeps diffusers' default (fp32).
+        pipeline: ``txt2img``, ``img2img`` or ``inpaint`` (the task the pipeline is built for; an
+            inpainting model used for ``txt2img`` still gets its inpainting pipeline).
+        config: a Diffusers folder to take a single file's configs from (default: shipped ones).
+
+    Returns:
+        A ``DiffusionPipeline`` subclass instance on the CPU.
+
+    Raises:
+        UserInputError: unknown task, or the path does not exist.
+        ModelFormatError: not a full SD1/SD2/SDXL model.
+    """
+    import diffusers
+
+    if pipeline not in TASKS:
+        raise UserInputError(f"unknown pipeline {pipeline!r}; use one of {', '.join(TASKS)}")
+    det = detect(path_or_folder)
+    _require_full(det, "loading a pipeline")
+    task = "inpaint" if "inpaint" in det.variants else pipeline
+    if "refiner" in det.variants:
+        task = "img2img"
+    cls = getattr(diffusers, PIPELINES[(det.family, task)])
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if det.family in ("sd1", "sd2"):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if det.layout == "diffusers":
+        return cls.from_pretrained(Path(path_or_folder), **kwargs)
+    kwargs["config"] = str(config or shipped_config(config_for(det)[0]))
+    try:
+        return cls.from_single_file(str(path_or_folder), **kwargs)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise ModelFormatError(f"diffusers could not load {path_or_folder} ({det.summary()}): {err}") from err

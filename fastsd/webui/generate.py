@@ -1,0 +1,777 @@
+"""Image generation on diffusers with A1111 semantics: the pipeline manager behind the API and UI.
+
+:class:`PipelineManager` owns the one loaded model. It switches models without a restart (the
+previous one is released first), applies memory settings chosen by VRAM, builds the txt2img /
+img2img / inpaint pipelines from the same components (no extra memory), applies LoRAs with
+weights, a VAE override and CLIP skip, and runs :class:`GenerationRequest` s with A1111's seed
+rules: seed -1 is random, image *i* of a job uses ``seed + i`` and its own generator, so a seed
+gives the same image whatever the batch size. All of its methods must run on the worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageOps
+
+from .. import __version__
+from ..errors import ModelFormatError, UserInputError
+from . import catalog, infotext, samplers
+from .worker import JobState
+
+log = logging.getLogger(__name__)
+
+#: Pipeline class per model family and task. Built with ``from_pipe`` so they share weights.
+TASK_PIPELINES: dict[str, dict[str, str]] = {
+    "sd": {
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+    },
+    "sdxl": {
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+    "sd3": {
+        "txt2img": "StableDiffusion3Pipeline",
+        "img2img": "StableDiffusion3Img2ImgPipeline",
+        "inpaint": "StableDiffusion3InpaintPipeline",
+    },
+}
+
+#: Memory settings by free-VRAM class: (up to GiB, family or None for any, settings). First match wins.
+MEMORY_PRESETS: tuple[tuple[float, str | None, dict[str, bool]], ...] = (
+    (0, None, {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),  # CPU
+    (6.5, None, {"attention_slicing": True, "vae_tiling": True, "cpu_offload": True}),
+    (12.5, "sd", {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
+    (12.5, None, {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),
+    (20, "sd3", {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),  # T4: T5 + MMDiT
+    (20, "sdxl", {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
+    (float("inf"), None, {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),
+)
+MEMORY_KEYS = ("attention_slicing", "vae_tiling", "cpu_offload")
+
+#: Latent -> RGB factors for the cheap live preview (A1111's "Approx cheap"), per family.
+LATENT_RGB: dict[str, list[list[float]]] = {
+    "sd": [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
+    "sdxl": [
+        [0.3448, 0.4168, 0.4395],
+        [-0.1953, -0.0290, 0.0250],
+        [0.1074, 0.0886, -0.0163],
+        [-0.3730, -0.2499, -0.2088],
+    ],
+}
+
+MAX_LOADED_LORAS = 8  # adapters kept loaded (disabled when unused) before all are unloaded
+
+
+@dataclass
+class GenerationRequest:
+    """One A1111-style job. Field names and defaults follow A1111's processing classes."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    subseed: int = -1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers; None: the option's value
+    checkpoint: str | None = None  # None: the ``sd_model_checkpoint`` option
+    vae: str | None = None  # None: the ``sd_vae`` option
+    loras: list[tuple[str, float]] = field(default_factory=list)  # besides <lora:...> prompt tags
+    eta: float | None = None
+    # img2img / inpaint
+    init_images: list[Image.Image] | None = None
+    denoising_strength: float = 0.75
+    resize_mode: int = 0  # 0 resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (as 0)
+    mask: Image.Image | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+
+    @property
+    def task(self) -> str:
+        if not self.init_images:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass
+class GenerationResult:
+    """Images with their seeds and infotexts, plus A1111's ``info`` dict."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    info: dict[str, Any]
+    interrupted: bool = False
+
+
+def load_model(spec: str, torch_dtype: Any) -> Any:
+    """Load a pipeline from a Diffusers folder, a single-file checkpoint or a Hub id.
+
+    Uses ``fastsd.models.load.load_pipeline`` when the models package provides it (offline
+    single-file loading with bundled configs), else diffusers directly.
+
+    Raises:
+        ModelFormatError: the path is not a loadable model.
+    """
+    try:
+        from fastsd.models.load import load_pipeline  # type: ignore[import-not-found]
+    except ImportError:
+        load_pipeline = None
+    if load_pipeline is not None and Path(spec).exists():
+        return load_pipeline(spec, torch_dtype=torch_dtype)
+
+    import diffusers
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            extra = {}
+            index = path / "model_index.json"
+            if index.is_file() and '"safety_checker"' in index.read_text():
+                extra = {"safety_checker": None, "requires_safety_checker": False}
+            return diffusers.DiffusionPipeline.from_pretrained(
+                path, torch_dtype=torch_dtype, local_files_only=True, **extra
+            )
+        if path.is_file():
+            keys = catalog.safetensors_header(path) if path.suffix == ".safetensors" else {}
+            if any(k.startswith("conditioner.embedders.1") for k in keys):
+                cls = diffusers.StableDiffusionXLPipeline
+            elif any(k.startswith("model.diffusion_model.joint_blocks") for k in keys):
+                cls = diffusers.StableDiffusion3Pipeline
+            else:
+                cls = diffusers.StableDiffusionPipeline
+            return cls.from_single_file(str(path), torch_dtype=torch_dtype)
+        return diffusers.DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype)  # a Hub id
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelFormatError(f"cannot load model {spec}: {err}") from err
+
+
+def family_of(pipe: Any) -> str:
+    """``"sd"`` (SD1.x/SD2.x), ``"sdxl"`` or ``"sd3"`` from the pipeline's class."""
+    name = type(pipe).__name__
+    if "StableDiffusion3" in name:
+        return "sd3"
+    if "XL" in name:
+        return "sdxl"
+    return "sd"
+
+
+def _vram_gib() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def memory_settings(family: str, vram_gib: float, overrides: dict[str, Any] | None = None) -> dict[str, bool]:
+    """Attention slicing / VAE tiling / CPU offload for a model family on a GPU of ``vram_gib``.
+
+    ``overrides`` values of True/False replace the preset's; "auto" or None keep it. With no
+    GPU (``vram_gib == 0``) everything is off: those settings only save GPU memory.
+    """
+    chosen: dict[str, bool] = {}
+    for limit, fam, settings in MEMORY_PRESETS:
+        if vram_gib <= limit and fam in (None, family):
+            chosen = dict(settings)
+            break
+    for key, value in (overrides or {}).items():
+        if key in MEMORY_KEYS and isinstance(value, bool):
+            chosen[key] = value
+    if vram_gib == 0:
+        chosen["cpu_offload"] = False
+    return chosen
+
+
+def encode_clip_skip(pipe: Any, texts: list[str], clip_skip: int) -> Any:
+    """SD1/SD2 prompt embeddings from CLIP layer ``-clip_skip`` (A1111 numbering: 1 = last layer).
+
+    The chosen hidden state goes through the encoder's final layer norm, as in A1111 and diffusers.
+    """
+    import torch
+
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    device = pipe._execution_device
+    mask = ids.attention_mask.to(device) if getattr(te.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        out = te(ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        norm = getattr(te, "text_model", te).final_layer_norm  # transformers 5 has no .text_model
+        return norm(out.hidden_states[-clip_skip]).to(te.dtype)
+
+
+def random_seed() -> int:
+    """A fresh seed in A1111's range."""
+    return int(random.randrange(4294967294))
+
+
+def _adapter_name(name: str) -> str:
+    return "lora_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _resize(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """A1111's img2img resize modes: 0 stretch, 1 crop to fill, 2 fit and fill the borders."""
+    image = image.convert("RGB")
+    if image.size == (width, height):
+        return image
+    if mode == 1:
+        return ImageOps.fit(image, (width, height), Image.LANCZOS)
+    if mode == 2:
+        ratio = min(width / image.width, height / image.height)
+        inner = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.LANCZOS)
+        canvas = image.resize((width, height), Image.LANCZOS).filter(ImageFilter.GaussianBlur(16))
+        canvas.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
+        return canvas
+    return image.resize((width, height), Image.LANCZOS)
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Fill the masked (white) area with colours spread from around it (A1111's "fill" content).
+
+    Blurs the unmasked pixels with premultiplied alpha at shrinking radii and stacks the results,
+    so the hole gets smooth surrounding colours and the rest of the image stays as it was.
+    """
+    keep = ImageOps.invert(mask.convert("L"))
+    premultiplied = Image.new("RGBa", image.size)
+    premultiplied.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box around the mask's white pixels plus ``padding``, grown to the ``width:height`` ratio.
+
+    This is "inpaint at full resolution" (A1111's "Only masked"): only this box is repainted at
+    the requested size and pasted back, so small areas get all the pixels.
+    """
+    box = mask.convert("L").point(lambda v: 255 if v > 0 else 0).getbbox()
+    if box is None:
+        return 0, 0, mask.width, mask.height
+    x1, y1, x2, y2 = box
+    x1, y1 = max(x1 - padding, 0), max(y1 - padding, 0)
+    x2, y2 = min(x2 + padding, mask.width), min(y2 + padding, mask.height)
+    ratio = width / height
+    w, h = x2 - x1, y2 - y1
+    if w / h < ratio:  # too tall: widen
+        grow = min(round(h * ratio) - w, mask.width - w)
+        x1 = max(0, x1 - grow // 2)
+        x2 = min(mask.width, x1 + w + grow)
+        x1 = max(0, x2 - (w + grow))
+    else:  # too wide: heighten
+        grow = min(round(w / ratio) - h, mask.height - h)
+        y1 = max(0, y1 - grow // 2)
+        y2 = min(mask.height, y1 + h + grow)
+        y1 = max(0, y2 - (h + grow))
+    return x1, y1, x2, y2
+
+
+class PipelineManager:
+    """Loads one model at a time and generates with it. Run every call on the worker thread.
+
+    Args:
+        home: the fastsd home (models are listed from it, outputs saved under it).
+        model: an explicit model spec (path or Hub id) added to the list and used first.
+        models_dirs: extra folders to list models from.
+        memory: memory-setting overrides (``attention_slicing``/``vae_tiling``/``cpu_offload``).
+        device: torch device; default CUDA when available.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        model: str | None = None,
+        models_dirs: list[str | Path] | None = None,
+        memory: dict[str, Any] | None = None,
+        device: str | None = None,
+        state: JobState | None = None,
+    ) -> None:
+        import torch
+
+        self.home = Path(home)
+        self.model_spec = model
+        self.models_dirs = list(models_dirs or [])
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        self.state = state or JobState()
+        self.entries: list[catalog.Entry] = []
+        self.refresh()
+        first = next((e.title for e in self.entries if e.kind == "checkpoint"), None)
+        self.options: dict[str, Any] = {
+            "sd_model_checkpoint": first,
+            "sd_vae": "Automatic",
+            "CLIP_stop_at_last_layers": 1,
+            "randn_source": "GPU",
+            "eta_ancestral": 1.0,
+            "samples_format": "png",
+            "outdir_samples": str(self.home / "outputs"),
+            "fastsd_attention_slicing": "auto",
+            "fastsd_vae_tiling": "auto",
+            "fastsd_cpu_offload": "auto",
+        }
+        for key, value in (memory or {}).items():
+            self.options[f"fastsd_{key}"] = value
+        self.pipe: Any = None
+        self.loaded: catalog.Entry | None = None
+        self.family = "sd"
+        self._task_pipes: dict[str, Any] = {}
+        self._scheduler_config: dict[str, Any] = {}
+        self._original_vae: Any = None
+        self._vae_title = "Automatic"
+        self._loras: dict[str, str] = {}  # adapter name -> path
+        self._offload_owner: Any = None
+        self.memory: dict[str, bool] = {}
+
+    # ----- catalog -------------------------------------------------------------------------
+    def refresh(self) -> list[catalog.Entry]:
+        """Re-scan the model folders (A1111's refresh-checkpoints / refresh-loras)."""
+        self.entries = catalog.scan(self.home, self.models_dirs, self.model_spec)
+        return self.entries
+
+    def listed(self, kind: str) -> list[catalog.Entry]:
+        return [e for e in self.entries if e.kind == kind]
+
+    # ----- options -------------------------------------------------------------------------
+    def set_options(self, values: dict[str, Any]) -> None:
+        """Apply A1111 options; ``sd_model_checkpoint`` and ``sd_vae`` load now. Unknown keys are ignored.
+
+        Raises:
+            UserInputError: an unknown checkpoint or VAE, or a bad value.
+        """
+        values = dict(values)
+        for key in ("fastsd_attention_slicing", "fastsd_vae_tiling", "fastsd_cpu_offload"):
+            if key in values and values[key] not in ("auto", True, False):
+                raise UserInputError(f'option {key} must be true, false or "auto", not {values[key]!r}')
+        if "CLIP_stop_at_last_layers" in values:
+            clip = values["CLIP_stop_at_last_layers"]
+            if not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12:
+                raise UserInputError(f"CLIP_stop_at_last_layers must be an integer 1..12, not {clip!r}")
+        if "randn_source" in values and values["randn_source"] not in ("GPU", "CPU"):
+            raise UserInputError(f'randn_source must be "GPU" or "CPU", not {values["randn_source"]!r}')
+        if "sd_model_checkpoint" in values and values["sd_model_checkpoint"]:
+            entry = catalog.find(self.entries, "checkpoint", str(values["sd_model_checkpoint"]))
+            self.ensure_loaded(entry.title)
+            values["sd_model_checkpoint"] = entry.title
+        if "sd_vae" in values:
+            self._vae_entry(values["sd_vae"])  # validate before storing
+        for key, value in values.items():
+            if key in self.options:
+                self.options[key] = value
+        if self.pipe is not None and any(k.startswith("fastsd_") for k in values):
+            self._apply_memory_settings()
+
+    # ----- loading -------------------------------------------------------------------------
+    def unload(self) -> None:
+        """Release the loaded model and its GPU memory."""
+        if self.pipe is None:
+            return
+        with contextlib.suppress(AttributeError, RuntimeError):
+            self.pipe.remove_all_hooks()
+        self.pipe = None
+        self.loaded = None
+        self._task_pipes.clear()
+        self._original_vae = None
+        self._offload_owner = None
+        self._loras.clear()
+        self._vae_title = "Automatic"
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def ensure_loaded(self, title: str | None = None) -> catalog.Entry:
+        """Load checkpoint ``title`` (default: the current option) unless it is already loaded.
+
+        The previous model is released *before* the new one loads, so two never share the GPU.
+
+        Raises:
+            UserInputError: no model available or no such checkpoint.
+        """
+        title = title or self.options.get("sd_model_checkpoint")
+        if not title:
+            raise UserInputError(
+                f"no model to load: put one under {self.home / 'models'}, pass --model PATH, or set sd_model_checkpoint"
+            )
+        entry = catalog.find(self.entries, "checkpoint", title)
+        if self.loaded is not None and self.loaded.path == entry.path:
+            return entry
+        self.unload()
+        self.state.textinfo = f"Loading {entry.title}"
+        log.info("loading model %s", entry.path)
+        started = time.time()
+        pipe = load_model(entry.path, self.dtype)
+        if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
+            raise ModelFormatError(f"{entry.title} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
+        if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None  # A1111 has none; it also costs VRAM and time
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.loaded, self.family = pipe, entry, family_of(pipe)
+        self._scheduler_config = dict(pipe.scheduler.config)
+        self._original_vae = pipe.vae
+        self._apply_memory_settings()
+        log.info("loaded %s (%s) in %.1fs", entry.title, self.family, time.time() - started)
+        return entry
+
+    def _apply_memory_settings(self) -> None:
+        overrides = {k: self.options.get(f"fastsd_{k}") for k in MEMORY_KEYS}
+        self.memory = memory_settings(self.family, _vram_gib() if self.device.startswith("cuda") else 0.0, overrides)
+        pipe = self.pipe
+        if self.memory["attention_slicing"]:
+            pipe.enable_attention_slicing()
+        elif hasattr(pipe, "disable_attention_slicing"):
+            pipe.disable_attention_slicing()
+        vae = pipe.vae
+        if self.memory["vae_tiling"]:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        pipe.remove_all_hooks()
+        self._offload_owner = None
+        if not self.memory["cpu_offload"]:
+            pipe.to(self.device)
+
+    def _vae_entry(self, name: Any) -> catalog.Entry | None:
+        if name in (None, "", "Automatic", "None"):
+            return None
+        return catalog.find(self.entries, "vae", str(name))
+
+    def _apply_vae(self, name: str | None) -> str:
+        """Swap in the requested VAE (or restore the model's own); returns the VAE's display name."""
+        entry = self._vae_entry(name)
+        title = entry.title if entry else "Automatic"
+        if title == self._vae_title:
+            return title
+        if entry is None:
+            vae = self._original_vae
+        else:
+            from diffusers import AutoencoderKL
+
+            p = Path(entry.path)
+            try:
+                if p.is_dir():
+                    vae = AutoencoderKL.from_pretrained(p, torch_dtype=self.dtype, local_files_only=True)
+                else:
+                    vae = AutoencoderKL.from_single_file(str(p), torch_dtype=self.dtype)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                raise ModelFormatError(f"cannot load VAE {entry.title}: {err}") from err
+            if self.memory.get("vae_tiling"):
+                vae.enable_tiling()
+        if not self.memory.get("cpu_offload"):
+            vae.to(self.device)
+        self.pipe.vae = vae
+        self.pipe.register_modules(vae=vae)
+        self._task_pipes.clear()
+        self._offload_owner = None
+        self._vae_title = title
+        return title
+
+    def _task_pipe(self, task: str) -> Any:
+        import diffusers
+
+        pipe = self.pipe
+        name = TASK_PIPELINES[self.family][task]
+        if type(pipe).__name__ == name:
+            target = pipe
+        else:
+            target = self._task_pipes.get(task)
+            if target is None:
+                target = getattr(diffusers, name).from_pipe(pipe)
+                target.set_progress_bar_config(disable=True)
+                self._task_pipes[task] = target
+        if self.memory.get("cpu_offload") and self._offload_owner is not target:
+            # Offload hooks live on the shared modules; move them to the pipeline about to run.
+            if self._offload_owner is not None:
+                self._offload_owner.remove_all_hooks()
+            target.enable_model_cpu_offload(device=self.device)
+            self._offload_owner = target
+        return target
+
+    def _apply_loras(self, loras: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Load (once) and weight the requested LoRAs; disable all when none are requested."""
+        pipe = self.pipe
+        if not loras:
+            if self._loras:
+                pipe.disable_lora()
+            return []
+        if not hasattr(pipe, "load_lora_weights"):
+            raise UserInputError(f"{self.loaded.title if self.loaded else 'this model'} does not support LoRAs")
+        applied: list[tuple[str, float]] = []
+        for name, weight in loras:
+            try:
+                entry = catalog.find(self.entries, "lora", name)
+            except UserInputError:
+                log.warning("LoRA %r not found; ignored (as A1111 does)", name)
+                continue
+            adapter = _adapter_name(entry.name)
+            if adapter not in self._loras:
+                if len(self._loras) >= MAX_LOADED_LORAS:
+                    pipe.unload_lora_weights()
+                    self._loras.clear()
+                try:
+                    pipe.load_lora_weights(entry.path, adapter_name=adapter)
+                except (ValueError, KeyError, RuntimeError, OSError) as err:
+                    raise ModelFormatError(f"LoRA {entry.title} does not fit {self.loaded.title}: {err}") from err
+                self._loras[adapter] = entry.path
+            applied.append((entry.name, weight))
+        if not applied:
+            if self._loras:
+                pipe.disable_lora()
+            return []
+        pipe.enable_lora()
+        pipe.set_adapters([_adapter_name(n) for n, _ in applied], [w for _, w in applied])
+        return applied
+
+    # ----- generation ----------------------------------------------------------------------
+    def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Run one A1111-style job (``n_iter`` batches of ``batch_size`` images).
+
+        Interrupt (via :attr:`state`) ends the job after the current step and returns what it
+        has; skip ends the current batch and goes on with the next.
+
+        Raises:
+            UserInputError: bad names or values (unknown sampler, LoRA weight...).
+            ModelFormatError: a model, VAE or LoRA that cannot be loaded.
+        """
+        import torch
+
+        sampler = samplers.find_sampler(req.sampler_name)
+        schedule = samplers.find_schedule_type(req.scheduler)
+        prompt, tag_loras = infotext.parse_loras(req.prompt)
+        entry = self.ensure_loaded(req.checkpoint)
+        vae_name = self._apply_vae(req.vae if req.vae is not None else self.options["sd_vae"])
+        loras = self._apply_loras(tag_loras + list(req.loras))
+        clip_skip = req.clip_skip or int(self.options["CLIP_stop_at_last_layers"])
+        task = req.task
+        is_inpaint_model = getattr(getattr(self.pipe, "unet", None), "config", None) is not None and (
+            self.pipe.unet.config.in_channels == 9
+        )
+
+        # Pixel inputs for the pipeline (and what to paste the result into, for inpainting).
+        width, height = req.width, req.height
+        image = mask = None
+        paste: tuple[Image.Image, Image.Image, tuple[int, int, int, int]] | None = None
+        if task == "img2img":
+            image = _resize(req.init_images[0], width, height, req.resize_mode)
+            if is_inpaint_model:  # a 9-channel UNet needs a mask: repaint everything
+                mask = Image.new("L", (width, height), 255)
+        elif task == "inpaint":
+            image, mask, paste = self._prepare_inpaint(req, width, height)
+        elif is_inpaint_model:  # txt2img on an inpainting model: blank image, full mask, full noise
+            image = Image.new("RGB", (width, height), (127, 127, 127))
+            mask = Image.new("L", (width, height), 255)
+        run_task = "inpaint" if mask is not None else task
+        pipe = self._task_pipe(run_task)
+        pipe.scheduler = samplers.make_scheduler(self._scheduler_config, sampler, schedule)
+        strength = 1.0 if (task == "txt2img") else float(req.denoising_strength)
+
+        seed = random_seed() if req.seed == -1 else int(req.seed)
+        subseed = random_seed() if req.subseed == -1 else int(req.subseed)
+        total = req.batch_size * req.n_iter
+        all_seeds = [seed + i for i in range(total)]
+        gen_device = self.device if self.options.get("randn_source", "GPU") == "GPU" else "cpu"
+
+        state = self.state
+        state.job_count = req.n_iter
+        state.family = self.family
+        state.sampling_steps = req.steps if task == "txt2img" else max(1, min(int(req.steps * strength), req.steps))
+
+        def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            state.sampling_step = i + 1
+            state.sampling_steps = getattr(p, "num_timesteps", state.sampling_steps) or state.sampling_steps
+            state.latents = kwargs.get("latents")
+            if state.interrupted or state.skipped:
+                p._interrupt = True  # diffusers skips the remaining steps and decodes what it has
+            return {}
+
+        images: list[Image.Image] = []
+        used_seeds: list[int] = []
+        for it in range(req.n_iter):
+            if state.interrupted:
+                break
+            state.job_no, state.sampling_step, state.skipped = it, 0, False
+            seeds = all_seeds[it * req.batch_size : (it + 1) * req.batch_size]
+            kwargs: dict[str, Any] = {
+                "prompt": [prompt] * len(seeds),
+                "negative_prompt": [req.negative_prompt] * len(seeds),
+                "num_inference_steps": req.steps,
+                "guidance_scale": req.cfg_scale,
+                "generator": [torch.Generator(gen_device).manual_seed(s) for s in seeds],
+                "callback_on_step_end": on_step,
+                "output_type": "pil",
+            }
+            if clip_skip > 1 and self.family == "sd":
+                # Encoded here: diffusers' SD clip_skip path breaks on transformers 5, and it skips
+                # layers for the prompt only, where A1111 skips them for the negative prompt too.
+                kwargs["prompt_embeds"] = encode_clip_skip(pipe, kwargs.pop("prompt"), clip_skip)
+                kwargs["negative_prompt_embeds"] = encode_clip_skip(pipe, kwargs.pop("negative_prompt"), clip_skip)
+            elif clip_skip > 1 and self.family == "sdxl":
+                kwargs["clip_skip"] = clip_skip - 1  # diffusers counts layers skipped; A1111 counts from 1
+            if req.eta is not None and "eta" in inspect.signature(pipe.__call__).parameters:
+                kwargs["eta"] = req.eta
+            if run_task == "txt2img":
+                kwargs.update(width=width, height=height)
+            else:
+                kwargs.update(image=[image] * len(seeds), strength=strength)
+                if mask is not None:
+                    kwargs.update(mask_image=[mask] * len(seeds), width=image.width, height=image.height)
+            out = pipe(**kwargs).images
+            images.extend(out)
+            used_seeds.extend(seeds)
+
+        if paste is not None:
+            images = [self._paste_back(img, *paste) for img in images]
+        params_common = {
+            "Steps": req.steps,
+            "Sampler": sampler.name,
+            "Schedule type": None if schedule == "Automatic" else schedule,
+            "CFG scale": float(req.cfg_scale),
+        }
+        infotexts = []
+        for s in used_seeds:
+            params = dict(params_common)
+            params.update(
+                {
+                    "Seed": s,
+                    "Size": f"{width}x{height}",
+                    "Model": entry.name,
+                    "VAE": None if vae_name == "Automatic" else Path(vae_name).name,
+                    "Denoising strength": None if task == "txt2img" else float(req.denoising_strength),
+                    "Clip skip": clip_skip if clip_skip > 1 else None,
+                    "Mask blur": req.mask_blur if task == "inpaint" else None,
+                    "Inpaint area": "Only masked" if task == "inpaint" and req.inpaint_full_res else None,
+                    "Masked area padding": req.inpaint_full_res_padding
+                    if task == "inpaint" and req.inpaint_full_res
+                    else None,
+                    "Mask mode": "Inpaint not masked" if task == "inpaint" and req.inpainting_mask_invert else None,
+                    "Masked content": ("fill", "original", "latent noise", "latent nothing")[req.inpainting_fill]
+                    if task == "inpaint"
+                    else None,
+                    "Lora weights": ", ".join(f"{n}: {w:g}" for n, w in loras) or None,
+                    "Version": f"fastsd {__version__}",
+                }
+            )
+            infotexts.append(infotext.build(req.prompt, req.negative_prompt, params))
+        info = {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(images),
+            "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(images),
+            "seed": seed,
+            "all_seeds": used_seeds,
+            "subseed": subseed,
+            "all_subseeds": [subseed + i for i in range(len(used_seeds))],
+            "subseed_strength": 0,
+            "width": width,
+            "height": height,
+            "sampler_name": sampler.name,
+            "scheduler": schedule,
+            "cfg_scale": float(req.cfg_scale),
+            "steps": req.steps,
+            "batch_size": req.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": entry.name,
+            "sd_model_hash": None,
+            "sd_vae_name": None if vae_name == "Automatic" else vae_name,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": None if task == "txt2img" else float(req.denoising_strength),
+            "extra_generation_params": {"Lora weights": dict(loras)} if loras else {},
+            "index_of_first_image": 0,
+            "infotexts": infotexts,
+            "styles": [],
+            "job_timestamp": state.job_timestamp,
+            "clip_skip": clip_skip,
+            "is_using_inpainting_conditioning": bool(is_inpaint_model),
+            "version": f"fastsd {__version__}",
+            "job_id": state.job_id,
+            "interrupted": state.interrupted,
+        }
+        return GenerationResult(images, used_seeds, infotexts, info, interrupted=state.interrupted)
+
+    def _prepare_inpaint(
+        self, req: GenerationRequest, width: int, height: int
+    ) -> tuple[Image.Image, Image.Image, tuple[Image.Image, Image.Image, tuple[int, int, int, int]]]:
+        """Image and mask for the pipeline, plus (original, blurred mask, box) to paste the result into."""
+        mask = req.mask.convert("L")
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if mask.getbbox() is None:
+            raise UserInputError(
+                "the mask has no white pixels, so there is nothing to inpaint: white marks the area to repaint"
+            )
+        original = req.init_images[0].convert("RGB")
+        if req.inpaint_full_res:
+            mask = mask.resize(original.size, Image.LANCZOS) if mask.size != original.size else mask
+        else:
+            original = _resize(original, width, height, req.resize_mode)
+            mask = _resize(mask, width, height, req.resize_mode).convert("L")
+        blurred = mask.filter(ImageFilter.GaussianBlur(req.mask_blur)) if req.mask_blur > 0 else mask
+        source = original
+        if req.inpainting_fill == 0:
+            source = fill_masked(original, mask)
+        elif req.inpainting_fill in (2, 3):
+            gen = random.Random(req.seed)
+            if req.inpainting_fill == 2:
+                noise = Image.frombytes("RGB", original.size, gen.randbytes(original.width * original.height * 3))
+            else:
+                noise = Image.new("RGB", original.size, (127, 127, 127))
+            source = Image.composite(noise, original, mask)
+        if req.inpaint_full_res:
+            box = crop_region(mask, req.inpaint_full_res_padding, width, height)
+            image = source.crop(box).resize((width, height), Image.LANCZOS)
+            crop_mask = blurred.crop(box).resize((width, height), Image.LANCZOS)
+        else:
+            box = (0, 0, original.width, original.height)
+            image, crop_mask = source, blurred
+        return image, crop_mask, (original, blurred, box)
+
+    @staticmethod
+    def _paste_back(generated: Image.Image, original: Image.Image, mask: Image.Image, box: tuple[int, int, int, int]):
+        """Put the repainted region back into the original through the blurred mask (A1111's overlay)."""
+        x1, y1, x2, y2 = box
+        canvas = original.copy()
+        canvas.paste(generated.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        return Image.composite(canvas, original, mask)
+
+    # ----- live preview --------------------------------------------------------------------
+    def preview(self) -> Image.Image | None:
+        """A cheap RGB preview of the running job's latest latents (first image), or None."""
+        latents = self.state.latents
+        factors = LATENT_RGB.get(self.state.family)
+        if latents is None or factors is None or getattr(latents, "ndim", 0) != 4 or latents.shape[1] != 4:
+            return None
+        import torch
+
+        with torch.no_grad():
+            lat = latents[0].detach().float().cpu()
+            rgb = torch.einsum("chw,cr->rhw", lat, torch.tensor(factors))
+            rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(rgb).resize((lat.shape[2] * 8, lat.shape[1] * 8), Image.NEAREST)
