@@ -932,7 +932,9 @@ def ocr_inputs(source: str = "") -> Any:
     def saved(entries: list[tuple[str, bytes]]) -> None:
         folder = _upload_folder("ocr")
         save_uploads(entries, folder)
-        print(f"saved {len(entries)} file(s) in {folder}: put this folder in the documents field and run the cell again")
+        print(
+            f"saved {len(entries)} file(s) in {folder}: put this folder in the documents field and run the cell again"
+        )
 
     return _upload_widget(saved, ".pdf,image/*,.tif,.tiff", "Save files")
 
