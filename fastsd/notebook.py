@@ -162,6 +162,17 @@ def _as_diffusers(file: Path, home: str | os.PathLike[str] | None) -> Path:
     return Path(convert(file, dst))
 
 
+def _as_single_file(folder: Path, home: str | os.PathLike[str] | None) -> Path:
+    """A Diffusers folder as the one ``.safetensors`` file A1111, Forge and ComfyUI load (converted once)."""
+    dst = fastsd_home(home) / "models" / f"{folder.name}.safetensors"
+    if dst.is_file():
+        return dst
+    from .models.convert import convert
+
+    print(f"converting {folder.name} to a single .safetensors file for the web UI (once): {dst}")
+    return Path(convert(folder, dst, half=True))
+
+
 # ---------------------------------------------------------------- sessions
 
 
@@ -837,7 +848,8 @@ def webui(
 
     Args:
         backend: ``builtin``, ``a1111``, ``forge`` or ``comfyui``.
-        model: a model file/folder to load first (see :func:`model_path`).
+        model: a model file/folder to load first (see :func:`model_path`); A1111, Forge and ComfyUI
+            get a Diffusers folder converted (once) to a single file next to it in ``<home>/models``.
         tunnel: ``auto`` (Colab's proxy in Colab, else none), ``colab``, ``ngrok``, ``cloudflared``,
             ``localtunnel``, ``gradio`` (built-in only) or ``none``.
         user / password: a login for the UI; blank: none, or a generated one when the tunnel is public.
@@ -856,6 +868,8 @@ def webui(
 
     if bool(user.strip()) != bool(password):
         raise UserInputError("give both a username and a password for the login, or neither")
+    if model and backend != "builtin" and Path(model).is_dir():
+        model = _as_single_file(Path(model), home)
     if _WEBUI:
         stop_webui()
     opts = WebUIOptions(

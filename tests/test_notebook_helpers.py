@@ -271,3 +271,24 @@ def test_upload_widget_outside_colab_adds_on_click(session, tmp_path, monkeypatc
     assert [p.name for p in Session.open("rex").images()] == ["a.png", "b.png", "new_dog.png"]
     button.click()  # the same files again: duplicates, nothing added
     assert len(Session.open("rex").images()) == 3
+
+
+def test_backends_get_a_single_file_for_a_diffusers_folder(home, tiny_sd1, monkeypatch):
+    started = []
+
+    def fake_start(opts, echo=print):
+        started.append(opts)
+        return types.SimpleNamespace(
+            url="http://127.0.0.1:1/", backend=opts.backend, log_path=None, detach=lambda: None, stop=lambda: None
+        )
+
+    monkeypatch.setattr("fastsd.webui.launcher.start", fake_start)
+    nb.webui("a1111", model=tiny_sd1, tunnel="none")
+    single = home / "models" / f"{tiny_sd1.name}.safetensors"
+    assert started[-1].model == str(single) and single.stat().st_size > 0
+    mtime = single.stat().st_mtime_ns
+    nb.webui("comfyui", model=tiny_sd1, tunnel="none")  # converted once, reused
+    assert single.stat().st_mtime_ns == mtime and started[-1].model == str(single)
+    nb.webui("builtin", model=tiny_sd1, tunnel="none")  # the built-in UI loads the folder itself
+    assert started[-1].model == str(tiny_sd1)
+    nb._WEBUI.clear()
