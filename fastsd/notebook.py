@@ -628,6 +628,10 @@ def try_model(
 
     Returns:
         The server handle (``.url``, ``.stop()``).
+
+    Raises:
+        UserInputError: nothing exported yet, or a LoRA whose session has no base model.
+        FastsdError: the server did not start or the generation failed (with the server's reason).
     """
     import httpx
 
@@ -636,6 +640,8 @@ def try_model(
     prompt = prompt.strip() or f"a photo of {session.default_prompt()}"
     if entry["kind"] == "lora":
         model = str(session.info.get("base_model") or "")
+        if not model:
+            raise UserInputError(f"session {session.name} has no base model to apply its LoRA to: run the Session cell")
         prompt = f"{prompt} <lora:{file.stem}:1>"
     else:
         model = str(file)
