@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10,<3.14",
     packages=find_packages(include=["fastsd", "fastsd.*"]) + ["fastsd._wheels"],
     package_dir={"fastsd._wheels": "wheels"},
-    package_data={"fastsd._wheels": ["*.txt"], "fastsd": ["**/*.json", "**/*.yaml"]},
+    package_data={"fastsd._wheels": ["*.txt"], "fastsd": ["**/*.json", "**/*.yaml", "**/*.gz"]},
     install_requires=list(table["CORE"]),
     extras_require=extras,
     entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},

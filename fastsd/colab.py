@@ -47,19 +47,22 @@ def secret(name: str) -> str | None:
     """A secret (``HF_TOKEN``, ``NGROK_AUTHTOKEN``, ``CIVITAI_TOKEN``...) from the environment or Colab.
 
     The environment wins; in Colab the notebook's Secrets panel (``google.colab.userdata``) is
-    asked next. Returns None when neither has it. The value is never logged.
+    asked next. Returns None when neither has it. A value found is registered with
+    :mod:`fastsd.redact`, so it is masked in every message and log line from then on.
     """
     value = os.environ.get(name)
-    if value:
-        return value
-    if environment() != "colab":
-        return None
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
+    if not value and environment() == "colab":
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
 
-        return userdata.get(name) or None
-    except Exception:  # noqa: BLE001 - SecretNotFoundError, NotebookAccessError, no kernel...
-        return None
+            value = userdata.get(name)
+        except Exception:  # noqa: BLE001 - SecretNotFoundError, NotebookAccessError, no kernel...
+            value = None
+    if value:
+        from .redact import register
+
+        register(value)
+    return value or None
 
 
 def proxy_url(port: int) -> str:

@@ -36,6 +36,7 @@ _PATTERNS = (
     re.compile(r"(?i)(authtoken[\"'=:\s]+)([A-Za-z0-9_\-]{20,})"),  # ngrok configs and errors
     re.compile(r"(?i)(NGROK_AUTHTOKEN=)(\S+)"),
     re.compile(r"(?i)(Authorization:\s*(?:Basic|Bearer)\s+)(\S+)"),
+    re.compile(r"(?i)([?&](?:token|key|sig|signature)=)([^&\s]+)"),  # signed download URLs (Civitai, S3)
 )
 
 _lock = threading.Lock()

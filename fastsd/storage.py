@@ -95,7 +95,9 @@ def write_stream(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(final)
     try:
-        digest = hashlib.sha256()
+        # Hash while writing only when the caller wants a verified file (checkpoints, models):
+        # hashing a multi-GB conversion costs a core for nothing otherwise.
+        digest = hashlib.sha256() if verify_sha256 else None
         with open(tmp, "wb") as raw:
             writer = _HashingWriter(raw, digest)
             produce(writer)  # type: ignore[arg-type]
@@ -121,9 +123,6 @@ def write_stream(
         raise
 
 
-_fsync_dir = fsync_dir  # the name used before it was public
-
-
 class _HashingWriter:
     """File wrapper that counts and hashes what passes through it."""
 
@@ -132,7 +131,8 @@ class _HashingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self.raw.write(data)
-        self.digest.update(data)
+        if self.digest is not None:
+            self.digest.update(data)
         self.count += len(data)
         return n
 

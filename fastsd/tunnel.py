@@ -497,6 +497,30 @@ def open_localtunnel(port: int, *, echo: Callable[[str], None], timeout: float =
 # Entry point
 
 
+def open_gradio_share(port: int, *, auth: str | None, echo: Callable[[str], None]) -> Tunnel:
+    """A gradio share link (``*.gradio.live``) to ``127.0.0.1:port`` through gradio's own share servers.
+
+    Works for any local HTTP server, not only a ``launch()``-ed gradio app: gradio's ``setup_tunnel``
+    runs its frpc client for the port. The link lives 72 hours at most.
+    """
+    import secrets as _secrets
+
+    try:
+        from gradio.networking import setup_tunnel
+    except ImportError as err:
+        raise UserInputError("--tunnel gradio needs gradio: run 'fastsd install --features webui'") from err
+    echo("opening a gradio share link...")
+    try:
+        url = setup_tunnel("127.0.0.1", int(port), _secrets.token_urlsafe(32), None, None)
+    except Exception as err:  # noqa: BLE001 - gradio raises bare RuntimeError/OSError for every cause
+        raise TunnelError(
+            f"gradio could not create a share link ({_last_line(str(err))}): gradio's share servers may be "
+            "unreachable or its frpc client blocked; use --tunnel cloudflared or ngrok"
+        ) from err
+    health_check(url, auth=auth)
+    return Tunnel("gradio", url, f"http://127.0.0.1:{port}")
+
+
 def open_tunnel(
     kind: str,
     port: int,
@@ -508,7 +532,7 @@ def open_tunnel(
     """Open a ``kind`` tunnel to ``127.0.0.1:port`` and check it answers.
 
     Args:
-        kind: one of :data:`KINDS` except ``gradio`` (the built-in server opens that itself).
+        kind: one of :data:`KINDS`.
         port: the local port of the web UI.
         auth: ``user:password``; for ngrok it is also enforced by the tunnel.
         ngrok_token_value: the ngrok authtoken (else ``NGROK_AUTHTOKEN`` / Colab secret).
@@ -537,5 +561,5 @@ def open_tunnel(
     if kind == "localtunnel":
         return open_localtunnel(port, echo=echo)
     if kind == "gradio":
-        raise UserInputError("--tunnel gradio works only with --backend builtin: use cloudflared or ngrok")
+        return open_gradio_share(port, auth=auth, echo=echo)
     raise UserInputError(f"unknown tunnel {kind!r}: choose from {', '.join(KINDS)}")

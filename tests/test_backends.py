@@ -393,20 +393,21 @@ def test_install_requirements_relaxes_then_names_what_cannot_be_met():
 # ---- ControlNet by family
 
 
-def test_controlnet_family_rules(tmp_path):
-    table = {
-        "sd15": {"canny": {"repo": "lllyasviel/control_v11p_sd15_canny", "filename": "model.safetensors"}},
-        "sdxl": {"canny-xl": {"source": "hf:xinsir/controlnet-canny-sdxl-1.0/diffusion_pytorch_model.safetensors"}},
-    }
-    (m,) = controlnet.resolve(["canny"], "sd15", table)
-    assert m.source == "hf:lllyasviel/control_v11p_sd15_canny/model.safetensors"
-    with pytest.raises(UserInputError, match="is for sdxl, the base model is sd15"):
-        controlnet.resolve(["canny-xl"], "sd15", table)
+def test_controlnet_family_rules(tmp_path, tiny_sdxl):
+    from fastsd.models.convert import diffusers_to_single_file
+
+    (m,) = controlnet.resolve(["canny"], "sd15")  # the model registry's table
+    assert m.source == "hf:lllyasviel/control_v11p_sd15_canny/diffusion_pytorch_model.safetensors"
+    assert m.filename == "control_v11p_sd15_canny.safetensors"  # not the repo's generic file name
+    (xl,) = controlnet.resolve(["canny"], "sdxl")
+    assert xl.source.startswith("hf:diffusers/controlnet-canny-sdxl-1.0/")
+    with pytest.raises(UserInputError, match="'sketch' is for sdxl, the base model is sd15"):
+        controlnet.resolve(["sketch"], "sd15")
     with pytest.raises(UserInputError, match="sdxl ControlNet but the base model is sd15"):
-        controlnet.resolve(["hf:xinsir/controlnet-canny-sdxl-1.0/x.safetensors"], "sd15", table)
+        controlnet.resolve(["hf:xinsir/controlnet-canny-sdxl-1.0/x.safetensors"], "sd15")
     with pytest.raises(UserInputError, match="pass --family"):
-        controlnet.resolve(["canny"], None, table)
-    ckpt = write_safetensors(tmp_path / "x.safetensors", ["conditioner.embedders.1.model.ln_final.weight"])
+        controlnet.resolve(["canny"], None)
+    ckpt = diffusers_to_single_file(tiny_sdxl, tmp_path / "xl.safetensors")
     assert controlnet.base_family(str(ckpt), None) == "sdxl"
     assert controlnet.base_family("sd21-768", None) == "sd21"
 

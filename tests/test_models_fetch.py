@@ -106,9 +106,23 @@ def test_local_paths_and_unknown_specs(tmp_path, home):
 
 
 def test_tokens_are_redacted(monkeypatch):
+    from fastsd.colab import secret
+
     monkeypatch.setenv("CIVITAI_TOKEN", "sekrit-token-123")
+    assert secret("CIVITAI_TOKEN") == "sekrit-token-123"  # reading a secret registers it for masking
     text = redact("https://civitai.com/api/download/models/1?token=sekrit-token-123 Bearer sekrit-token-123")
     assert "sekrit" not in text
+
+
+def test_hub_failures_are_one_line_errors(home, monkeypatch):
+    from fastsd.errors import NetworkError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(NetworkError, match="HF_HUB_OFFLINE is set"):
+        get("sd15", home=home)
 
 
 def test_registry_tables():

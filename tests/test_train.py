@@ -178,17 +178,48 @@ def test_unreadable_image_is_skipped(home, tiny_sd1, caplog):
     assert "skipping unreadable image broken.png" in caplog.text
 
 
-def test_full_export_loads_with_from_single_file(home, tiny_sd1):
-    pytest.importorskip("fastsd.models.convert")
-    from diffusers import StableDiffusionPipeline
+def test_full_export_loads_with_from_single_file(home, tiny_sd1, captured):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     s = make_session(home, tiny_sd1, n=1)
     r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=1, **FAST))
     path = s.path / r.models[0]
+    assert path.suffix == ".safetensors" and any(m["file"] == r.models[0] for m in s.models())
     pipe = StableDiffusionPipeline.from_single_file(
         str(path), config=str(tiny_sd1), local_files_only=True, safety_checker=None
     )
-    assert pipe.unet is not None
+    trained = captured["models"].unet.state_dict()
+    base = _base(tiny_sd1, "unet", UNet2DConditionModel).state_dict()
+    exported = pipe.unet.state_dict()
+    assert set(exported) == set(trained)
+    for key, value in exported.items():
+        assert torch.equal(value, trained[key].detach().cpu().half().to(value.dtype)), key
+    assert any(not torch.equal(base[k], trained[k].detach().cpu()) for k in base)  # it did train
+
+
+def test_single_file_base_model_is_converted_once_and_trains(home, tiny_sd1, tmp_path, monkeypatch):
+    from fastsd.models import convert, load
+
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
+    single = convert.diffusers_to_single_file(tiny_sd1, tmp_path / "base.safetensors")
+    folder = load.diffusers_folder(single, config=tiny_sd1)
+    assert (folder / "model_index.json").is_file() and folder.is_relative_to(tmp_path / "cache")
+    calls = []
+    monkeypatch.setattr(convert, "single_file_to_diffusers", lambda *a, **k: calls.append(a))
+    assert load.diffusers_folder(single, config=tiny_sd1) == folder and not calls  # cached
+    s = make_session(home, folder, name="from_file", n=1)
+    assert train(s, TrainConfig(method="lora", unet_steps=1, export=False, **FAST)).steps == 1
+
+
+def test_registry_base_model_offline_is_one_clear_error(home, cli, tiny_sd1):
+    s = make_session(home, tiny_sd1, name="offline", n=1)
+    s.update(base_model="sd15")
+    res = cli("train", "offline", "--steps", "1", env={"FASTSD_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "fastsd: error: cannot download stable-diffusion-v1-5/stable-diffusion-v1-5: HF_HUB_OFFLINE is set; "
+        "unset it, or pass a local path"
+    ]
 
 
 def test_cli_end_to_end_lora_with_samples(home, tiny_sd1, cli):

@@ -207,9 +207,30 @@ def test_colab_tunnel_uses_the_kernel_proxy(local_server, monkeypatch):
     assert t.url.endswith("colab.googleusercontent.com/")
 
 
-def test_gradio_tunnel_is_for_builtin_only():
-    with pytest.raises(UserInputError, match="--backend builtin"):
-        tunnel.open_tunnel("gradio", 7860)
+def test_gradio_share_link_is_checked_before_it_is_returned(local_server, monkeypatch):
+    import gradio.networking
+
+    seen = {}
+
+    def fake_setup_tunnel(host, port, token, server, cert):
+        seen.update(host=host, port=port, token_len=len(token))
+        return f"http://127.0.0.1:{local_server}"  # stands in for https://xxxx.gradio.live
+
+    monkeypatch.setattr(gradio.networking, "setup_tunnel", fake_setup_tunnel)
+    t = tunnel.open_tunnel("gradio", local_server, echo=lambda _: None)
+    assert seen == {"host": "127.0.0.1", "port": local_server, "token_len": 43}
+    assert t.kind == "gradio" and t.url == f"http://127.0.0.1:{local_server}"
+
+
+def test_gradio_share_failure_says_what_to_do(monkeypatch):
+    import gradio.networking
+
+    def broken(*args):
+        raise RuntimeError("Could not get share link from Gradio API Server.")
+
+    monkeypatch.setattr(gradio.networking, "setup_tunnel", broken)
+    with pytest.raises(tunnel.TunnelError, match="use --tunnel cloudflared or ngrok"):
+        tunnel.open_tunnel("gradio", 7860, echo=lambda _: None)
 
 
 def test_colab_tier(monkeypatch):

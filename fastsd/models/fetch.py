@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from ..colab import secret
 from ..errors import ModelFormatError, NetworkError, UserInputError
 from ..paths import cache_dir, fastsd_home
+from ..redact import mask as redact
 from ..storage import TEMP_PREFIX, copy_file, sha256_file
 from .registry import BASE_MODELS, base_model
 
@@ -49,29 +51,6 @@ _CIVITAI = re.compile(r"https?://(?:www\.)?civitai\.com/(?:models/(\d+)|api/down
 _DRIVE = re.compile(r"https?://(?:drive|docs)\.google\.com/")
 
 
-def secret(name: str) -> str | None:
-    """A token from the environment, else from Colab's secrets (``google.colab.userdata``), else None."""
-    value = os.environ.get(name)
-    if value:
-        return value
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-
-        return userdata.get(name) or None
-    except Exception:  # noqa: BLE001 - not in Colab, or the secret is missing / not shared with this notebook
-        return None
-
-
-def redact(text: str) -> str:
-    """``text`` with any token-looking query parameter or known secret value replaced by ``***``."""
-    text = re.sub(r"(?i)((?:token|key|sig|signature)=)[^&\s]+", r"\1***", text)
-    for name in ("HF_TOKEN", "CIVITAI_TOKEN"):
-        value = os.environ.get(name)
-        if value and len(value) > 4:
-            text = text.replace(value, "***")
-    return text
-
-
 def _models_dir(home: str | os.PathLike[str] | None) -> Path:
     return fastsd_home(home) / "models"
 
@@ -79,9 +58,31 @@ def _models_dir(home: str | os.PathLike[str] | None) -> Path:
 # --- Hub -------------------------------------------------------------------------------------
 
 
+def _hub_error(err: Exception, what: str) -> Exception:
+    """The one-line fastsd error for a failed Hub call (the Hub client raises many kinds)."""
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    if isinstance(err, GatedRepoError):
+        return UserInputError(
+            f"{what} is gated: accept its license on the Hub, then set HF_TOKEN (env or Colab secret)"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return UserInputError(f"{what} does not exist on the Hub (or is private: set HF_TOKEN); check the name")
+    if isinstance(err, OfflineModeIsEnabled):
+        return NetworkError(f"cannot download {what}: HF_HUB_OFFLINE is set; unset it, or pass a local path")
+    return NetworkError(
+        f"could not download {what} from the Hub ({type(err).__name__}: {redact(str(err))[:120]}); "
+        "check the network and try again (downloads resume)"
+    )
+
+
+# Failures of the Hub client: its HTTP errors, offline mode, and raw connection errors.
+_HUB_FAILURES: tuple[type[BaseException], ...] = (OSError, ValueError)
+
+
 def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
+    import httpx
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     token = secret("HF_TOKEN")
     try:
@@ -93,22 +94,19 @@ def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
         else:
             patterns = None
         path = snapshot_download(repo, revision=revision, local_dir=dest, allow_patterns=patterns, token=token)
-    except HfHubHTTPError as err:
-        raise NetworkError(
-            f"could not download {repo} from the Hub ({type(err).__name__}); check the name, and for gated "
-            "models accept the license and set HF_TOKEN"
-        ) from None
+    except (*_HUB_FAILURES, httpx.HTTPError) as err:
+        raise _hub_error(err, repo) from None
     return Path(path)
 
 
 def _hub_file(repo: str, revision: str, filename: str, dest: Path) -> Path:
+    import httpx
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         path = hf_hub_download(repo, filename, revision=revision, local_dir=dest, token=secret("HF_TOKEN"))
-    except HfHubHTTPError as err:
-        raise NetworkError(f"could not download {filename} from {repo} ({type(err).__name__}); check the URL") from None
+    except (*_HUB_FAILURES, httpx.HTTPError) as err:
+        raise _hub_error(err, f"{repo}/{filename}") from None
     return Path(path)
 
 

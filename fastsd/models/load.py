@@ -75,3 +75,39 @@ def load_pipeline(
         return cls.from_single_file(str(path_or_folder), **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise ModelFormatError(f"diffusers could not load {path_or_folder} ({det.summary()}): {err}") from err
+
+
+def diffusers_folder(
+    spec: str | os.PathLike[str],
+    *,
+    home: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+) -> Path:
+    """A local Diffusers folder for any model spec: what the trainer reads its parts from.
+
+    A Diffusers folder is returned as it is; a single-file model is converted once into the local
+    cache (``~/.cache/fastsd/diffusers/``, reused while the file is unchanged); anything else
+    (``sd15``, ``hf:org/repo``, URLs...) is fetched first with :func:`fastsd.models.fetch.get`.
+    ``config`` is a Diffusers folder to take a single file's configs from (default: shipped ones).
+
+    Raises:
+        UserInputError, NetworkError, ModelFormatError: as :func:`~fastsd.models.fetch.get` and
+            :func:`~fastsd.models.convert.single_file_to_diffusers`.
+    """
+    import hashlib
+
+    from ..paths import cache_dir
+    from .convert import single_file_to_diffusers
+    from .fetch import get
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        path = get(str(spec), home=home)
+    if path.is_dir():
+        return path
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "diffusers" / f"{path.stem}-{key}"
+    if (target / "model_index.json").is_file():
+        return target
+    return single_file_to_diffusers(path, target, overwrite=True, config=config)

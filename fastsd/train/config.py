@@ -52,7 +52,7 @@ class TrainConfig:
 
     Attributes (the main ones):
         method: ``full`` (fine-tune the UNet and optionally the text encoder) or ``lora``.
-        model: base model (a local Diffusers folder); default: the session's ``base_model``.
+        model: base model: a Diffusers folder, a single file, or any spec `fastsd model get` takes (fetched/converted once); default: the session's ``base_model``.
         resolution: training size in pixels; default: the session's resolution.
         unet_steps / te_steps: optimizer steps for the UNet and the text encoder (0: frozen).
         schedule: ``sequential`` (text-encoder steps first, then UNet steps, as the popular
@@ -197,6 +197,7 @@ def resolve(
     session_info: dict[str, Any] | None = None,
     num_images: int | None = None,
     gpu_list: list[Any] | None = None,
+    home: str | Path | None = None,
 ) -> tuple[TrainConfig, dict[str, Any]]:
     """Fill ``auto``/``None`` fields and validate; nothing heavy is loaded.
 
@@ -249,6 +250,10 @@ def resolve(
     c.model = c.model or info.get("base_model")
     if not c.model:
         raise UserInputError("no base model: pass --model or set the session's base_model")
+    if not (Path(c.model) / "model_index.json").is_file():
+        from ..models.load import diffusers_folder
+
+        c.model = str(diffusers_folder(c.model, home=home))  # fetch (sd15, hf:..., URL) or convert a single file
     facts = model_family(c.model)
     c.resolution = int(c.resolution or info.get("resolution") or facts["native_resolution"])
     if c.resolution % 64 or c.resolution < 64:

@@ -260,7 +260,7 @@ def train(
         session = Session.open(str(session), home)
     config = config or TrainConfig()
     image_paths = session.images()
-    c, facts = resolve(config, session_info=session.info, num_images=len(image_paths))
+    c, facts = resolve(config, session_info=session.info, num_images=len(image_paths), home=session.path.parent.parent)
     rank, world, device = _distributed(c.device)
     main = rank == 0
     dtype = _dtype(c.precision)

@@ -1,9 +1,9 @@
 """ControlNet models for a web UI: chosen for the base model's family, never another family's.
 
-Names are looked up in the model registry's per-family ControlNet table. Until that table is
-wired (TODO(lead): ``fastsd.models.registry``, see :func:`registry_table`), a ControlNet can be
-given explicitly as ``hf:org/repo/path/file.safetensors`` or an ``https://`` URL; its family is
-then read from its name when the name says one, and a mismatch is refused.
+Names are looked up in the model registry's per-family ControlNet table
+(:data:`fastsd.models.registry.CONTROLNETS`). A ControlNet can also be given explicitly as
+``hf:org/repo/path/file.safetensors`` or an ``https://`` URL; its family is then read from its
+name when the name says one, and a mismatch is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 from .. import storage
 from ..errors import NetworkError, UserInputError
-from .modelfolders import safetensors_keys
 
 FAMILIES = ("sd15", "sd21", "sdxl", "sd35")
 
@@ -39,6 +38,7 @@ class ControlNetModel:
     name: str
     family: str
     source: str  # hf:org/repo/path/file or https:// URL
+    filename: str | None = None  # stored name; default: the source's last path part
 
 
 def family_from_name(text: str) -> str | None:
@@ -49,18 +49,19 @@ def family_from_name(text: str) -> str | None:
     return None
 
 
+#: fastsd.models.detect / registry family -> the family names used on the command line here.
+FROM_MODELS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl", "sd3": "sd35"}
+
+
 def family_from_checkpoint(path: Path) -> str | None:
-    """The family of a single-file checkpoint, from its tensor names (no weights are read)."""
-    keys = safetensors_keys(path) or []
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd21"  # OpenCLIP text encoder
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd15"
-    if any(k.startswith("text_encoders.") or "joint_blocks" in k for k in keys):
-        return "sd35"
-    return None
+    """The family of a single-file checkpoint, from its header (no weights are read)."""
+    from ..errors import FastsdError
+    from ..models.detect import detect
+
+    try:
+        return FROM_MODELS.get(detect(path).family)
+    except FastsdError:
+        return None
 
 
 def base_family(model: str | None, family: str | None) -> str | None:
@@ -81,17 +82,22 @@ def base_family(model: str | None, family: str | None) -> str | None:
 
 
 def registry_table() -> dict[str, dict[str, Any]]:
-    """family -> {name -> entry} from the model registry, or {} until it provides one.
+    """family -> {name -> {"source", "filename"}} from :data:`fastsd.models.registry.CONTROLNETS`.
 
-    TODO(lead): wire ``fastsd.models.registry``'s per-family ControlNet table here. Entries are
-    expected to carry a ``source`` (``hf:org/repo/file`` or URL) or ``repo``+``filename``.
+    Diffusers-format repos all name their weights ``diffusion_pytorch_model.safetensors``; the
+    stored file is named after the repo instead (``control_v11p_sd15_canny.safetensors``), which
+    A1111's ControlNet extension, Forge and ComfyUI all load.
     """
-    try:
-        from ..models import registry  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    table = getattr(registry, "CONTROLNETS", None) or getattr(registry, "CONTROLNET", None)
-    return table if isinstance(table, dict) else {}
+    from ..models.registry import CONTROLNETS
+
+    table: dict[str, dict[str, Any]] = {}
+    for family, entries in CONTROLNETS.items():
+        rows = table.setdefault(FROM_MODELS.get(family, family), {})
+        for cn in entries:
+            file = cn.file or "diffusion_pytorch_model.safetensors"
+            stored = cn.file or f"{cn.repo.rsplit('/', 1)[-1]}.safetensors"
+            rows[cn.name] = {"source": f"hf:{cn.repo}/{file}", "filename": stored}
+    return table
 
 
 def resolve(
@@ -128,15 +134,14 @@ def resolve(
                 f"unknown ControlNet {name!r} for {family} (choices: {choices}); or give hf:org/repo/file.safetensors"
             )
         entry = entries[name]
-        source = entry.get("source") or f"hf:{entry['repo']}/{entry['filename']}"
-        out.append(ControlNetModel(name, family, source))
+        out.append(ControlNetModel(name, family, entry["source"], entry.get("filename")))
     return out
 
 
 def fetch(model: ControlNetModel, home: Path, *, echo: Callable[[str], None] = print) -> Path:
     """Download ``model`` into ``<home>/models/controlnet/<family>/`` (kept when already there)."""
     folder = home / "models" / "controlnet" / model.family
-    filename = model.source.rsplit("/", 1)[-1].split("?")[0]
+    filename = model.filename or model.source.rsplit("/", 1)[-1].split("?")[0]
     target = folder / filename
     if target.is_file() and target.stat().st_size > 0:
         return target

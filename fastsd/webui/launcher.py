@@ -223,16 +223,10 @@ def _start_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[st
     port = opts.port or 7860
     auth = resolve_auth(opts.auth, kind, opts.listen, echo)
     host = "0.0.0.0" if opts.listen else "127.0.0.1"
-    handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=kind == "gradio")
+    public = kind not in ("none", "colab") or opts.listen
+    handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=public)
     try:
-        if kind == "gradio":
-            url = getattr(handle, "share_url", None)
-            if not url:
-                raise tunnel.TunnelError("gradio did not create a share link (gradio's share servers unreachable?)")
-            tunnel.health_check(url, auth=auth)
-            t = tunnel.Tunnel("gradio", url, handle.url)
-        else:
-            t = tunnel.open_tunnel(kind, handle.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
+        t = tunnel.open_tunnel(kind, handle.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
     except BaseException:
         handle.stop()
         raise
@@ -270,12 +264,13 @@ def _start_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: C
     controlnets = cn.resolve(opts.controlnet, family)
     ckpt = None
     if opts.model:
-        path = Path(opts.model).expanduser()
+        from ..models.fetch import get
+
+        path = get(opts.model, home=home)  # a local file as it is; sd15, hf:..., URLs are downloaded
         if not path.is_file():
-            # TODO(lead): fetch registry specs (sd15, sdxl, hf:...) through fastsd.models once it lands.
             raise UserInputError(
-                f"--model {opts.model!r} is not a model file: with {name}, give a .safetensors file "
-                "(models in <home>/models and sessions' exports are listed in the UI anyway)"
+                f"--model {opts.model!r} is a Diffusers folder: {name} loads single files; convert it with "
+                f"'fastsd convert {path} {path.name}.safetensors --half' and pass that"
             )
         ckpt = path.resolve()
 
