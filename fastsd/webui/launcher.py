@@ -4,21 +4,27 @@
 not allow third-party tunnels), makes sure a public tunnel never serves the UI without a login,
 installs and starts the backend under supervision, opens the tunnel once the server answers,
 prints the checked URL, and blocks until Ctrl-C / a cell interrupt, then stops everything.
+:func:`start` does the same without blocking (notebooks) and returns a :class:`RunningUI`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import storage, tunnel
-from ..errors import UserInputError
+from ..errors import FastsdError, UserInputError
 from ..paths import cache_dir, fastsd_home
 from ..redact import register
 from ..runtime import environment, gpus
+
+log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("a1111", "forge", "comfyui", "builtin")
 
@@ -92,16 +98,93 @@ def _announce(t: tunnel.Tunnel, auth: str | None, echo: Callable[[str], None]) -
         echo(t.note)
     if auth:
         echo(f"log in as {auth.split(':', 1)[0]} (password as given or shown above)")
-    echo("press Ctrl-C (or interrupt the cell) to stop")
 
 
-def launch(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> int:
-    """Run the web UI described by ``opts`` until interrupted. Returns an exit code.
+@dataclass
+class RunningUI:
+    """A web UI started by :func:`start`: where to open it, and how to stop it.
+
+    Attributes:
+        backend: ``builtin``, ``a1111``, ``forge`` or ``comfyui``.
+        url: the checked URL to open (the tunnel's, or the local one).
+        local_url: ``http://127.0.0.1:PORT``.
+        auth_user: the login's user name, when there is a login.
+        log_path: the live log of a backend process (None for the built-in UI, which runs in process).
+    """
+
+    backend: str
+    url: str
+    local_url: str
+    auth_user: str | None = None
+    log_path: Path | None = None
+    _tunnel: tunnel.Tunnel | None = field(default=None, repr=False)
+    _server: Any = field(default=None, repr=False)  # fastsd.webui.server.ServerHandle
+    _supervisor: Any = field(default=None, repr=False)  # fastsd.webui.supervise.Supervisor
+    _watchdog: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        if self._supervisor is not None:
+            return bool(self._supervisor.running)
+        return self._server is not None and bool(self._server.running)
+
+    def log_tail(self, n: int = 40) -> list[str]:
+        """The last ``n`` lines of a backend's log (empty for the built-in UI)."""
+        return self._supervisor.last_lines(n) if self._supervisor is not None else []
+
+    def wait(self) -> None:
+        """Block until the server stops or Ctrl-C / a cell interrupt; a backend that crashes is restarted."""
+        if self._supervisor is not None:
+            self._supervisor.wait()
+        else:
+            _wait_forever(self._server)
+
+    def detach(self) -> None:
+        """Keep running in the background (a notebook cell returns): the backend's log goes to its
+        file only, and a watchdog thread restarts the backend if it crashes (within its bound)."""
+        sup = self._supervisor
+        if sup is None or self._watchdog is not None:
+            return
+        sup.echo = None
+
+        def watch() -> None:
+            try:
+                sup.wait()
+            except FastsdError as err:
+                log.error("web UI %s stopped: %s", self.backend, err)
+
+        self._watchdog = threading.Thread(target=watch, name=f"watch-{self.backend}", daemon=True)
+        self._watchdog.start()
+
+    def stop(self) -> None:
+        """Close the tunnel and stop the server (idempotent)."""
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+        if self._supervisor is not None:
+            self._supervisor.stop()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def _repr_html_(self) -> str:
+        return f'<a href="{self.url}" target="_blank">{self.backend} web UI: {self.url}</a>'
+
+
+def start(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> RunningUI:
+    """Start the web UI described by ``opts`` in the background; return once its URL answers.
+
+    Used by notebooks, where a cell must finish while the UI keeps running; :func:`launch` (the
+    CLI) calls it and then waits.
+
+    Returns:
+        A :class:`RunningUI`; call ``stop()`` to end it.
 
     Raises:
         UserInputError: bad options (unknown backend/tunnel, malformed --auth, ComfyUI behind a
             tunnel that cannot carry a login...).
-        FastsdError: install, startup or tunnel failures, each with what to do.
+        FastsdError: install, startup or tunnel failures, each with what to do (a backend that
+            did not start carries its last log lines).
     """
     backend_name = opts.backend.lower()
     if backend_name not in BACKEND_NAMES:
@@ -109,16 +192,32 @@ def launch(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> int:
     kind = choose_tunnel(opts.tunnel, echo=echo)
     home = fastsd_home(opts.root)
     if backend_name == "builtin":
-        return _launch_builtin(opts, kind, home, echo)
-    return _launch_backend(opts, backend_name, kind, home, echo)
+        return _start_builtin(opts, kind, home, echo)
+    return _start_backend(opts, backend_name, kind, home, echo)
 
 
-def _wait_forever() -> None:
-    while True:
-        time.sleep(3600)
+def launch(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> int:
+    """Run the web UI described by ``opts`` until interrupted. Returns an exit code.
+
+    Raises:
+        UserInputError: bad options (see :func:`start`).
+        FastsdError: install, startup or tunnel failures, each with what to do.
+    """
+    ui = start(opts, echo=echo)
+    try:
+        echo("press Ctrl-C (or interrupt the cell) to stop")
+        ui.wait()
+    finally:
+        ui.stop()
+    return 0
 
 
-def _launch_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[str], None]) -> int:
+def _wait_forever(server: Any = None) -> None:
+    while server is None or server.running:
+        time.sleep(1 if server is not None else 3600)
+
+
+def _start_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[str], None]) -> RunningUI:
     from . import server  # the built-in server (fastsd.webui.server); imported only when used
 
     port = opts.port or 7860
@@ -126,16 +225,14 @@ def _launch_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[s
     host = "0.0.0.0" if opts.listen else "127.0.0.1"
     public = kind not in ("none", "colab") or opts.listen
     handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=public)
-    t: tunnel.Tunnel | None = None
     try:
-        t = tunnel.open_tunnel(kind, port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
-        _announce(t, auth, echo)
-        _wait_forever()
-    finally:
-        if t is not None:
-            t.close()
+        t = tunnel.open_tunnel(kind, handle.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
+    except BaseException:
         handle.stop()
-    return 0
+        raise
+    _announce(t, auth, echo)
+    user = auth.split(":", 1)[0] if auth else None
+    return RunningUI("builtin", t.url, t.local_url, user, None, t, handle, None)
 
 
 def _auth_pair(auth: str | None) -> tuple[str, str] | None:
@@ -145,7 +242,7 @@ def _auth_pair(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def _launch_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: Callable[[str], None]) -> int:
+def _start_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: Callable[[str], None]) -> RunningUI:
     from . import controlnet as cn
     from .backends import context_for, get_backend, install_backend, install_dir_for, xformers_installed
     from .modelfolders import build_links, comfy_extra_paths
@@ -217,14 +314,13 @@ def _launch_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: 
         mirror_path=home / "logs" / f"webui-{name}.log",
         echo=echo,
     )
-    t: tunnel.Tunnel | None = None
-    with sup:
-        try:
-            sup.wait_ready()
-            t = tunnel.open_tunnel(kind, ctx.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
-            _announce(t, auth, echo)
-            sup.wait()
-        finally:
-            if t is not None:
-                t.close()
-    return 0
+    try:
+        sup.start()
+        sup.wait_ready()
+        t = tunnel.open_tunnel(kind, ctx.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
+    except BaseException:
+        sup.stop()
+        raise
+    _announce(t, auth, echo)
+    user = auth.split(":", 1)[0] if auth else None
+    return RunningUI(name, t.url, t.local_url, user, sup.log_path, t, None, sup)

@@ -53,6 +53,9 @@ def _check_port(host: str, port: int) -> int:
         UserInputError: the port is taken.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as uvicorn binds: connections of a server stopped moments ago (TIME_WAIT) do not make the port busy,
+        # so a notebook cell that restarts the UI on the same port works
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host if host not in ("0.0.0.0", "") else "0.0.0.0", port))
         except OSError as err:
