@@ -34,6 +34,12 @@ def add_lora(model: Any, rank: int, alpha: float, component: str) -> list[torch.
 
     targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            # peft copies every adapted layer's input to the adapter's dtype (fp32 here) and keeps the
+            # copy for backward: ~1.2 GiB at SDXL 1024 px. Training runs under autocast, which casts
+            # the tiny adapter weights instead.
+            module.cast_input_dtype_enabled = False
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
