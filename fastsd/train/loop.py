@@ -321,10 +321,10 @@ def train(
     if not full:
         from .lora import add_lora
 
-        lora_params["unet"] = add_lora(models.unet, c.lora_rank, c.lora_alpha, "unet")
+        lora_params["unet"] = add_lora(models.unet, c.lora_rank, c.lora_alpha, "unet", seed=c.seed)
         if te_train:
-            for name, te in zip(models.te_names, models.text_encoders, strict=True):
-                lora_params[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text")
+            for k, (name, te) in enumerate(zip(models.te_names, models.text_encoders, strict=True)):
+                lora_params[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text", seed=c.seed + 1 + k)
     elif te_train:
         models.text_encoders[0].float()  # fp32 master
 
@@ -482,7 +482,7 @@ def train(
         if use_graph:
             from .graph import GraphStep
 
-            runner = GraphStep(graph_step, clear_grads)
+            runner = GraphStep(graph_step, clear_grads, capture=device.type == "cuda")
         cache.clear()
         if train_te:
             for te in models.text_encoders:
@@ -584,7 +584,7 @@ def train(
         loss.backward()
         if not opt.in_backward:
             if c.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainables, c.max_grad_norm, foreach=True)
+                torch.nn.utils.clip_grad_norm_(trainables, c.max_grad_norm, foreach=device.type == "cuda")
             opt.step()
         return loss.detach()
 
