@@ -219,3 +219,19 @@ def test_planner_matches_h100_measurements():
                        frozen_bytes=int(4.8 * gib), optimizer="adamw_fused", low_precision=True,
                        allow_in_backward=True, checkpointing="auto", fused_backward=None)  # fmt: skip
     assert sdxl["checkpoint_fraction"] >= 0.6 and sdxl["estimate_gb"] <= 10
+
+
+def test_lowmem_chunked_update_equals_whole_update(monkeypatch):
+    import fastsd.train.lowmem as lowmem
+
+    def run(chunk):
+        monkeypatch.setattr(lowmem, "CHUNK_BLOCKS", chunk)
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300, 70))  # 83 blocks, the last one padded
+        opt = LowMemAdamW([p], lr=1e-2)
+        for i in range(3):
+            p.grad = torch.randn(300, 70, generator=torch.Generator().manual_seed(i))
+            opt.step()
+        return p.detach().clone()
+
+    torch.testing.assert_close(run(4096), run(7), rtol=0, atol=0)

@@ -515,7 +515,7 @@ def train(
         inp: dict[str, torch.Tensor] = {}
         _draw(inp, "", torch.stack([latents[i] for i in idx]))
         _cond_inputs(inp, "", idx, False)
-        inp["tids"] = time_ids[idx]
+        inp["tids"] = _pick(time_ids, idx)
         if class_latents:
             n = len(class_latents)
             cidx = [(global_batch * c.batch_size + j) % n for j in range(c.batch_size)]
@@ -540,10 +540,10 @@ def train(
             pick = [0] * len(idx) if is_class else idx
             for k, v in src.items():
                 if v is not None:
-                    inp[f"{pre}cond.{k}"] = v[pick]
+                    inp[f"{pre}cond.{k}"] = _pick(v, pick)
         else:  # trained text encoders: token ids, encoded inside the step
             for k, t in enumerate(class_ids if is_class else token_ids):
-                inp[f"{pre}ids{k}"] = t[[0] * len(idx)] if is_class else t[idx]
+                inp[f"{pre}ids{k}"] = _pick(t, [0] * len(idx) if is_class else idx)
 
     def condition(inp: dict[str, torch.Tensor], pre: str) -> dict[str, torch.Tensor]:
         if "inst" in cache:
@@ -826,12 +826,21 @@ def train(
             sample(step)
         export(step)
     result.peak_vram_gb = memory.peak_gb(device)
+    if runner is not None:
+        plan["cuda_graph_captured"] = runner.captured
+        if runner.failed:
+            plan["cuda_graph_failed"] = runner.failed[:300]
     _close(writer, logdir, session, main)
     if opt is not None:
         opt.close()
     if main:
         log.info("%s", result.summary())
     return result
+
+
+def _pick(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``t[idx]`` without sending the index list to the device (a list index is a synchronous copy)."""
+    return torch.stack([t[i] for i in idx])
 
 
 def _current_lr(opt: Any) -> float:

@@ -29,6 +29,9 @@ import torch
 BLOCK = 256
 #: Tensors smaller than this keep fp32 moments (biases, norms: tiny, and sensitive).
 MIN_8BIT_SIZE = 4096
+#: Contiguous tensors are updated this many blocks at a time: the fp32 temporaries of one update
+#: stay ~100 MB even for the 38M-entry text-encoder embedding.
+CHUNK_BLOCKS = 4096
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -81,7 +84,7 @@ def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
     _, mids = _code(x.device, signed)
     scale = x.abs().amax(dim=1)
     normed = x / scale.clamp_min(1e-30).unsqueeze(1)
-    return torch.bucketize(normed, mids).to(torch.uint8), scale
+    return torch.bucketize(normed, mids, out_int32=True).to(torch.uint8), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -174,24 +177,54 @@ class LowMemAdamW(torch.optim.Optimizer):
             return
         n = p.numel()
         blocks = state["m_scale"].numel()
-        g = grad.reshape(-1).float()
-        if blocks * BLOCK != n:
-            g = torch.nn.functional.pad(g, (0, blocks * BLOCK - n))
-        g = g.view(blocks, BLOCK)
-        m = dequantize(state["m_q"], state["m_scale"], True)
-        r = dequantize(state["r_q"], state["r_scale"], False)
-        m.lerp_(g, 1 - beta1)
-        v = r.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        r = v.sqrt_()  # in place: v is not needed any more
-        update = m / (r / bias2_sqrt + eps)
-        p.mul_(decay)
-        p.sub_((update.view(-1)[:n] * step_size).view(p.shape))
-        mq, ms = quantize(m, True)
-        rq, rs = quantize(r, False)
-        state["m_q"].copy_(mq)
-        state["m_scale"].copy_(ms)
-        state["r_q"].copy_(rq)
-        state["r_scale"].copy_(rs)
+        args = (bias2_sqrt, step_size, decay, beta1, beta2, eps)
+        if p.is_contiguous() and grad.is_contiguous():
+            flat_p, flat_g = p.view(-1), grad.view(-1)
+            for b0 in range(0, blocks, CHUNK_BLOCKS):
+                b1 = min(blocks, b0 + CHUNK_BLOCKS)
+                e0, e1 = b0 * BLOCK, min(n, b1 * BLOCK)
+                sl = slice(b0, b1)
+                qs = (state["m_q"][sl], state["m_scale"][sl], state["r_q"][sl], state["r_scale"][sl])
+                _update_8bit(flat_p[e0:e1], flat_g[e0:e1], *qs, *args)
+        else:  # e.g. channels_last conv weights: one piece, in logical order
+            qs = (state["m_q"], state["m_scale"], state["r_q"], state["r_scale"])
+            _update_8bit(p, grad, *qs, *args)
+
+
+def _update_8bit(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    m_q: torch.Tensor,
+    m_scale: torch.Tensor,
+    r_q: torch.Tensor,
+    r_scale: torch.Tensor,
+    bias2_sqrt: torch.Tensor,
+    step_size: torch.Tensor,
+    decay: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """AdamW on ``p`` (any shape; its blocks are ``m_q``/``r_q`` rows) with 8-bit moments, all in place."""
+    n = p.numel()
+    blocks = m_scale.numel()
+    g = grad.reshape(-1).float()
+    if blocks * BLOCK != n:
+        g = torch.nn.functional.pad(g, (0, blocks * BLOCK - n))
+    g = g.view(blocks, BLOCK)
+    m = dequantize(m_q, m_scale, True)
+    r = dequantize(r_q, r_scale, False)
+    m.lerp_(g, 1 - beta1)
+    r = r.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2).sqrt_()  # sqrt of the new second moment
+    update = m / (r / bias2_sqrt + eps)
+    p.mul_(decay)
+    p.sub_((update.view(-1)[:n] * step_size).view(p.shape))
+    mq, ms = quantize(m, True)
+    rq, rs = quantize(r, False)
+    m_q.copy_(mq)
+    m_scale.copy_(ms)
+    r_q.copy_(rq)
+    r_scale.copy_(rs)
 
 
 def state_bytes_per_param() -> float:
