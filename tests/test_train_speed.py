@@ -235,3 +235,20 @@ def test_lowmem_chunked_update_equals_whole_update(monkeypatch):
         return p.detach().clone()
 
     torch.testing.assert_close(run(4096), run(7), rtol=0, atol=0)
+
+
+def test_checkpointing_without_rng_stash_gives_the_same_gradients(tiny_sd1):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet", local_files_only=True)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim)
+    unet(x, t, emb).sample.square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in unet.named_parameters()}
+    unet.zero_grad(set_to_none=True)
+    assert memory.apply_checkpointing(unet, 1.0) > 0
+    unet.train()
+    unet(x, t, emb).sample.square().mean().backward()
+    for n, p in unet.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n])
