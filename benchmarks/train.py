@@ -9,7 +9,7 @@ the steps after the first log interval (compile warm-up excluded); peak is alloc
 training (after caching).
 
     python benchmarks/train.py                 # the curated GPU set (< 9 min on an H100)
-    python benchmarks/train.py --variants unet-compile-full,sdxl-lora-budget10
+    python benchmarks/train.py --variants unet-graph,sdxl-lora-lowmem
     python benchmarks/train.py --small         # CPU smoke run on tiny models
 """
 
@@ -92,9 +92,13 @@ CLIP_BIGG = {
 }
 SCHED = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 
-#: name -> (model, TrainConfig overrides). Base: 512 px (SDXL 1024), batch 1, bf16, fused AdamW, no GC.
+#: name -> (model, TrainConfig overrides). Base: 512 px (SDXL 1024), batch 1, bf16, fused AdamW, no GC,
+#: eager (``cuda_graph`` off) unless the variant says otherwise.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "unet-eager": ("sd15", {"method": "full", "te_steps": 0}),
+    "unet-graph": ("sd15", {"method": "full", "te_steps": 0, "cuda_graph": "on"}),
+    "unet-graph-compile": ("sd15", {"method": "full", "te_steps": 0, "cuda_graph": "on", "compile": "full"}),
+    "unet-graph-lowmem": ("sd15", {"method": "full", "te_steps": 0, "cuda_graph": "on", "optimizer": "adamw_lowmem"}),
     "unet-eager-no-channels-last": ("sd15", {"method": "full", "te_steps": 0, "channels_last": False}),
     "unet-eager-fp16-scaler": ("sd15", {"method": "full", "te_steps": 0, "precision": "fp16"}),
     "unet-eager-8bit": ("sd15", {"method": "full", "te_steps": 0, "optimizer": "adamw8bit"}),
@@ -103,6 +107,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "unet-compile-blocks": ("sd15", {"method": "full", "te_steps": 0, "compile": "blocks"}),
     "unet-compile-full": ("sd15", {"method": "full", "te_steps": 0, "compile": "full"}),
     "unet+te-eager": ("sd15", {"method": "full", "schedule": "joint"}),
+    "unet+te-graph": ("sd15", {"method": "full", "schedule": "joint", "cuda_graph": "on"}),
+    "unet+te-lowmem-graph": (
+        "sd15",
+        {"method": "full", "schedule": "joint", "optimizer": "adamw_lowmem", "vram_budget_gb": 9, "cuda_graph": "on"},
+    ),
+    "unet+te-lowmem-eager": (
+        "sd15",
+        {"method": "full", "schedule": "joint", "optimizer": "adamw_lowmem", "vram_budget_gb": 9},
+    ),
     "unet+te-8bit-budget9": (
         "sd15",
         {"method": "full", "schedule": "joint", "optimizer": "adamw8bit", "vram_budget_gb": 9},
@@ -116,6 +129,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"method": "full", "schedule": "joint", "optimizer": "adamw8bit", "fused_backward": True, "compile": "full"},
     ),
     "sdxl-lora-eager": ("sdxl", {"method": "lora", "te_steps": 0, "gradient_checkpointing": "off"}),
+    "sdxl-lora-graph": ("sdxl", {"method": "lora", "te_steps": 0, "gradient_checkpointing": "off", "cuda_graph": "on"}),
+    "sdxl-lora-lowmem": ("sdxl", {"method": "lora", "te_steps": 0, "vram_budget_gb": 10, "cuda_graph": "on"}),
     "sdxl-lora-budget10": ("sdxl", {"method": "lora", "te_steps": 0, "vram_budget_gb": 10}),
     "sdxl-lora-gc": ("sdxl", {"method": "lora", "te_steps": 0, "gradient_checkpointing": "on"}),
     "sdxl-lora-compile-budget10": (
@@ -123,20 +138,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"method": "lora", "te_steps": 0, "vram_budget_gb": 10, "compile": "blocks"},
     ),
 }
-#: the curated set one GPU call runs (ordered so the most informative come first).
+#: the curated set one GPU call runs (~7 min on an H100 with model building; the one compile variant last).
 DEFAULT = [
     "unet-eager",
-    "unet-eager-8bit",
-    "unet-compile-full",
-    "unet-compile-blocks",
-    "unet+te-8bit-budget9",
-    "unet+te-compile-8bit-budget9",
-    "sdxl-lora-budget10",
+    "unet-graph",
+    "unet+te-lowmem-graph",
+    "sdxl-lora-graph",
+    "sdxl-lora-lowmem",
     "sdxl-lora-eager",
-    "sdxl-lora-compile-budget10",
-    "unet-eager-no-channels-last",
-    "unet-eager-fp16-scaler",
-    "unet-eager-gc",
+    "unet-graph-compile",
 ]
 
 
@@ -238,20 +248,36 @@ def run_variant(name: str, model: Path, home: Path, args: argparse.Namespace) ->
         "progress": False,
         "gpu": "cpu" if args.small else "h100",
         "min_snr_gamma": 5.0,
+        "cuda_graph": "off",
         **overrides,
     }
+    if args.small:
+        cfg["compile"] = "off"  # inductor on a 2-core CPU takes minutes: the smoke run checks the loop only
     if cfg.get("vram_budget_gb") is not None and "gradient_checkpointing" not in overrides:
         cfg["gradient_checkpointing"] = "auto"
+    warm_peak: list[float] = []
+
+    def on_log(step: int, info: dict) -> None:
+        rates.append(info["it_per_s"])
+        if len(rates) == 1 and torch.cuda.is_available():
+            # the first interval holds cuDNN autotuning (workspace tries), compile and graph capture:
+            # keep its peak apart from the steady-state one
+            warm_peak.append(torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+
     t0 = time.perf_counter()
-    result = train(session, TrainConfig(**cfg), on_log=lambda step, info: rates.append(info["it_per_s"]))
-    measured = rates[1:] or rates  # the first interval holds compile / cudnn warm-up
+    result = train(session, TrainConfig(**cfg), on_log=on_log)
+    measured = rates[1:] or rates  # the first interval holds compile / cudnn warm-up / graph capture
+    steady = result.peak_vram_gb
+    peak = max([steady or 0.0, *warm_peak]) if steady is not None else None
     return {
         "variant": name,
         "model": kind,
         "resolution": res,
         "it_per_s": round(sum(measured) / len(measured), 3),
         "first_interval_it_per_s": round(rates[0], 3) if rates else None,
-        "peak_vram_gib": result.peak_vram_gb,
+        "peak_vram_gib": round(peak, 2) if peak is not None else None,
+        "peak_steady_gib": steady,
         "steps": result.steps,
         "plan": result.plan,
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -6,7 +6,16 @@ import argparse
 import json
 from typing import Any
 
-from ..train.config import COMPILE, GRAD_CHECKPOINTING, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, TrainConfig
+from ..train.config import (
+    COMPILE,
+    CUDA_GRAPH,
+    GRAD_CHECKPOINTING,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    TrainConfig,
+)
 
 
 def _onoff(value: str) -> bool:
@@ -49,6 +58,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--gradient-checkpointing", choices=GRAD_CHECKPOINTING, default="auto")
     p.add_argument("--vram-budget", type=float, dest="vram_budget_gb", metavar="GB")
     p.add_argument("--compile", choices=COMPILE, default="off")
+    p.add_argument(
+        "--cuda-graph", choices=CUDA_GRAPH, default="auto", help="replay the whole step as a CUDA graph (bf16 GPUs)"
+    )
     p.add_argument("--channels-last", type=_onoff, default=True, metavar="on|off")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--keep", type=int, dest="keep_checkpoints", default=2, help="checkpoints kept")

@@ -20,9 +20,10 @@ from ..errors import UserInputError
 METHODS = ("full", "lora")
 SCHEDULES = ("sequential", "joint")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-OPTIMIZERS = ("auto", "adamw8bit", "adamw_fused", "adamw")
+OPTIMIZERS = ("auto", "adamw8bit", "adamw_lowmem", "adamw_fused", "adamw")
 GRAD_CHECKPOINTING = ("auto", "on", "off")
 COMPILE = ("off", "blocks", "full")
+CUDA_GRAPH = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 #: Settings by GPU class. ``vram_budget_gb`` is what training may use (room is left for sampling).
@@ -63,11 +64,16 @@ class TrainConfig:
         offset_noise: strength of per-channel offset noise (0 disables).
         min_snr_gamma: Min-SNR loss weighting gamma (None disables).
         precision: ``fp16`` (GradScaler), ``bf16``, ``fp32``; ``auto`` from the GPU.
-        optimizer: ``adamw8bit`` (bitsandbytes), ``adamw_fused``, ``adamw``; ``auto`` from the GPU.
+        optimizer: ``adamw8bit`` (bitsandbytes), ``adamw_lowmem`` (8-bit moments in plain torch, CUDA-graph
+            capturable: the same 2 bytes per parameter as bitsandbytes), ``adamw_fused``, ``adamw``;
+            ``auto`` from the GPU.
         gradient_checkpointing: ``on``/``off``/``auto`` (only as much as the VRAM budget needs).
         fused_backward: step the optimizer inside backward so gradients never all exist at once
             (``None``: when the VRAM budget needs it; bf16/fp32, one process, no accumulation).
         compile: ``off``, ``blocks`` (torch.compile each repeated block) or ``full`` (the UNet).
+        cuda_graph: capture the whole training step (forward, backward, optimizer) in a CUDA graph
+            and replay it (``auto``: when possible: CUDA, bf16/fp32, no accumulation, one process,
+            no buckets, a capturable optimizer; see :mod:`fastsd.train.graph`).
         save_every / keep_checkpoints: resumable states every N steps, keep the newest K.
         export_every: also export a model every M steps (0: only at the end).
         sample_every: sample images every N steps from ``sample_prompts`` x ``sample_seeds``.
@@ -107,6 +113,7 @@ class TrainConfig:
     vram_budget_gb: float | None = None
     channels_last: bool = True
     compile: str = "off"
+    cuda_graph: str = "auto"
     cache_latents: bool = True
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -223,6 +230,7 @@ def resolve(
         ("optimizer", c.optimizer, OPTIMIZERS),
         ("gradient_checkpointing", c.gradient_checkpointing, GRAD_CHECKPOINTING),
         ("compile", c.compile, COMPILE),
+        ("cuda_graph", c.cuda_graph, CUDA_GRAPH),
         ("lr_schedule", c.lr_schedule, LR_SCHEDULES),
         ("buckets", c.buckets, ("auto", "on", "off")),
     ):

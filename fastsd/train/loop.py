@@ -321,10 +321,10 @@ def train(
     if not full:
         from .lora import add_lora
 
-        lora_params["unet"] = add_lora(models.unet, c.lora_rank, c.lora_alpha, "unet")
+        lora_params["unet"] = add_lora(models.unet, c.lora_rank, c.lora_alpha, "unet", seed=c.seed)
         if te_train:
-            for name, te in zip(models.te_names, models.text_encoders, strict=True):
-                lora_params[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text")
+            for k, (name, te) in enumerate(zip(models.te_names, models.text_encoders, strict=True)):
+                lora_params[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text", seed=c.seed + 1 + k)
     elif te_train:
         models.text_encoders[0].float()  # fp32 master
 
@@ -354,10 +354,33 @@ def train(
     plan["optimizer"] = optim.resolve_kind(c.optimizer, device)
     plan["precision"] = c.precision
     plan["bucketed"] = bucketed
+    from . import graph
+
+    use_graph = graph.decide(
+        c.cuda_graph,
+        graph.blockers(
+            device=device,
+            precision=c.precision,
+            grad_accum=c.grad_accum,
+            world=world,
+            bucketed=bucketed,
+            optimizer=plan["optimizer"],
+        ),
+    )
+    plan["cuda_graph"] = use_graph
+    # a captured step must not cache autocast's casts across the capture boundary (CUDA graph docs)
+    graph_autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
+    channels_last = c.channels_last
+    if channels_last and c.compile == "blocks":
+        # compiled blocks + channels_last weights crashed on the H100 (inductor's stride asserts
+        # saw contiguous weights); compiling the whole UNet handles the layout, blocks do not
+        channels_last = False
+        log.info("channels_last is off with compile=blocks")
+    plan["channels_last"] = channels_last
     if main:
         log.info("plan: %s", plan)
     models.unet.to(device)
-    if c.channels_last:
+    if channels_last:
         models.unet.to(memory_format=torch.channels_last)
     if c.compile != "off":
         import torch._dynamo as dynamo
@@ -427,16 +450,20 @@ def train(
     opt: Any = None
     current = {"phase": None}
     trainables: list[torch.nn.Parameter] = []
+    runner: Any = None  # graph.GraphStep when the step is a CUDA graph replay
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     last_loss: float | None = None
 
     def set_phase(name: str) -> None:
         """Mark what trains in this phase, build its optimizer, and cache what is frozen for good."""
-        nonlocal opt, trainables
+        nonlocal opt, trainables, runner
         current["phase"] = name
         if opt is not None:
             opt.close()
+        if runner is not None:  # the last phase's graph: free its pool (and the gradients living there)
+            clear_grads()
+            runner = None
         train_unet = name in ("unet", "joint")
         train_te = name in ("te", "joint")
         for comp in comps:
@@ -451,7 +478,11 @@ def train(
             groups.append(([p for n in models.te_names for p in params_of(n)], c.te_lr))
         trainables = [p for ps, _ in groups for p in ps]
         in_backward = plan["fused_backward"] and all(p.requires_grad for p in trainables)
-        opt = optim.make_optim(plan["optimizer"], groups, in_backward)
+        opt = optim.make_optim(plan["optimizer"], groups, in_backward, device_lr=use_graph)
+        if use_graph:
+            from .graph import GraphStep
+
+            runner = GraphStep(graph_step, clear_grads, capture=device.type == "cuda")
         cache.clear()
         if train_te:
             for te in models.text_encoders:
@@ -474,25 +505,60 @@ def train(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def condition(idx: list[int], is_class: bool) -> dict[str, torch.Tensor]:
-        if "inst" in cache:
-            src = cache["class"] if is_class else cache["inst"]
-            pick = [0] * len(idx) if is_class else idx
-            return {k: (v[pick] if v is not None else None) for k, v in src.items()}
-        ids = [(t[[0] * len(idx)] if is_class else t[idx]) for t in (class_ids if is_class else token_ids)]
-        return data.encode_text(models.text_encoders, ids, family)
+    def draw_inputs(global_batch: int) -> dict[str, torch.Tensor]:
+        """Everything random or data-dependent in a step, as tensors (a CUDA graph copies them in).
 
-    def per_sample_loss(lat_dists: torch.Tensor, cond: dict[str, torch.Tensor], tids: torch.Tensor) -> torch.Tensor:
+        Random draws come from ``noise_gen`` in a fixed order (instance latent sample, noise, offset
+        noise, timesteps, then the same for the class batch), so eager and graph steps see the same values.
+        """
+        idx = order.batch(global_batch)
+        inp: dict[str, torch.Tensor] = {}
+        _draw(inp, "", torch.stack([latents[i] for i in idx]))
+        _cond_inputs(inp, "", idx, False)
+        inp["tids"] = _pick(time_ids, idx)
+        if class_latents:
+            n = len(class_latents)
+            cidx = [(global_batch * c.batch_size + j) % n for j in range(c.batch_size)]
+            _draw(inp, "c_", torch.stack([class_latents[i] for i in cidx]))
+            _cond_inputs(inp, "c_", cidx, True)
+            inp["c_tids"] = class_time_ids.expand(len(cidx), -1).contiguous()
+        return inp
+
+    def _draw(inp: dict[str, torch.Tensor], pre: str, lat_dists: torch.Tensor) -> None:
         mean, std = lat_dists[:, 0], lat_dists[:, 1]
         b = mean.shape[0]
-        lat = mean + std * torch.randn(mean.shape, generator=noise_gen, device=device)
-        noise = torch.randn(lat.shape, generator=noise_gen, device=device)
+        inp[pre + "lat"] = mean + std * torch.randn(mean.shape, generator=noise_gen, device=device)
+        noise = torch.randn(mean.shape, generator=noise_gen, device=device)
         if c.offset_noise:
-            noise = noise + c.offset_noise * torch.randn((b, lat.shape[1], 1, 1), generator=noise_gen, device=device)
-        t = torch.randint(0, num_t, (b,), generator=noise_gen, device=device)
+            noise = noise + c.offset_noise * torch.randn((b, mean.shape[1], 1, 1), generator=noise_gen, device=device)
+        inp[pre + "noise"] = noise
+        inp[pre + "t"] = torch.randint(0, num_t, (b,), generator=noise_gen, device=device)
+
+    def _cond_inputs(inp: dict[str, torch.Tensor], pre: str, idx: list[int], is_class: bool) -> None:
+        if "inst" in cache:  # frozen text encoders: cached embeddings
+            src = cache["class"] if is_class else cache["inst"]
+            pick = [0] * len(idx) if is_class else idx
+            for k, v in src.items():
+                if v is not None:
+                    inp[f"{pre}cond.{k}"] = _pick(v, pick)
+        else:  # trained text encoders: token ids, encoded inside the step
+            for k, t in enumerate(class_ids if is_class else token_ids):
+                inp[f"{pre}ids{k}"] = _pick(t, [0] * len(idx) if is_class else idx)
+
+    def condition(inp: dict[str, torch.Tensor], pre: str) -> dict[str, torch.Tensor]:
+        if "inst" in cache:
+            n = len(pre) + 5
+            return {k[n:]: v for k, v in inp.items() if k.startswith(pre + "cond.")}
+        ids = [inp[f"{pre}ids{k}"] for k in range(len(token_ids))]
+        return data.encode_text(models.text_encoders, ids, family)
+
+    def per_sample_loss(inp: dict[str, torch.Tensor], pre: str) -> torch.Tensor:
+        lat, noise, t, tids = inp[pre + "lat"], inp[pre + "noise"], inp[pre + "t"], inp[pre + "tids"]
+        cond = condition(inp, pre)
+        b = lat.shape[0]
         a = alphas_cumprod[t].view(b, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-        if c.channels_last:
+        if channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         extra = {"added_cond_kwargs": {"text_embeds": cond["pooled"], "time_ids": tids}} if family == "sdxl" else {}
         pred = models.unet(noisy, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False, **extra)[0]
@@ -504,17 +570,27 @@ def train(
             loss = loss * weight
         return loss
 
-    def step_loss(global_batch: int) -> torch.Tensor:
-        idx = order.batch(global_batch)
-        dists = torch.stack([latents[i] for i in idx])
-        loss = per_sample_loss(dists, condition(idx, False), time_ids[idx]).mean()
-        if class_latents:
-            n = len(class_latents)
-            cidx = [(global_batch * c.batch_size + j) % n for j in range(c.batch_size)]
-            cdists = torch.stack([class_latents[i] for i in cidx])
-            ctids = class_time_ids.expand(len(cidx), -1)
-            loss = loss + c.prior_weight * per_sample_loss(cdists, condition(cidx, True), ctids).mean()
+    def loss_of(inp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step's loss from its drawn inputs: no randomness, no host syncs (graph-capturable)."""
+        loss = per_sample_loss(inp, "").mean()
+        if "c_lat" in inp:
+            loss = loss + c.prior_weight * per_sample_loss(inp, "c_").mean()
         return loss
+
+    def graph_step(inp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One whole optimizer step (bf16/fp32, no scaler, no accumulation): what a CUDA graph captures."""
+        with graph_autocast:
+            loss = loss_of(inp)
+        loss.backward()
+        if not opt.in_backward:
+            if c.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainables, c.max_grad_norm, foreach=device.type == "cuda")
+            opt.step()
+        return loss.detach()
+
+    def clear_grads() -> None:
+        for p in trainables:
+            p.grad = None
 
     def trained_weights() -> dict[str, torch.Tensor]:
         out = {}
@@ -651,15 +727,19 @@ def train(
                     break
                 opt.set_lr(optim.lr_factor(step - p_start, p_end - p_start, c.lr_schedule, c.warmup_steps))
                 try:
-                    mid_update = opt.in_backward
+                    mid_update = opt.in_backward or runner is not None  # a graph step updates as it goes
                     for micro in range(c.grad_accum):
                         noise_gen.manual_seed(_seed_for(c.seed, step, micro, rank))
+                        inp = draw_inputs((step * c.grad_accum + micro) * world + rank)
+                        if runner is not None:
+                            loss_sum += runner(inp)  # forward, backward and optimizer step: one replay
+                            continue
                         with autocast:
-                            loss = step_loss((step * c.grad_accum + micro) * world + rank)
+                            loss = loss_of(inp)
                         scaled = loss / c.grad_accum
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                         loss_sum += loss.detach()
-                    if not opt.in_backward:
+                    if not opt.in_backward and runner is None:
                         mid_update = True
                         if world > 1:
                             _allreduce_grads(trainables, world)
@@ -746,12 +826,21 @@ def train(
             sample(step)
         export(step)
     result.peak_vram_gb = memory.peak_gb(device)
+    if runner is not None:
+        plan["cuda_graph_captured"] = runner.captured
+        if runner.failed:
+            plan["cuda_graph_failed"] = runner.failed[:300]
     _close(writer, logdir, session, main)
     if opt is not None:
         opt.close()
     if main:
         log.info("%s", result.summary())
     return result
+
+
+def _pick(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``t[idx]`` without sending the index list to the device (a list index is a synchronous copy)."""
+    return torch.stack([t[i] for i in idx])
 
 
 def _current_lr(opt: Any) -> float:

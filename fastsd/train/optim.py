@@ -1,4 +1,4 @@
-"""Optimizers: 8-bit AdamW (bitsandbytes), fused AdamW, and the optimizer step fused into backward.
+"""Optimizers: 8-bit AdamW (bitsandbytes or :mod:`.lowmem`), fused AdamW, and the step fused into backward.
 
 :class:`Optim` wraps one ordinary optimizer. :class:`BackwardStepOptim` gives every trainable
 tensor its own optimizer and steps it from a post-accumulate-grad hook, then frees that gradient:
@@ -6,6 +6,10 @@ the full set of gradients never exists at once, which saves 4 bytes per trainabl
 (3.4 GB for the SD1.5 UNet) at the cost of no global gradient clipping, accumulation or GradScaler.
 Learning rates are ``base_lr * factor(step)`` set by the loop (:func:`lr_factor`), so no scheduler
 object needs saving: the step is the scheduler's state.
+
+With ``device_lr`` (CUDA graphs) every group's learning rate is a 0-dim device tensor that
+:meth:`Optim.set_lr` fills in place, and the optimizers are built ``capturable``: the step counter
+and the rate are read by the kernels from device memory, so a captured step replays correctly.
 """
 
 from __future__ import annotations
@@ -47,14 +51,36 @@ def resolve_kind(kind: str, device: torch.device) -> str:
     return kind
 
 
-def _build(kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+#: Optimizers a CUDA graph can capture (bitsandbytes passes the step count as a host scalar).
+CAPTURABLE = ("adamw_fused", "adamw", "adamw_lowmem")
+
+
+def _build(kind: str, groups: list[dict[str, Any]], capturable: bool = False) -> torch.optim.Optimizer:
     if kind == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, weight_decay=WEIGHT_DECAY)
+    if kind == "adamw_lowmem":
+        from .lowmem import LowMemAdamW
+
+        return LowMemAdamW(groups, weight_decay=WEIGHT_DECAY)
     if kind == "adamw_fused":
-        return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY, fused=True)
-    return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY, foreach=True)
+        return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY, fused=True, capturable=capturable)
+    return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY, foreach=True, capturable=capturable)
+
+
+def _lr_value(lr: float, params: list[torch.nn.Parameter], device_lr: bool) -> float | torch.Tensor:
+    """The group's rate: a float, or (``device_lr``) a 0-dim fp32 tensor on the parameters' device."""
+    if not device_lr:
+        return lr
+    return torch.tensor(float(lr), dtype=torch.float32, device=params[0].device)
+
+
+def _set_group_lr(group: dict[str, Any], value: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)  # in place: a captured graph reads this very tensor
+    else:
+        group["lr"] = value
 
 
 class Optim:
@@ -62,13 +88,18 @@ class Optim:
 
     in_backward = False
 
-    def __init__(self, kind: str, groups: list[tuple[list[torch.nn.Parameter], float]]):
+    def __init__(self, kind: str, groups: list[tuple[list[torch.nn.Parameter], float]], device_lr: bool = False):
         self.kind = kind
-        self.opt = _build(kind, [{"params": p, "lr": lr, "base_lr": lr} for p, lr in groups if p])
+        self.opt = _build(
+            kind,
+            [{"params": p, "lr": _lr_value(lr, p, device_lr), "base_lr": lr} for p, lr in groups if p],
+            capturable=device_lr,
+        )
+        self._lrs = [g["lr"] for g in self.opt.param_groups]
 
     def set_lr(self, factor: float) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
+            _set_group_lr(g, g["base_lr"] * factor)
 
     def step(self, scaler: Any = None) -> None:
         if scaler is not None:
@@ -84,9 +115,19 @@ class Optim:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state)
+        _keep_lr_tensors(self.opt, self._lrs)
 
     def close(self) -> None:
         pass
+
+
+def _keep_lr_tensors(opt: torch.optim.Optimizer, lrs: list[Any]) -> None:
+    """After ``load_state_dict`` put back the shared device LR tensors (loading replaces the groups' values)."""
+    for group, own in zip(opt.param_groups, lrs, strict=True):
+        if isinstance(own, torch.Tensor):
+            loaded = group["lr"]
+            own.fill_(float(loaded) if not isinstance(loaded, torch.Tensor) else loaded.item())
+            group["lr"] = own
 
 
 class BackwardStepOptim:
@@ -94,14 +135,19 @@ class BackwardStepOptim:
 
     in_backward = True
 
-    def __init__(self, kind: str, groups: list[tuple[list[torch.nn.Parameter], float]]):
+    def __init__(self, kind: str, groups: list[tuple[list[torch.nn.Parameter], float]], device_lr: bool = False):
         self.kind = kind
         self.opts: list[torch.optim.Optimizer] = []
         self.handles = []
+        self._lrs: list[Any] = []
         for params, lr in groups:
+            if not params:
+                continue
+            shared = _lr_value(lr, params, device_lr)  # one tensor per group: set_lr is one fill per group
             for p in params:
-                opt = _build(kind, [{"params": [p], "lr": lr, "base_lr": lr}])
+                opt = _build(kind, [{"params": [p], "lr": shared, "base_lr": lr}], capturable=device_lr)
                 self.opts.append(opt)
+                self._lrs.append(shared)
                 self.handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
 
     @staticmethod
@@ -113,9 +159,14 @@ class BackwardStepOptim:
         return run
 
     def set_lr(self, factor: float) -> None:
+        done: set[int] = set()
         for opt in self.opts:
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
+                if isinstance(g["lr"], torch.Tensor):
+                    if id(g["lr"]) in done:
+                        continue
+                    done.add(id(g["lr"]))
+                _set_group_lr(g, g["base_lr"] * factor)
 
     def step(self, scaler: Any = None) -> None:
         """Nothing to do: every tensor was already stepped during backward."""
@@ -127,8 +178,9 @@ class BackwardStepOptim:
         return {"per_tensor": [o.state_dict() for o in self.opts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for opt, sd in zip(self.opts, state["per_tensor"], strict=True):
+        for opt, sd, lr in zip(self.opts, state["per_tensor"], self._lrs, strict=True):
             opt.load_state_dict(sd)
+            _keep_lr_tensors(opt, [lr])
 
     def close(self) -> None:
         for h in self.handles:
@@ -137,7 +189,17 @@ class BackwardStepOptim:
 
 
 def make_optim(
-    kind: str, groups: list[tuple[list[torch.nn.Parameter], float]], in_backward: bool
+    kind: str, groups: list[tuple[list[torch.nn.Parameter], float]], in_backward: bool, device_lr: bool = False
 ) -> Optim | BackwardStepOptim:
-    """An :class:`Optim`, or a :class:`BackwardStepOptim` when ``in_backward``."""
-    return BackwardStepOptim(kind, groups) if in_backward else Optim(kind, groups)
+    """An :class:`Optim`, or a :class:`BackwardStepOptim` when ``in_backward``.
+
+    Args:
+        kind: ``adamw8bit`` (bitsandbytes), ``adamw_lowmem`` (:mod:`.lowmem`), ``adamw_fused``, ``adamw``.
+        groups: ``[(params, base_lr), ...]``.
+        in_backward: step each tensor from its post-accumulate-grad hook (no full gradient set).
+        device_lr: learning rates as device tensors and capturable optimizers (CUDA graphs).
+    """
+    if device_lr and kind not in CAPTURABLE:
+        raise ValueError(f"optimizer {kind} cannot run inside a CUDA graph")
+    cls = BackwardStepOptim if in_backward else Optim
+    return cls(kind, groups, device_lr=device_lr)
