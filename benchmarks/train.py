@@ -112,6 +112,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "sd15",
         {"method": "full", "schedule": "joint", "optimizer": "adamw_lowmem", "vram_budget_gb": 9, "cuda_graph": "on"},
     ),
+    "unet+te-lowmem-graph-compile": (
+        "sd15",
+        {
+            "method": "full",
+            "schedule": "joint",
+            "optimizer": "adamw_lowmem",
+            "vram_budget_gb": 9,
+            "cuda_graph": "on",
+            "compile": "full",
+        },
+    ),  # fmt: skip
     "unet+te-lowmem-eager": (
         "sd15",
         {"method": "full", "schedule": "joint", "optimizer": "adamw_lowmem", "vram_budget_gb": 9},
