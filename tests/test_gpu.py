@@ -17,15 +17,30 @@ from fastsd.train import TrainConfig, loop, train
 
 pytestmark = pytest.mark.gpu
 
-FAST = {"resolution": 64, "allow_resolution": True, "log_every": 1, "save_every": 0, "export": False}
+# 128 px: the tiny UNet's mid block then sees 2x2 latents; at 64 px it sees one token, whose
+# self-attention q/k get no gradient at all, and Adam turns that rounding noise into updates.
+FAST = {"resolution": 128, "allow_resolution": True, "log_every": 1, "save_every": 0, "export": False}
 
 
 def _session(home, model, name):
-    s = Session.create(name, home, base_model=str(model), resolution=64, class_word="dog")
+    s = Session.create(name, home, base_model=str(model), resolution=128, class_word="dog")
     for i in range(2):
-        arr = (np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")
+        arr = (np.random.RandomState(i).rand(128, 128, 3) * 255).astype("uint8")
         Image.fromarray(arr).save(s.instance_dir / f"img{i}.png")
     return s
+
+
+@pytest.fixture
+def deterministic():
+    """fp32 math with fixed kernels: eager and graph runs must then agree closely."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = (
+        True,
+        False,
+        False,
+    )
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _train(monkeypatch, home, model, name, graph: str, **cfg):
@@ -37,7 +52,7 @@ def _train(monkeypatch, home, model, name, graph: str, **cfg):
         return box["m"]
 
     monkeypatch.setattr(loop, "_Models", spy)
-    r = train(_session(home, model, name), TrainConfig(cuda_graph=graph, gpu="h100", precision="bf16", **cfg, **FAST))
+    r = train(_session(home, model, name), TrainConfig(cuda_graph=graph, gpu="h100", precision="fp32", **cfg, **FAST))
     monkeypatch.undo()
     return {k: v.detach().float().cpu() for k, v in box["m"].unet.named_parameters()}, r
 
@@ -46,13 +61,14 @@ def _train(monkeypatch, home, model, name, graph: str, **cfg):
     "cfg",
     [
         {"method": "full", "te_steps": 0, "unet_steps": 6, "optimizer": "adamw_fused"},
-        {"method": "full", "te_steps": 3, "unet_steps": 6, "schedule": "joint", "optimizer": "adamw_lowmem",
+        # 5 text-encoder steps: each phase needs more steps than the 3 eager warm-up steps to be captured
+        {"method": "full", "te_steps": 5, "unet_steps": 10, "schedule": "joint", "optimizer": "adamw_lowmem",
          "fused_backward": True},
         {"method": "lora", "te_steps": 0, "unet_steps": 6, "optimizer": "adamw_fused", "unet_lr": 1e-3},
     ],
     ids=["unet-fused", "unet+te-lowmem", "lora"],
 )  # fmt: skip
-def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg):
+def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg, deterministic, caplog):
     from diffusers import UNet2DConditionModel
 
     base = {
@@ -60,18 +76,20 @@ def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg):
     }
     eager, r_eager = _train(monkeypatch, home, tiny_sd1, "eager", "off", **cfg)
     graphed, r_graph = _train(monkeypatch, home, tiny_sd1, "graph", "on", **cfg)
-    assert r_graph.plan.get("cuda_graph_captured") is True, r_graph.plan
+    failed = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert r_graph.plan.get("cuda_graph_captured") is True, (r_graph.plan, failed)
     assert r_eager.plan["cuda_graph"] is False
-    moved = 0
+    cosines = {}
     for k, w in eager.items():
         name = k.replace("base_layer.", "")
         delta_e = w - base[name] if name in base and base[name].shape == w.shape else w
         delta_g = graphed[k] - base[name] if name in base and base[name].shape == w.shape else graphed[k]
         if delta_e.abs().max() > 0:
-            moved += 1
-            cos = torch.nn.functional.cosine_similarity(delta_e.flatten(), delta_g.flatten(), dim=0)
-            assert cos > 0.99, (k, float(cos))  # the same updates, up to bf16 kernel differences
-    assert moved > 0
+            cosines[k] = float(torch.nn.functional.cosine_similarity(delta_e.flatten(), delta_g.flatten(), dim=0))
+    assert cosines, "nothing trained"
+    worst = sorted(cosines.items(), key=lambda kv: kv[1])[:5]
+    print(f"{len(cosines)} tensors moved; worst update cosines graph vs eager: {worst}")
+    assert worst[0][1] > 0.999, worst  # the same updates, up to fp32 rounding
 
 
 def test_ocr_fast_decoder_with_cuda_graph_matches_generate(tiny_glm_ocr, monkeypatch, caplog):
@@ -84,9 +102,28 @@ def test_ocr_fast_decoder_with_cuda_graph_matches_generate(tiny_glm_ocr, monkeyp
         im = Image.new("RGB", size, "white")
         ImageDraw.Draw(im).text((20, 20), f"line {i}", fill="black")
         jobs.append(PageJob(i, im, "Text Recognition:"))
-    fast = TransformersEngine(str(tiny_glm_ocr), device="cuda", max_new_tokens=24, local_files_only=True)
-    stock = TransformersEngine(str(tiny_glm_ocr), device="cuda", max_new_tokens=24, fast=False, local_files_only=True)
-    got = fast.run(jobs)
-    assert fast.fast is not None and fast.fast.cuda_graphs
+
+    def texts(**kw):
+        eng = TransformersEngine(str(tiny_glm_ocr), max_new_tokens=24, local_files_only=True, **kw)
+        return [(g.tokens, g.text) for g in eng.run(jobs)], eng
+
+    graphed, eng = texts(device="cuda")
+    assert eng.fast is not None and eng.fast.cuda_graphs
     assert "capture failed" not in caplog.text  # the graphs really ran
-    assert [g.tokens for g in got] == [g.tokens for g in stock.run(jobs)]
+    eng.fast.cuda_graphs = False
+    eager = [(g.tokens, g.text) for g in eng.run(jobs)]
+    stock, _ = texts(device="cuda", fast=False)
+    cpu_fast, _ = texts(device="cpu")
+    cpu_stock, _ = texts(device="cpu", fast=False)
+    for name, got in [("graph", graphed), ("fast_eager", eager), ("stock_cuda", stock), ("fast_cpu", cpu_fast),
+                      ("stock_cpu", cpu_stock)]:  # fmt: skip
+        print("OCR", name, got)
+    assert graphed == eager, "the CUDA graph changes the decode"
+    assert eager == cpu_fast, "fastsd's decoder gives other tokens on CUDA than on the CPU"
+    from packaging.version import Version
+    from transformers import __version__ as tf_version
+
+    # transformers < 5.23 also applies the repetition penalty to left-padding/EOS ids, which changes
+    # greedy output; fastsd's decoder follows 5.23 (the CPU suite compares them token for token).
+    if Version(tf_version) >= Version("5.23"):
+        assert eager == stock, "fastsd's decoder differs from generate on CUDA"
