@@ -75,21 +75,29 @@ def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg, det
         k: v.float() for k, v in UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet").state_dict().items()
     }
     eager, r_eager = _train(monkeypatch, home, tiny_sd1, "eager", "off", **cfg)
+    eager2, _ = _train(monkeypatch, home, tiny_sd1, "eager2", "off", **cfg)
     graphed, r_graph = _train(monkeypatch, home, tiny_sd1, "graph", "on", **cfg)
     failed = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
     assert r_graph.plan.get("cuda_graph_captured") is True, (r_graph.plan, failed)
     assert r_eager.plan["cuda_graph"] is False
-    cosines = {}
-    for k, w in eager.items():
-        name = k.replace("base_layer.", "")
-        delta_e = w - base[name] if name in base and base[name].shape == w.shape else w
-        delta_g = graphed[k] - base[name] if name in base and base[name].shape == w.shape else graphed[k]
-        if delta_e.abs().max() > 0:
-            cosines[k] = float(torch.nn.functional.cosine_similarity(delta_e.flatten(), delta_g.flatten(), dim=0))
-    assert cosines, "nothing trained"
-    worst = sorted(cosines.items(), key=lambda kv: kv[1])[:5]
-    print(f"{len(cosines)} tensors moved; worst update cosines graph vs eager: {worst}")
-    assert worst[0][1] > 0.999, worst  # the same updates, up to fp32 rounding
+
+    def update_cosines(other: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
+        out = {}
+        for k, w in eager.items():
+            name = k.replace("base_layer.", "")
+            ref = base[name] if name in base and base[name].shape == w.shape else torch.zeros_like(w)
+            if (w - ref).abs().max() > 0:
+                cos = torch.nn.functional.cosine_similarity((w - ref).flatten(), (other[k] - ref).flatten(), dim=0)
+                out[k] = float(cos)
+        return sorted(out.items(), key=lambda kv: kv[1])
+
+    graph_vs_eager, eager_vs_eager = update_cosines(graphed), update_cosines(eager2)
+    assert graph_vs_eager, "nothing trained"
+    print(f"{len(graph_vs_eager)} tensors moved; worst update cosines graph vs eager: {graph_vs_eager[:3]}; "
+          f"eager vs eager: {eager_vs_eager[:3]}")  # fmt: skip
+    # The same updates up to rounding: no further from eager than a second eager run is (joint training
+    # has atomics in the text encoder's embedding backward, so eager runs differ slightly too).
+    assert graph_vs_eager[0][1] > min(0.999, eager_vs_eager[0][1] - 0.002), (graph_vs_eager[:5], eager_vs_eager[:5])
 
 
 def test_ocr_fast_decoder_with_cuda_graph_matches_generate(tiny_glm_ocr, monkeypatch, caplog):
