@@ -29,41 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-SD15_TEXT = {  # CLIP ViT-L/14 text tower
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
+from full_configs import CLIP_L, SD15_UNET, VAE  # noqa: E402
+
 PROMPT = "a photo of a dog on the beach, high quality, detailed"
 NEGATIVE = "blurry, lowres, ugly"
 
@@ -81,14 +50,14 @@ def build_sd15(folder: Path, small: bool) -> Path:
         tok = tiny_tokenizer(folder / "_tokenizer")  # any CLIP BPE works for timing; ids < 49408
         te = CLIPTextModel(
             CLIPTextConfig(
-                **SD15_TEXT, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+                **CLIP_L, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
             )
         )
         scheduler = PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
         )
         pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**SD15_VAE),
+            vae=AutoencoderKL(**VAE, scaling_factor=0.18215),
             text_encoder=te,
             tokenizer=tok,
             unet=UNet2DConditionModel(**SD15_UNET),

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from train_helpers import capture_models
 
 from fastsd.session import Session
-from fastsd.train import TrainConfig, loop, train
+from fastsd.train import TrainConfig, train
 
 pytestmark = pytest.mark.gpu
 
@@ -44,17 +45,11 @@ def deterministic():
 
 
 def _train(monkeypatch, home, model, name, graph: str, **cfg):
-    box = {}
-    real = loop._Models
-
-    def spy(*a, **k):
-        box["m"] = real(*a, **k)
-        return box["m"]
-
-    monkeypatch.setattr(loop, "_Models", spy)
-    r = train(_session(home, model, name), TrainConfig(cuda_graph=graph, gpu="h100", precision="fp32", **cfg, **FAST))
-    monkeypatch.undo()
-    return {k: v.detach().float().cpu() for k, v in box["m"].unet.named_parameters()}, r
+    with capture_models() as box:
+        r = train(
+            _session(home, model, name), TrainConfig(cuda_graph=graph, gpu="h100", precision="fp32", **cfg, **FAST)
+        )
+    return {k: v.detach().float().cpu() for k, v in box["models"].unet.named_parameters()}, r
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import capture_models
 
 from fastsd.errors import FastsdError
 from fastsd.session import Session
@@ -40,17 +41,10 @@ def make_session(home, model, name="dog", n=3, **kw):
 
 
 @pytest.fixture
-def captured(monkeypatch):
+def captured():
     """The _Models instance a run used, to inspect its modules afterwards."""
-    box = {}
-    real = loop._Models
-
-    def spy(*a, **k):
-        box["models"] = real(*a, **k)
-        return box["models"]
-
-    monkeypatch.setattr(loop, "_Models", spy)
-    return box
+    with capture_models() as box:
+        yield box
 
 
 def _base(model, sub, cls):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import capture_models
 
 from fastsd.session import Session
-from fastsd.train import TrainConfig, graph, loop, memory, train
+from fastsd.train import TrainConfig, graph, memory, train
 from fastsd.train.lowmem import BLOCK, LowMemAdamW, dequantize, dynamic_map, quantize
 from fastsd.train.optim import make_optim
 
@@ -157,19 +158,11 @@ def _session(home, model, name):
 
 def _trained(monkeypatch, home, model, name, cfg, force_graph):
     """Train and return (UNet params, TE params, plan); ``force_graph`` takes the graph path on the CPU."""
-    box = {}
-    real = loop._Models
-
-    def spy(*a, **k):
-        box["m"] = real(*a, **k)
-        return box["m"]
-
-    monkeypatch.setattr(loop, "_Models", spy)
-    if force_graph:
-        monkeypatch.setattr(graph, "blockers", lambda **kw: [])
-    r = train(_session(home, model, name), TrainConfig(**cfg, cuda_graph="on" if force_graph else "off", **FAST))
-    monkeypatch.undo()
-    m = box["m"]
+    with capture_models() as box, monkeypatch.context() as mp:
+        if force_graph:
+            mp.setattr(graph, "blockers", lambda **kw: [])
+        r = train(_session(home, model, name), TrainConfig(**cfg, cuda_graph="on" if force_graph else "off", **FAST))
+    m = box["models"]
     return (
         {k: v.detach().clone() for k, v in m.unet.named_parameters()},
         {k: v.detach().clone() for k, v in m.text_encoders[0].named_parameters()},

@@ -68,19 +68,6 @@ WORDS = [
 TINY_WIDTH = 32
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # CLIP's reversible byte -> printable-character table (the same mapping GPT-2 uses).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 def write_clip_tokenizer(folder: str | Path) -> Path:
     """Write ``vocab.json`` + ``merges.txt`` for a small CLIP BPE vocabulary and save a CLIPTokenizer.
 
@@ -91,7 +78,9 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    from fastsd.models.convert import bytes_to_unicode  # CLIP's byte table, as fastsd ships it
+
+    symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))

@@ -338,7 +338,7 @@ def diffusers_to_single_file(
 # --- single file -> Diffusers ----------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # CLIP's (and GPT-2's) reversible byte -> printable character table; vocab ids follow its order.
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
@@ -354,7 +354,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _clip_tokenizer_files(folder: Path, pad: str) -> None:
     """Write CLIP's BPE vocabulary (shipped as the merges list; vocab.json is derived from it)."""
     merges = gzip.decompress((CONFIGS / "clip_merges.txt.gz").read_bytes()).decode("utf-8")
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     vocab += ["".join(line.split(" ")) for line in merges.split("\n")[1:] if line]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
