@@ -94,14 +94,16 @@ def main() -> None:
     make_session(home, "ddp", model, 64 if args.small else 512, images=8)
     results = []
     for n in sorted({1, args.gpus}):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29533",
                __file__, "--worker", "--session", "ddp", "--home", str(home), "--steps", str(args.steps),
                "--log-every", str(args.log_every)] + (["--small"] if args.small else [])  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(json.dumps({"gpus": n, "error": (proc.stderr or proc.stdout)[-1500:]}), flush=True)
+            errors = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "Error" in ln and "elastic" not in ln]
+            print(json.dumps({"gpus": n, "error": errors[:6] or (proc.stderr or proc.stdout)[-1500:]}), flush=True)
             continue
         results.append(json.loads(line[len("RESULT ") :]))
         print(json.dumps(results[-1]), flush=True)
