@@ -141,7 +141,8 @@ class OcrProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _read_json(model: str, name: str, local_files_only: bool) -> dict | None:
+def _read_text(model: str, name: str, local_files_only: bool) -> str | None:
+    """An optional file of a checkpoint (local folder or Hub id) as text, or None when it has none."""
     path = Path(model) / name
     if not path.is_file():
         try:
@@ -151,21 +152,17 @@ def _read_json(model: str, name: str, local_files_only: bool) -> dict | None:
         except Exception:  # noqa: BLE001 - optional file
             return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return path.read_text(encoding="utf-8")
+    except OSError:
         return None
 
 
-def _read_text(model: str, name: str, local_files_only: bool) -> str | None:
-    path = Path(model) / name
-    if not path.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(model, name, local_files_only=local_files_only))
-        except Exception:  # noqa: BLE001 - optional file
-            return None
-    return path.read_text(encoding="utf-8")
+def _read_json(model: str, name: str, local_files_only: bool) -> dict | None:
+    text = _read_text(model, name, local_files_only)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def load_processor(model: str, *, local_files_only: bool = False) -> OcrProcessor:
