@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import FastsdError, UserInputError
 from .paths import cache_dir, fastsd_home
 from .runtime import environment
+from .session import human_size
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -706,15 +707,6 @@ def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def human_size(n: float) -> str:
-    """Bytes as ``12.3 MiB``."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n)} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def exports(session: Session, *, download: bool = False) -> list[Path]:

@@ -489,7 +489,7 @@ class Session:
         if s["models"]:
             for m in s["models"]:
                 step = f", step {m['step']}" if m.get("step") is not None else ""
-                size = _human_size(m["size"])
+                size = human_size(m["size"])
                 flag = "" if m["ok"] else " (size differs from the manifest!)"
                 lines.append(f"  model        {m['file']} ({m['kind']}{step}, {size}){flag}")
         else:
@@ -504,10 +504,11 @@ class Session:
         return "\n".join(lines)
 
 
-def _human_size(n: int) -> str:
+def human_size(n: float) -> str:
+    """Bytes as ``12.3 MiB``."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+            return f"{int(n)} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
 

@@ -7,13 +7,11 @@ graphs (training step, OCR decode step). Skipped without a GPU; run on the lent 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from train_helpers import capture_models
+from train_helpers import capture_models, square_session
 
-from fastsd.session import Session
 from fastsd.train import TrainConfig, train
 
 pytestmark = pytest.mark.gpu
@@ -24,11 +22,7 @@ FAST = {"resolution": 128, "allow_resolution": True, "log_every": 1, "save_every
 
 
 def _session(home, model, name):
-    s = Session.create(name, home, base_model=str(model), resolution=128, class_word="dog")
-    for i in range(2):
-        arr = (np.random.RandomState(i).rand(128, 128, 3) * 255).astype("uint8")
-        Image.fromarray(arr).save(s.instance_dir / f"img{i}.png")
-    return s
+    return square_session(home, model, name, size=128)
 
 
 @pytest.fixture

@@ -71,9 +71,15 @@ def test_comfyui_style_readiness_on_system_stats(tmp_path):
 
 
 def test_readiness_with_basic_auth(tmp_path):
-    sup, _, _ = make(tmp_path, "--auth", "me:s3cret-pass", auth="me:s3cret-pass", ready_timeout=20)
+    import urllib.error
+    import urllib.request
+
+    sup, port, _ = make(tmp_path, "--auth", "me:s3cret-pass", auth="me:s3cret-pass", ready_timeout=20)
     with sup:
-        sup.wait_ready()
+        sup.wait_ready()  # polls with the login
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the server really demands it
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/options", timeout=5)
+        assert refused.value.code == 401
 
 
 def test_timeout_message_has_tail_and_cause(tmp_path):

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from train_helpers import capture_models
+from train_helpers import capture_models, square_session
 
-from fastsd.session import Session
 from fastsd.train import TrainConfig, graph, memory, train
 from fastsd.train.lowmem import BLOCK, LowMemAdamW, dequantize, dynamic_map, quantize
 from fastsd.train.optim import make_optim
@@ -149,11 +146,7 @@ def test_graph_gate_lists_what_blocks_capture(caplog):
 
 
 def _session(home, model, name):
-    s = Session.create(name, home, base_model=str(model), resolution=64, class_word="dog")
-    for i in range(2):
-        arr = (np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")
-        Image.fromarray(arr).save(s.instance_dir / f"img{i}.png")
-    return s
+    return square_session(home, model, name, size=64)
 
 
 def _trained(monkeypatch, home, model, name, cfg, force_graph):
