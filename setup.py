@@ -1,4 +1,7 @@
-"""Package metadata. Requirement ranges live in fastsd/features.py, shared with the installer."""
+"""Package metadata. Requirement ranges live in fastsd/features.py, shared with the installer.
+
+torch is deliberately not a requirement (see features.py): fastsd uses the runtime's own build.
+"""
 
 from pathlib import Path
 
@@ -8,7 +11,7 @@ here = Path(__file__).parent
 table: dict = {}
 exec((here / "fastsd" / "features.py").read_text(), table)  # stdlib-only data module
 
-extras = {name: list(reqs) for name, (_, reqs) in table["FEATURES"].items()}
+extras = {name: table["requirements_for"]([name]) for name in table["FEATURES"]}
 extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
 extras["test"] = sorted(set(extras["all"]) | set(table["TEST"]))
 
@@ -24,7 +27,7 @@ setup(
     package_data={"fastsd._wheels": ["*.txt"], "fastsd": ["**/*.json", "**/*.yaml", "**/*.gz"]},
     install_requires=list(table["CORE"]),
     extras_require=extras,
-    entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},
+    entry_points={"console_scripts": ["fastsd=fastsd.cli:entry"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3.10",

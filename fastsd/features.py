@@ -1,8 +1,13 @@
 """What each fastsd feature needs from PyPI: the one table setup.py and the installer both read.
 
 Kept free of imports beyond the standard library so ``setup.py`` can execute it before anything
-is installed. torch is listed for completeness, but fastsd never installs, upgrades or downgrades
-it: the runtime's own build (Colab's CUDA torch) is the one that must be used.
+is installed. fastsd never installs, upgrades or downgrades torch: the runtime's own build (Colab's CUDA torch) is the one that must be used. That is also why torch
+is not a pip requirement of fastsd (as in diffusers): ``pip install fastsd`` on a machine without
+torch must not pull a CUDA build of several GB. :data:`TORCH` is the range fastsd checks.
+
+Ranges are lower bounds where fastsd needs a feature, plus upper bounds and exclusions only where a
+release is *known* to break fastsd, each with its reason. The exact tested versions are in the lock
+(``wheels/tested.txt``), which CI and ``fastsd install`` use; ranges are what fastsd can live with.
 """
 
 from __future__ import annotations
@@ -10,8 +15,16 @@ from __future__ import annotations
 #: Never installed, upgraded or downgraded by fastsd; only checked.
 PROTECTED = ("torch", "torchvision", "torchaudio", "triton")
 
+#: The torch fastsd needs. Checked (``fastsd doctor``, ``fastsd install``), never installed.
+TORCH = "torch>=2.1"
+
+#: How to get torch, for the one-line message shown where it is missing.
+TORCH_HINT = (
+    "install the build for your machine first: pip install torch (CUDA, Linux), or "
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu (CPU only); see pytorch.org"
+)
+
 CORE: tuple[str, ...] = (
-    "torch>=2.1",
     "numpy>=1.24",
     "safetensors>=0.4.3",
     "huggingface_hub>=0.26",
@@ -21,7 +34,16 @@ CORE: tuple[str, ...] = (
     "packaging>=23.0",
 )
 
-#: feature name -> (what it is for, requirements)
+#: Releases known to break fastsd, excluded from every range that names the package:
+#: name -> (specifier to add, why). Lift an entry only in a reviewed change that re-runs the suite.
+KNOWN_BAD: dict[str, tuple[str, str]] = {
+    "transformers": (
+        "!=5.24.*",
+        "5.24.0 requires peft>=0.22.0, which is not released (newest 0.21.2, 2026-12): LoRA training fails",
+    ),
+}
+
+#: feature name -> (what it is for, requirements; :data:`KNOWN_BAD` is applied by requirements_for)
 FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": (
         "DreamBooth training (full and LoRA), sessions, model conversion",
@@ -43,6 +65,7 @@ FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
             "transformers>=4.46",
             "accelerate>=1.0",
             "peft>=0.13",
+            "scipy>=1.10",  # diffusers' LMS samplers (LMS, LMS Karras) import it
             "gradio>=5.0",
             "fastapi>=0.110",
             "uvicorn>=0.29",
@@ -73,7 +96,27 @@ TEST: tuple[str, ...] = (
     "ipywidgets>=7.7",
     "playwright>=1.45",
     "uv>=0.4",
+    "cryptography>=42",  # tests write an encrypted PDF (pypdfium2 must refuse it by name)
 )
+
+#: Per feature, the imports that must work together for it to run (``fastsd doctor`` tries them in
+#: a child process, so a broken pair shows as "not ready" before a run fails half way).
+IMPORTS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "import diffusers, transformers, accelerate, safetensors, cv2",
+        "from peft import LoraConfig, inject_adapter_in_model",
+        "from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler",
+        "from transformers import CLIPTextModel, CLIPTokenizer",
+    ),
+    "webui": (
+        "import diffusers, transformers, gradio, fastapi, uvicorn, scipy",
+        "from diffusers import StableDiffusionPipeline, LMSDiscreteScheduler",
+    ),
+    "ocr": (
+        "import transformers, pypdfium2",
+        "from transformers import AutoProcessor",
+    ),
+}
 
 
 def feature_names() -> list[str]:
@@ -90,6 +133,19 @@ def requirements_for(features: list[str] | tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for feature in features:
         for req in FEATURES[feature][1]:
+            req = with_exclusions(req)
             if req not in out:
                 out.append(req)
     return out
+
+
+def with_exclusions(requirement: str) -> str:
+    """``requirement`` with the :data:`KNOWN_BAD` exclusion for its package appended, if any."""
+    name = requirement.split(";")[0]
+    for op in "<>=!~[ ":
+        name = name.split(op)[0]
+    bad = KNOWN_BAD.get(name.strip().lower().replace("_", "-"))
+    if bad is None:
+        return requirement
+    spec, _, marker = requirement.partition(";")
+    return f"{spec.strip()},{bad[0]}" + (f";{marker}" if marker else "")

@@ -8,8 +8,10 @@ How an install goes:
    when its wheels cover the plan and their sha256 still match, the install runs offline from
    it (``--no-index --find-links``): seconds instead of minutes. A damaged cache is bypassed.
 3. Otherwise uv (bootstrapped with pip when missing; pip when that fails) installs from the
-   index, pinned by the lock file under ``wheels/`` that matches the fingerprint when there is
-   one. torch and its siblings are always pinned to their installed versions.
+   index, pinned to the locks: the one under ``wheels/`` for this runtime's fingerprint when there
+   is one, then the tested set (``wheels/tested.txt``, what CI ran the suite against) for the rest.
+   ``latest=True`` (``--latest``) resolves fresh within the ranges instead, and says it is untested.
+   torch and its siblings are always pinned to their installed versions.
 4. The exact wheels of everything that was added are then stored in the cache, for next time.
 
 Each step prints one line per package; an installer failure shows the installer's own output.
@@ -37,8 +39,9 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from . import storage
+from .compat import Conflict, conflicts
 from .errors import FastsdError, InstallError, NetworkError, UserInputError
-from .features import CORE, FEATURES, PROTECTED, requirements_for
+from .features import CORE, FEATURES, PROTECTED, TORCH, TORCH_HINT, requirements_for
 from .runtime import environment, fingerprint
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ def _lock_dir() -> Path:
 
 
 LOCK_DIR = _lock_dir()
+#: The tested set: exact versions of everything the extras pull, that the suite passed with in CI.
+TESTED_LOCK = "tested.txt"
 MANIFEST = "manifest.json"
 
 _NETWORK_PATTERNS = re.compile(
@@ -79,6 +84,8 @@ class Needed:
     requirement: Requirement
     installed: str | None
     features: list[str] = field(default_factory=list)
+    #: Set when the installed version is in range but breaks another package's declared minimum.
+    conflict: str | None = None
 
     @property
     def name(self) -> str:
@@ -86,9 +93,13 @@ class Needed:
 
     @property
     def action(self) -> str:
+        if self.conflict:
+            return "change"
         return "install" if self.installed is None else "upgrade"
 
     def __str__(self) -> str:
+        if self.conflict:
+            return f"{self.requirement} ({self.conflict})"
         if self.installed is None:
             return f"{self.requirement} (not installed)"
         return f"{self.requirement} (installed {self.installed})"
@@ -163,13 +174,10 @@ def check_torch(installed: dict[str, str] | None = None) -> str:
     fastsd never installs, upgrades or downgrades torch: the runtime's CUDA build is the one to use.
     """
     installed = installed_versions() if installed is None else installed
-    req = next(Requirement(r) for r in CORE if r.startswith("torch"))
+    req = Requirement(TORCH)
     version = installed.get("torch")
     if version is None:
-        raise InstallError(
-            "torch is not installed: fastsd never installs torch itself; install the build for your "
-            "GPU first (https://pytorch.org/get-started/locally/), then run fastsd install again"
-        )
+        raise InstallError(f"torch is not installed (fastsd never installs it): {TORCH_HINT}; then run this again")
     if not _satisfied(req, version):
         raise InstallError(
             f"torch {version} is older than fastsd needs ({req.specifier}); fastsd never replaces torch: "
@@ -178,15 +186,31 @@ def check_torch(installed: dict[str, str] | None = None) -> str:
     return version
 
 
-def plan(features: list[str], installed: dict[str, str] | None = None) -> list[Needed]:
-    """What ``fastsd install --features ...`` would install or upgrade, torch excluded."""
+def plan(
+    features: list[str],
+    installed: dict[str, str] | None = None,
+    pins: dict[str, str] | None = None,
+    clashes: list[Conflict] | None = None,
+) -> list[Needed]:
+    """What ``fastsd install --features ...`` would install, upgrade or change, torch excluded.
+
+    Args:
+        features: feature names.
+        installed: name -> version (default: this environment).
+        pins: the locks' exact versions; a package caught in a conflict is moved to its pin.
+        clashes: broken declared minimums (default: :func:`fastsd.compat.conflicts` of this
+            environment when ``installed`` is not given, else none).
+    """
+    if clashes is None:
+        clashes = (
+            conflicts(Requirement(r).name for r in requirements_for(features) + list(CORE)) if installed is None else []
+        )
     installed = installed_versions() if installed is None else installed
     reqs = [r for r in CORE if canonicalize_name(Requirement(r).name) not in PROTECTED]
-    owners: dict[str, list[str]] = {r: ["core"] for r in reqs}
+    owners: dict[str, list[str]] = {str(Requirement(r)): ["core"] for r in reqs}
     for feature in features:
         for r in requirements_for([feature]):
-            owners.setdefault(r, [])
-            owners[r].append(feature)
+            owners.setdefault(str(Requirement(r)), []).append(feature)
             if r not in reqs:
                 reqs.append(r)
     needed = unmet(reqs, installed)
@@ -203,7 +227,32 @@ def plan(features: list[str], installed: dict[str, str] | None = None) -> list[N
             prev.features += [f for f in item.features if f not in prev.features]
         else:
             merged[item.name] = item
+    for clash in clashes:
+        _plan_conflict(clash, merged, installed, pins or {}, owners)
     return list(merged.values())
+
+
+def _plan_conflict(
+    clash: Conflict,
+    merged: dict[str, Needed],
+    installed: dict[str, str],
+    pins: dict[str, str],
+    owners: dict[str, list[str]],
+) -> None:
+    """Resolve a broken pair: move each side to its tested pin; without pins, raise the other side."""
+
+    def users(name: str) -> list[str]:
+        return sorted({f for r, fs in owners.items() if canonicalize_name(Requirement(r).name) == name for f in fs})
+
+    moved = False
+    for name in (clash.package, clash.other):
+        pin = pins.get(name)
+        if pin and pin != installed.get(name) and name not in PROTECTED:
+            merged[name] = Needed(Requirement(f"{name}=={pin}"), installed.get(name), users(name), str(clash))
+            moved = True
+    if not moved and clash.other not in merged and clash.other not in PROTECTED:
+        req = Requirement(f"{clash.other}{clash.specifier}")
+        merged[clash.other] = Needed(req, installed.get(clash.other), users(clash.other), str(clash))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,11 +261,17 @@ def plan(features: list[str], installed: dict[str, str] | None = None) -> list[N
 
 @dataclass
 class Lock:
-    """A human-readable lock: ``name==version`` lines for one runtime fingerprint."""
+    """A human-readable lock: ``name==version`` lines.
+
+    Two kinds: a runtime lock (``# fingerprint: cp313-torch2.11.0-cu128``) pins what one runtime
+    lacks and is refused elsewhere; the tested set (``# tested: <fingerprint of the CI machine>``,
+    :data:`TESTED_LOCK`) pins everything the extras pull and applies anywhere.
+    """
 
     path: Path
-    fingerprint: str
+    fingerprint: str | None
     pins: dict[str, str]
+    tested_on: str | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Lock:
@@ -225,12 +280,14 @@ class Lock:
             text = path.read_text()
         except OSError as err:
             raise UserInputError(f"cannot read lock file {path}: {err.strerror or err}") from err
-        fp = None
+        fp = tested = None
         pins: dict[str, str] = {}
         for n, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if line.startswith("# fingerprint:"):
                 fp = line.split(":", 1)[1].strip()
+            elif line.startswith("# tested:"):
+                tested = line.split(":", 1)[1].strip()
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
@@ -242,15 +299,53 @@ class Lock:
             if len(spec) != 1 or spec[0].operator != "==":
                 raise UserInputError(f"{path}:{n}: a lock pins exact versions (name==version), got {raw!r}")
             pins[canonicalize_name(req.name)] = spec[0].version
-        if fp is None:
-            raise UserInputError(f"{path} has no '# fingerprint: ...' line: it is not a fastsd lock file")
-        return cls(path, fp, pins)
+        if fp is None and tested is None:
+            raise UserInputError(
+                f"{path} has no '# fingerprint: ...' or '# tested: ...' line: it is not a fastsd lock file"
+            )
+        return cls(path, fp, pins, tested)
 
 
 def find_lock(fp: str) -> Lock | None:
     """The shipped lock for fingerprint ``fp`` (``wheels/<fp>.txt``), if there is one."""
     path = LOCK_DIR / f"{fp}.txt"
     return Lock.read(path) if path.is_file() else None
+
+
+def tested_lock() -> Lock | None:
+    """The tested set shipped with fastsd (``wheels/tested.txt``)."""
+    path = LOCK_DIR / TESTED_LOCK
+    return Lock.read(path) if path.is_file() else None
+
+
+def choose_locks(fp: str, lock: str | os.PathLike[str] | None = None, latest: bool = False) -> list[Lock]:
+    """The locks an install pins to, most specific first: an explicit ``lock``; else this runtime's
+    own lock (if shipped) and the tested set. ``latest`` pins to none.
+
+    Raises:
+        UserInputError: ``lock`` is a runtime lock for another fingerprint, or ``lock`` with ``latest``.
+    """
+    if latest:
+        if lock:
+            raise UserInputError("--lock and --latest contradict each other: pass one")
+        return []
+    if lock:
+        chosen = Lock.read(lock)
+        if chosen.fingerprint is not None and chosen.fingerprint != fp:
+            raise UserInputError(
+                f"lock {chosen.path} is for {chosen.fingerprint}, this runtime is {fp}: "
+                "pass the lock for this runtime, or none (fastsd then uses its tested set)"
+            )
+        return [chosen]
+    return [lk for lk in (find_lock(fp), tested_lock()) if lk is not None]
+
+
+def merged_pins(locks: list[Lock]) -> dict[str, str]:
+    """One name -> version table from ``locks``; earlier (more specific) locks win."""
+    pins: dict[str, str] = {}
+    for lk in reversed(locks):
+        pins.update(lk.pins)
+    return pins
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +478,7 @@ def install(
     dry_run: bool = False,
     installer: str = "auto",
     use_cache: bool = True,
+    latest: bool = False,
     echo: Callable[[str], None] = print,
 ) -> InstallReport:
     """Install what ``features`` need; see the module doc for the order of things.
@@ -390,7 +486,8 @@ def install(
     Args:
         features: ``"train,webui"``, a list of names, ``"all"`` or None (all).
         wheelhouse: wheel cache folder (default: :func:`default_wheelhouse` for the fingerprint).
-        lock: an explicit lock file; it must be for this runtime's fingerprint.
+        lock: an explicit lock file; a runtime lock must be for this runtime's fingerprint.
+        latest: pin to no lock: the newest versions the ranges allow (untested; said so).
         dry_run: only report what is missing.
         installer: ``auto`` (uv, else pip), ``uv`` or ``pip``.
         use_cache: try the wheel cache first and fill it afterwards.
@@ -413,26 +510,26 @@ def install(
     before = installed_versions()
     torch_version = check_torch(before)
     fp = fingerprint()
-    needed = plan(names, before)
+    locks = choose_locks(fp, lock, latest)
+    pins_table = merged_pins(locks)
+    needed = plan(names, None, pins_table)
     report = InstallReport(names, fp, needed)
-
-    chosen_lock = Lock.read(lock) if lock else find_lock(fp)
-    if chosen_lock is not None and chosen_lock.fingerprint != fp:
-        raise UserInputError(
-            f"lock {chosen_lock.path} is for {chosen_lock.fingerprint}, this runtime is {fp}: "
-            "pass the lock for this runtime or none (fastsd then uses the ranges in setup.py)"
+    if latest:
+        echo(
+            "--latest: resolving the newest versions fastsd's ranges allow; this set is untested "
+            f"(the tested one is {LOCK_DIR / TESTED_LOCK})"
         )
 
     if dry_run or not needed:
         report.source = "dry run" if dry_run else "nothing to do"
         for item in needed:
-            pin = chosen_lock.pins.get(item.name) if chosen_lock else None
+            pin = pins_table.get(item.name)
+            users = ", ".join(item.features)
+            if item.conflict:
+                echo(f"conflict  {item.name} {item.installed} -> {item.requirement}: {item.conflict}  ({users})")
+                continue
             state = "missing " if item.installed is None else f"too old {item.installed},"
-            echo(
-                f"{state:<9} {item.requirement}"
-                + (f" -> {pin} (lock)" if pin else "")
-                + f"  ({', '.join(item.features)})"
-            )
+            echo(f"{state:<9} {item.requirement}" + (f" -> {pin} (lock)" if pin else "") + f"  ({users})")
         if not needed:
             echo(f"everything for {', '.join(names)} is installed")
         report.seconds = time.perf_counter() - started
@@ -442,11 +539,9 @@ def install(
     report.wheelhouse = house.path
     with tempfile.TemporaryDirectory(prefix="fastsd-install-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
-        pins = {n: before[n] for n in PROTECTED if n in before}
-        if chosen_lock is not None:
-            pins = {**chosen_lock.pins, **pins}  # the runtime's torch always wins
+        pins = {**pins_table, **{n: before[n] for n in PROTECTED if n in before}}  # the runtime's torch wins
         constraints.write_text("".join(f"{n}=={v}\n" for n, v in pins.items()))
-        reqs = [_pinned(item, chosen_lock) for item in needed]
+        reqs = [_pinned(item, pins_table) for item in needed]
 
         done = False
         if use_cache and house.entries:
@@ -478,8 +573,8 @@ def install(
     return report
 
 
-def _pinned(item: Needed, lock: Lock | None) -> str:
-    pin = lock.pins.get(item.name) if lock else None
+def _pinned(item: Needed, pins: dict[str, str]) -> str:
+    pin = pins.get(item.name)
     if pin and _satisfied(item.requirement, pin):
         return f"{item.requirement.name}=={pin}"
     return str(item.requirement)

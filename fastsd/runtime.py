@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+
 from . import __version__
-from .features import CORE, FEATURES
+from .features import CORE, FEATURES, TORCH, requirements_for
 
 #: Versions reported by ``fastsd doctor``.
 REPORTED_PACKAGES = (
@@ -164,14 +166,37 @@ def ram_gb() -> dict[str, float]:
     return {"total_gb": round(vm.total / GIB, 1), "available_gb": round(vm.available / GIB, 1)}
 
 
-def feature_status() -> dict[str, dict[str, Any]]:
-    """For each feature: ready or not, and the requirements that are missing or too old."""
+def feature_status(check_imports: bool = True) -> dict[str, dict[str, Any]]:
+    """For each feature: ready or not, and why not.
+
+    A feature is ready when torch and its requirements are installed in range (``missing``), no
+    installed package's declared minimum of another is broken (``conflicts``, see
+    :mod:`fastsd.compat`), and, with ``check_imports``, the imports it needs work (``imports``).
+    ``reason`` is the one line to show when it is not ready.
+    """
+    from .compat import conflicts, import_problems
     from .install import unmet
 
-    out = {}
-    for name, (purpose, reqs) in FEATURES.items():
-        missing = [str(item) for item in unmet(list(CORE) + list(reqs))]
-        out[name] = {"purpose": purpose, "ready": not missing, "missing": missing}
+    out: dict[str, dict[str, Any]] = {}
+    for name, (purpose, _) in FEATURES.items():
+        reqs = [TORCH, *CORE, *requirements_for([name])]
+        missing = [
+            f"{item.requirement} {'not installed' if item.installed is None else f'needed (installed {item.installed})'}"
+            for item in unmet(reqs)
+        ]
+        clashes = [str(c) for c in conflicts(Requirement(r).name for r in reqs)]
+        out[name] = {"purpose": purpose, "missing": missing, "conflicts": clashes, "imports": []}
+    if check_imports:
+        clean = [n for n, f in out.items() if not f["missing"] and not f["conflicts"]]
+        for name, problems in (import_problems(clean) if clean else {}).items():
+            out[name]["imports"] = problems
+    for name, f in out.items():
+        # A broken pair first: it is the cause; an excluded version of one side repeats it.
+        named = {c.split(" ", 1)[0] for c in f["conflicts"]}
+        rest = [m for m in f["missing"] if Requirement(m.split(" ", 1)[0]).name not in named]
+        problems = [*f["conflicts"], *rest, *f["imports"]]
+        f["ready"] = not problems
+        f["reason"] = f"{'; '.join(problems)}; run fastsd install --features {name}" if problems else ""
     return out
 
 

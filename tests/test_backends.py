@@ -479,8 +479,11 @@ def test_cli_builtin_end_to_end(home, tiny_sd1):
         assert any(f"web UI ready: http://127.0.0.1:{port}" in ln for ln in lines), "".join(lines)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
             assert r.status == 200
+        # Ctrl-C stops it within 10 s even while the model is still loading on a busy machine.
+        interrupted = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) in (0, 130)
+        assert proc.wait(timeout=30) in (0, 130)
+        assert time.monotonic() - interrupted < 10
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -268,3 +268,19 @@ def test_optimizer_step_inside_backward_matches_normal_step():
     for a, b in zip(net.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     fused.close()
+
+
+def test_failed_run_never_leaves_impossible_progress(home, tiny_sd1, tmp_path, cli):
+    s = make_session(home, tiny_sd1, name="progress", n=1)
+    assert train(s, TrainConfig(method="lora", unet_steps=4, export=False, **FAST)).steps == 4
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_sd1, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    res = cli("train", "progress", "--method", "lora", "--te-steps", "1", "--steps", "1", "--model", str(broken),
+              "--resolution", "64", "--allow-resolution", env={"FASTSD_HOME": str(home)})  # fmt: skip
+    assert res.returncode != 0
+    progress = Session.open("progress", home).info["progress"]
+    assert progress["step"] <= progress["total_steps"], progress

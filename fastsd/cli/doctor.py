@@ -53,10 +53,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"runtime  fingerprint {r['fingerprint']}")
     lines.append("packages " + ", ".join(f"{k} {v or '-'}" for k, v in r["packages"].items()))
     for name, f in r["features"].items():
-        state = "ready" if f["ready"] else "missing " + ", ".join(f["missing"])
-        lines.append(f"feature  {name:<6} {state}")
-    if any(not f["ready"] for f in r["features"].values()):
-        lines.append("         (fastsd install --features NAME installs what a feature lacks)")
+        lines.append(f"feature  {name}: {'ready' if f['ready'] else 'not ready: ' + f['reason']}")
     for tip in r["advice"]:
         lines.append(f"advice   {tip}")
     return "\n".join(lines)

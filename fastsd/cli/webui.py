@@ -48,7 +48,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait for the server to answer (default 900)"
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fast_exit=True)  # a server: exit at once after its clean-up
 
 
 def run(args: argparse.Namespace) -> int:

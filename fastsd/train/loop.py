@@ -281,9 +281,7 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if main:
-        session.update(
-            family=family, progress={"step": session.info.get("progress", {}).get("step", 0), "total_steps": total}
-        )
+        session.update(family=family)
 
     # ---- 2. models
     models = _Models(c.model, family, dtype, full)
@@ -424,6 +422,10 @@ def train(
         raise UserInputError(
             f"the latest checkpoint is at step {start}, already at the end ({total} steps): raise --steps to continue"
         )
+    if main:
+        # Progress is what this run starts from: a fresh run from 0, a resume from its checkpoint.
+        # Written only now, so a run that fails before its first step cannot read "step 4 of 2".
+        session.update(progress={"step": start, "total_steps": total})
 
     # ---- 6. the loop
     logdir = Path(tempfile.mkdtemp(prefix="fastsd-tb-"))

@@ -26,6 +26,8 @@ PREFIXES = {
     "text_encoder_2": "lora_te2",
 }
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+#: The peft adapter name fastsd trains under.
+ADAPTER = "default"
 
 
 def add_lora(model: Any, rank: int, alpha: float, component: str, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -33,13 +35,19 @@ def add_lora(model: Any, rank: int, alpha: float, component: str, seed: int = 0)
 
     The random initialisation is drawn from ``seed`` (not the global RNG), so two runs with the same
     seed start from, and end with, the same adapter.
+
+    The adapter goes in through peft itself (``inject_adapter_in_model``), not through the
+    ``add_adapter`` of diffusers/transformers models: transformers gates that method on a peft
+    version of its choosing (5.24.0 asked for a peft that did not exist), while fastsd needs only
+    peft's LoRA layers.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for module in model.modules():
         if hasattr(module, "lora_A"):
             # peft copies every adapted layer's input to the adapter's dtype (fp32 here) and keeps the
@@ -57,25 +65,30 @@ def kohya_state_dict(
     modules: dict[str, Any], alpha: float, family: str, dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
     """The kohya LoRA tensors of the adapters in ``modules`` (component name -> peft-adapted model)."""
-    from peft.utils import get_peft_model_state_dict
-
     out: dict[str, torch.Tensor] = {}
     for component, model in modules.items():
         prefix = PREFIXES[component]
         if component == "text_encoder" and family == "sdxl":
             prefix = "lora_te1"
-        for key, tensor in get_peft_model_state_dict(model).items():
-            module, _, kind = key.rpartition(".lora_")
+        for module, down, up in lora_layers(model):
             if component != "unet" and not module.startswith("text_model."):
                 # transformers 5 dropped CLIP's ``text_model.`` level; kohya names keep it
                 module = f"text_model.{module}"
             name = f"{prefix}_{module.replace('.', '_')}"
-            if kind == "A.weight":
-                out[f"{name}.lora_down.weight"] = tensor.detach().to("cpu", dtype).contiguous()
-                out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-            elif kind == "B.weight":
-                out[f"{name}.lora_up.weight"] = tensor.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
+
+
+def lora_layers(model: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(module path, A, B)`` for every peft LoRA layer of fastsd's adapter in ``model``."""
+    found = []
+    for path, module in model.named_modules():
+        down, up = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if down is not None and up is not None and ADAPTER in down:
+            found.append((path, down[ADAPTER].weight, up[ADAPTER].weight))
+    return found
 
 
 def save_kohya(path: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, family: str) -> Path:

@@ -88,12 +88,24 @@ class ServerHandle:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self, timeout: float = 30) -> None:
-        """Stop serving, interrupt the running job, and release the model (idempotent)."""
+    def stop(self, timeout: float = 5) -> None:
+        """Stop serving, interrupt the running job, and release the model (idempotent).
+
+        Returns within about ``timeout`` seconds even mid-generation or mid-load on a loaded
+        machine: HTTP gets a short graceful window, then is forced; a job that cannot be
+        interrupted (a model load) is left to the daemon worker thread, and the model is released
+        only once the worker has stopped (releasing it under a running job would race with it).
+        """
+        deadline = time.monotonic() + timeout
         self._server.should_exit = True
-        self._thread.join(timeout)
-        self.backend.worker.stop(timeout)
-        self.backend.manager.unload()
+        self._thread.join(min(3.0, timeout / 2))
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(1.0)
+        if self.backend.worker.stop(max(0.1, deadline - time.monotonic())):
+            self.backend.manager.unload()
+        else:
+            log.info("the web UI's current job is still running; it ends with the process")
 
     def wait(self) -> None:
         """Block until the server stops; Ctrl-C (or a notebook interrupt) stops it cleanly."""
@@ -243,7 +255,7 @@ def start(
     backend = Backend(manager, worker, flags)
     app = build_app(backend, auth=credentials, ui=ui, ui_defaults=ui_defaults)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="fastsd-webui-http", daemon=True)
     thread.start()

@@ -159,8 +159,12 @@ class Worker:
             finally:
                 self.state.end()
 
-    def stop(self, timeout: float = 30) -> None:
-        """Interrupt the running job, cancel waiting ones, and end the thread."""
+    def stop(self, timeout: float = 30) -> bool:
+        """Interrupt the running job, cancel waiting ones, and end the thread.
+
+        Returns True when the thread ended within ``timeout`` (False: a job that cannot be
+        interrupted, such as a model load, is still running; the thread is a daemon).
+        """
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -171,3 +175,4 @@ class Worker:
         self.state.interrupt()
         self._queue.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
