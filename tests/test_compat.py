@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastsd.compat import Conflict, conflicts
 from fastsd import install
+from fastsd.compat import Conflict, conflicts
 from fastsd.install import Lock
 
 REPO = Path(__file__).resolve().parent.parent
