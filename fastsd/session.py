@@ -909,5 +909,6 @@ def _import_entries(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     session = Session.open(new_name, home)
-    session.clean()  # unlisted checkpoint folders that came along
+    with session.lock(command="fastsd session import", heartbeat=0):
+        pass  # taking the lock cleans what came along unlisted (checkpoint folders of no manifest entry)
     return session
