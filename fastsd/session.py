@@ -277,11 +277,15 @@ class Session:
         return session
 
     @classmethod
-    def open(cls, name: str, home: str | os.PathLike[str] | None = None) -> Session:
-        """Open an existing session.
+    def open(cls, name: str, home: str | os.PathLike[str] | None = None, *, strict: bool = True) -> Session:
+        """Open an existing session; its ``session.json`` is checked (:func:`load_info`).
+
+        Args:
+            strict: False only to remove the session: a damaged ``session.json`` then opens as
+                an empty one instead of failing (its paths are never used).
 
         Raises:
-            UserInputError: no such session, or its ``session.json`` is unreadable.
+            UserInputError: no such session, or its ``session.json`` is unreadable or damaged.
         """
         name = normalize_name(name)
         path = fastsd_home(home) / "sessions" / name
@@ -296,7 +300,12 @@ class Session:
             raise UserInputError(
                 f"{meta} is unreadable ({err}); restore it from a copy or re-create the session"
             ) from err
-        info = load_info(path, text, label=f"session {name}")
+        try:
+            info = load_info(path, text, label=f"session {name}")
+        except UserInputError:
+            if strict:
+                raise
+            return cls(name, path, {})
         for sub in SUBDIRS:
             (path / sub).mkdir(exist_ok=True)
         return cls(name, path, info)
@@ -751,7 +760,7 @@ def remove_session(name: str, home: str | os.PathLike[str] | None = None, *, for
         UserInputError: no such session.
         SessionLockedError: the session is in use (``force=True`` breaks the lock).
     """
-    session = Session.open(name, home)
+    session = Session.open(name, home, strict=False)  # a damaged session.json can still be removed
     aside = storage.temp_name(session.path, "rm")
     # no heartbeat thread: it could re-create the folder by refreshing the lock after the rename
     with session.lock(force=force, command="fastsd session rm", heartbeat=0, clean=False):

@@ -220,6 +220,9 @@ def test_fifty_damaged_session_files_give_one_line_each_and_list_keeps_the_other
             s.clean()
     assert refused >= 30
     assert Session.open("good", home).summary()["name"] == "good" and good.path.is_dir()
+    (broken.path / "session.json").write_text(json.dumps({**info, "checkpoints": [{"step": 1, "path": "../.."}]}))
+    code, out, err = _cli(capsys, "--root", str(home), "session", "rm", "broken", "--yes")  # still removable
+    assert code == 0 and list_sessions(home) == ["good"] and good.path.is_dir(), err
 
 
 # ---------------------------------------------------------------- finding 10: lock break race
@@ -439,3 +442,27 @@ def test_lock_taken_by_a_writer_keeps_temps_of_live_processes(home):
     with SessionLock(s.path, on_acquire=lambda lock: s.clean(older_than=lock.since), heartbeat=0):
         pass
     assert mine.exists()
+
+
+def test_training_scratch_of_killed_runs_is_removed_by_the_next_save(home, tmp_path, monkeypatch):
+    import tempfile
+
+    import torch
+
+    from fastsd.train import checkpoint
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = storage.temp_name(tmp_path / "scratch" / "ckpt-500", "train")
+    left = left.with_name(left.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    left.mkdir()
+    (left / "weights.safetensors").write_bytes(b"w" * 100_000)  # a run killed while saving
+    s = Session.create("scratch", home)
+    with s.lock():
+        entry = checkpoint.save_to_session(
+            s, 10, 2, weights={"w": torch.zeros(3)}, optimizer={}, state={"step": 10}, noise_gen=torch.Generator()
+        )
+    assert entry["step"] == 10 and s.verify_checkpoint(entry)
+    assert list((tmp_path / "scratch").iterdir()) == []
