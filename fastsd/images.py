@@ -56,6 +56,10 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 CENTER_PRIOR = 0.3
 #: Saved format of cropped images: lossless, read by every trainer.
 SAVE_SUFFIX = ".png"
+#: PNG text key holding the sha256 of the photo a saved image was made from. An image that landed
+#: in ``instance_images/`` but whose record did not (the add was killed in between) is still
+#: recognised by it, so adding the same photos again never duplicates them.
+SOURCE_KEY = "fastsd-source-sha256"
 
 
 def check_size(size: int) -> int:
@@ -469,6 +473,22 @@ def crop_image(img: Image.Image, mode: str = "smart", size: int = 512) -> tuple[
 # ---------------------------------------------------------------- adding to a session
 
 
+def _unrecorded_sources(session: Session, names: set[str]) -> dict[str, str]:
+    """Source sha256 -> file name of instance images that carry a source hash but have no record."""
+    from PIL import Image
+
+    found: dict[str, str] = {}
+    for name in sorted(names):
+        try:
+            with Image.open(session.instance_dir / name) as img:
+                digest = img.info.get(SOURCE_KEY)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if isinstance(digest, str) and digest:
+            found.setdefault(digest, name)
+    return found
+
+
 def _safe_stem(stem: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:60]
     return cleaned or "image"
@@ -494,8 +514,11 @@ def add_images(
 ) -> AddReport:
     """Add instance images to a session: decode, de-duplicate, crop, save, caption.
 
-    Each image is saved as PNG in ``instance_images/`` with the safe-write helper, and its source
-    hash is recorded in ``session.json`` (``images``) so adding the same photo again is skipped.
+    Each image is saved as PNG in ``instance_images/`` with the safe-write helper, carrying its
+    source photo's sha256 in a PNG text chunk, and is then recorded in ``session.json``
+    (``images``) at once, image by image. Adding the same photo again is skipped, also after an
+    add that was killed at any moment: an image saved but not yet recorded is recognised by the
+    hash inside it (and its record is completed).
     A caption is written to ``captions/<stem>.txt`` when one comes with the image (``auto``) or
     from its file name (``filename``); otherwise the session's ``<token> <class>`` prompt applies.
 
@@ -532,9 +555,11 @@ def add_images(
         )
     records: dict[str, Any] = session.info.setdefault("images", {})
     present = {p.name for p in session.images()}
-    known = {rec["sha256"]: fname for fname, rec in records.items() if fname in present and "sha256" in rec}
+    known = {rec["sha256"]: fname for fname, rec in records.items() if fname in present and rec.get("sha256")}
+    unrecorded = _unrecorded_sources(session, present - {f for f in records if records[f].get("sha256")})
     taken = {p.stem.lower() for p in session.instance_dir.iterdir()}
 
+    from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
     bar = tqdm(candidates, desc="adding images", unit="img", disable=not progress or len(candidates) < 4)
@@ -549,6 +574,13 @@ def add_images(
             if digest in known:
                 report.duplicates.append((cand.name, known[digest]))
                 continue
+            if digest in unrecorded:  # saved by an add that was killed before recording it
+                fname = unrecorded.pop(digest)
+                records[fname] = {"source": cand.name, "sha256": digest, "crop": crop}
+                session.save()
+                known[digest] = fname
+                report.duplicates.append((cand.name, fname))
+                continue
             try:
                 img = open_image(data, suffix=cand.suffix, draft_size=size)
                 out, info = crop_image(img, crop, size)
@@ -557,12 +589,16 @@ def add_images(
                 continue
             stem = _unique_stem(_safe_stem(cand.stem), taken)
             fname = stem + SAVE_SUFFIX
+            meta = PngInfo()
+            meta.add_text(SOURCE_KEY, digest)
             buf = io.BytesIO()
-            out.save(buf, format="PNG")
-            storage.write_bytes(session.instance_dir / fname, buf.getvalue())
+            out.save(buf, format="PNG", pnginfo=meta)
+            # caption, then image, then record: a kill between any two leaves nothing that a
+            # re-run duplicates (the caption is rewritten, the image is known by its hash)
             text = cand.caption if captions == "auto" else filename_caption(cand.stem) if captions == "filename" else ""
             if text:
                 session.set_caption(fname, text)
+            storage.write_bytes(session.instance_dir / fname, buf.getvalue())
             known[digest] = fname
             records[fname] = {
                 "source": cand.name,
@@ -570,14 +606,14 @@ def add_images(
                 "crop": crop,
                 "focus": info["focus"],
             }
+            session.save()
             report.added.append(fname)
             if info["upscaled"]:
                 report.warnings.append(
                     f"{cand.name} is {img.width}x{img.height}, smaller than {size}: upscaled, it will train blurry"
                 )
     finally:
-        if report.added:
-            session.save()
+        bar.close()
     if crop == "smart" and report.added and not face_detection_available():
         log.debug("face detection unavailable in this OpenCV: smart crop used saliency only")
     return report

@@ -9,6 +9,9 @@ Colab runtime tell a live lock from one left behind by a runtime that died:
 - another host, no heartbeat for ``stale_after`` seconds: it *looks* stale, but the other runtime
   may only be slow to sync Drive, so the user decides: ``force=True`` (``--force``) breaks it;
 - otherwise the session is in use and :class:`~fastsd.errors.SessionLockedError` says by whom.
+
+Taking, breaking, refreshing and releasing the lock happen under a per-host ``flock`` (the guard),
+so two processes that find the same dead lock cannot both break it and both end up holding it.
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import SessionLockedError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 LOCK_FILE = ".fastsd-lock.json"
+#: Empty file whose ``flock`` serializes lock changes on one host (see :func:`_host_guard`); never deleted.
+GUARD_FILE = ".fastsd-lock.guard"
 #: Seconds without a heartbeat after which a lock from another host looks stale.
 DEFAULT_STALE_AFTER = 15 * 60
 #: Seconds between heartbeats of a held lock.
@@ -38,17 +49,40 @@ log = logging.getLogger(__name__)
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+    from .storage import pid_alive
+
+    return pid_alive(pid)
+
+
+@contextlib.contextmanager
+def _host_guard(folder: Path) -> Iterator[None]:
+    """Serialize lock changes (take, break, refresh, release) among the processes of this host.
+
+    ``O_EXCL`` makes taking a free lock safe, but breaking a dead one is a read, a decision and a
+    removal: two contenders that both read the dead lock could each remove it, the second one
+    removing the fresh lock the first had just written, and both would hold the session. Under
+    this ``flock`` the read, decision and change are one step for every process of this host.
+    The kernel releases a ``flock`` when its process dies, so a killed contender never leaves the
+    guard taken. Contenders on other hosts never break a lock on their own (another host's lock
+    is only broken with ``--force``), so a per-host guard is enough. Where ``flock`` is missing
+    (Windows, a filesystem without it) the lock works as before, without the guard.
+    """
+    if fcntl is None:
+        yield
+        return
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
+        fd = os.open(folder / GUARD_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
-        return False
-    return True
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # no flock on this filesystem
+            log.debug("no flock on %s (%s): session lock changes are not serialized", folder, err)
+        yield
+    finally:
+        os.close(fd)  # also releases the flock
 
 
 def _when(ts: float) -> str:
@@ -57,7 +91,10 @@ def _when(ts: float) -> str:
 
 def read_lock(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The lock record of ``folder`` (pid, host, since, heartbeat, token, command), or None when unlocked."""
-    path = Path(folder) / LOCK_FILE
+    return _read_record(Path(folder) / LOCK_FILE)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -118,6 +155,7 @@ class SessionLock:
         stale_after: float = DEFAULT_STALE_AFTER,
         heartbeat: float = DEFAULT_HEARTBEAT,
         command: str | None = None,
+        on_acquire: Callable[[SessionLock], None] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
@@ -126,7 +164,9 @@ class SessionLock:
         self.stale_after = stale_after
         self.heartbeat = heartbeat
         self.command = command
+        self.on_acquire = on_acquire
         self.token = uuid.uuid4().hex
+        self.since: float | None = None
         self._nested = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -134,29 +174,35 @@ class SessionLock:
     # ---- acquire / release
 
     def acquire(self) -> SessionLock:
-        """Take the lock (see the class doc). Returns self."""
+        """Take the lock (see the class doc). Returns self.
+
+        ``on_acquire(lock)`` runs once the lock is taken (not when nested): the session uses it to
+        clean leftovers of killed writers, which only the holder may do.
+        """
         key = str(self.path.resolve())
         with self._held_guard:
             if self._held.get(key):
                 self._held[key] += 1
                 self._nested = True
                 return self
+        self.folder.mkdir(parents=True, exist_ok=True)
         for _attempt in range(20):
-            if self._try_create():
-                break
-            record = read_lock(self.folder)
-            if record is None:
-                continue  # released between our attempt and the read: try again
-            state = lock_state(record, stale_after=self.stale_after)
-            if record.get("corrupt") and state == "live" and not self.force:
-                time.sleep(0.2)  # being written right now
-                continue
-            if state == "dead" or self.force:
-                why = "forced" if self.force else "its process is gone"
-                log.warning("breaking the lock of session %s (%s): %s", self.name, why, self._describe(record))
-                self._break(record)
-                continue
-            raise SessionLockedError(self._locked_message(record, state))
+            with _host_guard(self.folder):
+                if self._try_create():
+                    break
+                record = read_lock(self.folder)
+                if record is None:
+                    continue  # released between our attempt and the read: try again
+                state = lock_state(record, stale_after=self.stale_after)
+                busy = record.get("corrupt") and state == "live" and not self.force
+                if not busy:
+                    if state == "dead" or self.force:
+                        why = "forced" if self.force else "its process is gone"
+                        log.warning("breaking the lock of session %s (%s): %s", self.name, why, self._describe(record))
+                        self._break(record)
+                        continue
+                    raise SessionLockedError(self._locked_message(record, state))
+            time.sleep(0.2)  # a lock file being written right now: look again outside the guard
         else:
             raise SessionLockedError(f"could not lock session {self.name} at {self.path}: it keeps changing; try again")
         with self._held_guard:
@@ -164,6 +210,12 @@ class SessionLock:
         if self.heartbeat > 0:
             self._thread = threading.Thread(target=self._beat, name=f"fastsd-lock-{self.name}", daemon=True)
             self._thread.start()
+        if self.on_acquire is not None:
+            try:
+                self.on_acquire(self)
+            except BaseException:
+                self.release()
+                raise
         return self
 
     def release(self) -> None:
@@ -178,10 +230,13 @@ class SessionLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        record = read_lock(self.folder)
-        if record and record.get("token") == self.token:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+        if not self.folder.is_dir():
+            return  # the folder went away with the lock in it (a removed session)
+        with _host_guard(self.folder):
+            record = read_lock(self.folder)
+            if record and record.get("token") == self.token:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
 
     def __enter__(self) -> SessionLock:
         return self.acquire()
@@ -191,14 +246,17 @@ class SessionLock:
 
     def refresh(self) -> None:
         """Write a new heartbeat now (the background thread does this every ``heartbeat`` seconds)."""
-        record = read_lock(self.folder)
-        if not record or record.get("token") != self.token:
-            return  # broken by someone else; do not resurrect it
-        record["heartbeat"] = time.time()
+        if not self.folder.is_dir():
+            return  # never re-create a removed session folder
         from . import storage
 
-        with contextlib.suppress(Exception):
-            storage.write_json(self.path, record)
+        with _host_guard(self.folder):
+            record = read_lock(self.folder)
+            if not record or record.get("token") != self.token:
+                return  # broken by someone else; do not resurrect it
+            record["heartbeat"] = time.time()
+            with contextlib.suppress(Exception):
+                storage.write_json(self.path, record)
 
     # ---- internals
 
@@ -215,14 +273,15 @@ class SessionLock:
 
     def _try_create(self) -> bool:
         """Create the lock file atomically, complete from its first moment when the filesystem allows."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(self._record()).encode()
-        from .storage import TEMP_PREFIX
+        from .storage import temp_name
 
+        record = self._record()
+        data = json.dumps(record).encode()
         # Preferred: write a temp file, then hard-link it to the lock name (fails if it exists),
         # so nobody ever reads a half-written lock. Drive's FUSE mount has no hard links: there
         # the lock is created with O_EXCL and filled, and a lock found empty is judged by its age.
-        tmp = self.folder / f"{TEMP_PREFIX}lock-{self.token[:12]}"
+        tmp = temp_name(self.path, "new")
+        created = False
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -230,7 +289,7 @@ class SessionLock:
                 os.fsync(fh.fileno())
             try:
                 os.link(tmp, self.path)
-                return True
+                created = True
             except FileExistsError:
                 return False
             except OSError:
@@ -238,32 +297,37 @@ class SessionLock:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if not created:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        self.since = record["since"]
         return True
 
     def _break(self, record: dict[str, Any]) -> None:
-        # Rename first: when two processes break the same stale lock at once, only one rename
-        # succeeds, and neither deletes a fresh lock the other has just created.
-        from .storage import TEMP_PREFIX
+        """Remove the lock ``record`` judged dead (or forced); called under the host guard.
 
-        aside = self.folder / f"{TEMP_PREFIX}broken-lock-{uuid.uuid4().hex[:8]}"
+        The lock is renamed aside and checked: if what moved is not the lock that was judged (a
+        process of another host, outside our guard, took the session meanwhile), it is put back
+        (``link`` never replaces), so a live lock is never deleted.
+        """
+        from .storage import temp_name
+
+        aside = temp_name(self.path, "broken")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = record
-        if moved.get("token") != record.get("token"):
-            log.warning("session %s was locked again while breaking a stale lock", self.name)
+        moved = _read_record(aside)
+        if moved is not None and moved.get("token") != record.get("token") and not record.get("corrupt"):
+            log.warning("session %s was locked again while breaking a stale lock: leaving that lock", self.name)
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
         with contextlib.suppress(OSError):
             aside.unlink()
 
@@ -272,17 +336,14 @@ class SessionLock:
             self.refresh()
 
     def _describe(self, record: dict[str, Any]) -> str:
-        what = f" ({record['command']})" if record.get("command") else ""
+        what = record.get("command") or "another process"
         return (
-            f"pid {record.get('pid')} on host {record.get('host')} since {_when(float(record.get('since') or 0))}{what}"
+            f"{what} (pid {record.get('pid')} on {record.get('host')}, since {_when(float(record.get('since') or 0))})"
         )
 
     def _locked_message(self, record: dict[str, Any], state: str) -> str:
         base = f"session {self.name} is in use by {self._describe(record)}"
         if state == "stale":
             silent = int((time.time() - float(record.get("heartbeat") or record.get("since") or 0)) // 60)
-            return (
-                f"{base}, silent for {silent} min: if that runtime is gone, run again with --force "
-                "(force=True) to break the lock"
-            )
-        return f"{base}: wait for it to finish, or if that process is gone run again with --force (force=True)"
+            return f"{base}, silent for {silent} min; if that runtime is gone, pass --force to break the lock"
+        return f"{base}; wait, or pass --force if that process is dead"

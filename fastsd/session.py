@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import storage
 from .errors import UserInputError
 from .images import filename_caption  # noqa: F401 - re-exported: session.filename_caption is public
-from .locks import LOCK_FILE, SessionLock, lock_state, read_lock
+from .locks import GUARD_FILE, LOCK_FILE, SessionLock, lock_state, read_lock
 from .paths import fastsd_home
 
 if TYPE_CHECKING:
@@ -66,6 +65,164 @@ def normalize_name(name: str) -> str:
             f"session name {name!r} is not allowed: use only letters, digits, '-' and '_' (no paths, no '..')"
         )
     return cleaned
+
+
+#: What each kind of path read from ``session.json`` must look like (relative to the session folder).
+_CHECKPOINT_PATH = re.compile(r"^checkpoints/step-[0-9]{6,}$")
+_KINDS = {
+    "checkpoint": ("checkpoints", "a checkpoint folder inside the session (checkpoints/step-NNNNNN)"),
+    "model": ("models", "a model file inside the session (models/FILE)"),
+    "image": ("instance_images", "an image file name inside the session's instance_images/"),
+}
+
+
+def _plain_name(name: str) -> bool:
+    """A single file name: no folders, no '..', nothing hidden (temp files, lock files)."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and not name.startswith(".")
+
+
+def entry_path(root: Path, rel: Any, kind: str) -> Path:
+    """The real path of a ``session.json`` entry of ``kind`` (checkpoint, model, image), checked.
+
+    Every path fastsd reads from a ``session.json`` (its own or an imported one) goes through
+    here before anything reads, deletes or writes it: it must have the form of its kind and
+    resolve (symlinks followed) inside the session folder. This is what keeps a crafted
+    ``{"path": "../../.."}`` from deleting the fastsd home.
+
+    Args:
+        root: the session folder.
+        rel: the path as found in ``session.json`` (relative to the session folder; for an
+            image: its file name in ``instance_images/``).
+        kind: ``checkpoint``, ``model`` or ``image``.
+
+    Raises:
+        ValueError: the entry is not of its kind inside the session (the message says what it must be).
+    """
+    folder, what = _KINDS[kind]
+    if kind == "image":
+        ok = isinstance(rel, str) and _plain_name(rel)
+        rel = f"{folder}/{rel}" if ok else rel
+    elif kind == "checkpoint":
+        ok = isinstance(rel, str) and bool(_CHECKPOINT_PATH.match(rel))
+    else:
+        ok = isinstance(rel, str) and rel.startswith(f"{folder}/") and _plain_name(rel[len(folder) + 1 :])
+    if ok:
+        real_root = root.resolve()
+        target = (root / rel).resolve()
+        ok = target.parent == (real_root / folder).resolve() and (real_root / folder).resolve().parent == real_root
+    if not ok:
+        raise ValueError(f"{rel!r} is not {what}")
+    return root / rel
+
+
+class _Schema:
+    """Checks one ``session.json`` object; each problem names its entry (``checkpoints[0].path``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def check(self, info: Any) -> dict[str, Any]:
+        if not isinstance(info, dict):
+            raise ValueError(f"expected a JSON object, got {_type(info)}")
+        for key in ("name", "created", "base_model", "family", "instance_token", "class_word"):
+            self.typed(info.get(key), key, str, optional=True)
+        if info.get("resolution") is not None:
+            self.count(info["resolution"], "resolution", positive=True)
+        progress = info.get("progress")
+        if progress is not None:
+            self.typed(progress, "progress", dict)
+            if progress.get("step") is not None:
+                self.count(progress["step"], "progress.step")
+            if progress.get("total_steps") is not None:
+                self.count(progress["total_steps"], "progress.total_steps", positive=True)
+        for i, c in enumerate(self.typed(info.get("checkpoints", []), "checkpoints", list)):
+            where = f"checkpoints[{i}]"
+            self.typed(c, where, dict)
+            self.count(self.required(c, "step", where), f"{where}.step")
+            self.inside(self.required(c, "path", where), f"{where}.path", "checkpoint")
+            files = self.typed(self.required(c, "files", where), f"{where}.files", dict)
+            for rel, sha in files.items():
+                if not _safe_relative(rel):
+                    raise ValueError(f"{where}.files: {rel!r} is not a file inside the checkpoint folder")
+                self.typed(sha, f"{where}.files[{rel!r}]", str)
+            for rel, size in self.typed(c.get("sizes", {}), f"{where}.sizes", dict).items():
+                self.count(size, f"{where}.sizes[{rel!r}]")
+        for i, m in enumerate(self.typed(info.get("models", []), "models", list)):
+            where = f"models[{i}]"
+            self.typed(m, where, dict)
+            self.inside(self.required(m, "file", where), f"{where}.file", "model")
+            self.typed(m.get("kind"), f"{where}.kind", str, optional=True)
+            self.typed(m.get("sha256"), f"{where}.sha256", str, optional=True)
+            for key in ("step", "size"):
+                if m.get(key) is not None:
+                    self.count(m[key], f"{where}.{key}")
+        for fname, rec in self.typed(info.get("images", {}), "images", dict).items():
+            where = f"images[{fname!r}]"
+            self.inside(fname, where, "image")
+            self.typed(rec, where, dict)
+            self.typed(rec.get("sha256"), f"{where}.sha256", str, optional=True)
+            self.typed(rec.get("source"), f"{where}.source", str, optional=True)
+        return info
+
+    @staticmethod
+    def required(entry: dict[str, Any], key: str, where: str) -> Any:
+        if key not in entry:
+            raise ValueError(f"{where}.{key}: missing")
+        return entry[key]
+
+    @staticmethod
+    def typed(value: Any, where: str, kind: type, *, optional: bool = False) -> Any:
+        if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)):
+            return value
+        want = {str: "text", dict: "an object", list: "a list"}[kind]
+        raise ValueError(f"{where}: expected {want}, got {_type(value)}")
+
+    @staticmethod
+    def count(value: Any, where: str, *, positive: bool = False) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if positive else 0):
+            raise ValueError(f"{where}: expected a whole number{' above 0' if positive else ''}, got {value!r}")
+
+    def inside(self, rel: Any, where: str, kind: str) -> None:
+        try:
+            entry_path(self.root, rel, kind)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+def _type(value: Any) -> str:
+    return {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "text"}.get(
+        type(value), {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    )
+
+
+def _safe_relative(rel: Any) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return not any(p in ("", ".", "..") for p in rel.split("/"))
+
+
+def load_info(root: Path, text: str, *, label: str) -> dict[str, Any]:
+    """Parse and check a ``session.json`` (the one place that does, for open, list, import, train).
+
+    Args:
+        root: the session folder its paths are relative to.
+        text: the file's content.
+        label: how messages name the session (``session my_dog``).
+
+    Raises:
+        UserInputError: not JSON, or a structural problem, named by entry:
+            ``session X: session.json: checkpoints[0].path: missing``.
+    """
+    try:
+        info = json.loads(text)
+    except ValueError as err:
+        raise UserInputError(
+            f"{label}: {SESSION_FILE} is unreadable, not valid JSON ({err}); restore it from a copy or re-create the session"
+        ) from err
+    try:
+        return _Schema(root).check(info)
+    except ValueError as err:
+        raise UserInputError(f"{label}: {SESSION_FILE}: {err}") from err
 
 
 @dataclass
@@ -120,11 +277,15 @@ class Session:
         return session
 
     @classmethod
-    def open(cls, name: str, home: str | os.PathLike[str] | None = None) -> Session:
-        """Open an existing session.
+    def open(cls, name: str, home: str | os.PathLike[str] | None = None, *, strict: bool = True) -> Session:
+        """Open an existing session; its ``session.json`` is checked (:func:`load_info`).
+
+        Args:
+            strict: False only to remove the session: a damaged ``session.json`` then opens as
+                an empty one instead of failing (its paths are never used).
 
         Raises:
-            UserInputError: no such session, or its ``session.json`` is unreadable.
+            UserInputError: no such session, or its ``session.json`` is unreadable or damaged.
         """
         name = normalize_name(name)
         path = fastsd_home(home) / "sessions" / name
@@ -134,20 +295,32 @@ class Session:
                 f"no session named {name} under {path.parent}: create it with 'fastsd session new {name}'"
             )
         try:
-            info = json.loads(meta.read_text())
-            if not isinstance(info, dict):
-                raise ValueError("not a JSON object")
+            text = meta.read_text(encoding="utf-8")
         except (OSError, ValueError) as err:
             raise UserInputError(
                 f"{meta} is unreadable ({err}); restore it from a copy or re-create the session"
             ) from err
+        try:
+            info = load_info(path, text, label=f"session {name}")
+        except UserInputError:
+            if strict:
+                raise
+            return cls(name, path, {})
         for sub in SUBDIRS:
             (path / sub).mkdir(exist_ok=True)
         return cls(name, path, info)
 
     def save(self) -> None:
-        """Write ``session.json`` safely."""
-        storage.write_json(self.path / SESSION_FILE, self.info)
+        """Write ``session.json`` safely, holding the session's lock.
+
+        A writer that already holds the lock (train, add, import...) just nests; anything else
+        takes it for the write, so a second process can never write a session that is in use.
+
+        Raises:
+            SessionLockedError: another live process holds the session.
+        """
+        with self.lock(heartbeat=0, clean=False, command="save session.json"):
+            storage.write_json(self.path / SESSION_FILE, self.info)
 
     def update(self, **fields: Any) -> None:
         """Set top-level fields of ``session.json`` and save."""
@@ -208,8 +381,13 @@ class Session:
         return self.default_prompt()
 
     def set_caption(self, image: str | os.PathLike[str], text: str) -> None:
-        """Set (safely write) the caption of an image."""
-        storage.write_text(self.captions_dir / f"{Path(image).stem}.txt", text.strip() + "\n")
+        """Set (safely write) the caption of an image, holding the session's lock.
+
+        Raises:
+            SessionLockedError: another live process holds the session (training reads the captions).
+        """
+        with self.lock(heartbeat=0, clean=False, command="edit captions"):
+            storage.write_text(self.captions_dir / f"{Path(image).stem}.txt", text.strip() + "\n")
 
     # ---- checkpoints and models (the manifest)
 
@@ -235,7 +413,7 @@ class Session:
         if not sources:
             raise UserInputError(f"checkpoint source {src} is empty: nothing to record")
         dest = self.checkpoints_dir / f"step-{step:06d}"
-        staging = self.checkpoints_dir / f"{storage.TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}"
+        staging = storage.temp_name(dest)
         files, sizes = {}, {}
         try:
             for f in sources:
@@ -303,7 +481,7 @@ class Session:
         self.info["checkpoints"] = [c for c in self.info.get("checkpoints", []) if c["path"] not in dropped]
         self.save()
         for entry in drop:
-            shutil.rmtree(self.path / entry["path"], ignore_errors=True)
+            _remove_entry(self.path, entry["path"], "checkpoint")
         return [c["step"] for c in drop]
 
     def record_model(
@@ -326,13 +504,17 @@ class Session:
         """Exported models listed in the manifest whose files exist."""
         return [m for m in self.info.get("models", []) if (self.path / m["file"]).is_file()]
 
-    def clean(self) -> list[Path]:
+    def clean(self, *, older_than: float | None = None) -> list[Path]:
         """Remove leftovers of interrupted writes: temp files and unlisted checkpoint folders.
 
-        Call it while holding the session's lock (a write in progress elsewhere looks like a
-        leftover).
+        Temps of a process of this host that is still running are kept. Taking the session's
+        lock for writing calls this (see :meth:`lock`); call it yourself only while holding it.
+
+        Args:
+            older_than: temps of other hosts (or of unknown owner) unchanged since then are
+                leftovers; default now (every writer holds the lock, so none is running).
         """
-        removed = storage.clean_temp_files(self.path)
+        removed = storage.clean_temp_files(self.path, older_than=time.time() if older_than is None else older_than)
         listed = {c["path"] for c in self.info.get("checkpoints", [])}
         for folder in self.checkpoints_dir.glob("step-*"):
             if folder.relative_to(self.path).as_posix() not in listed:
@@ -342,18 +524,44 @@ class Session:
 
     # ---- locking
 
-    def lock(self, *, force: bool = False, command: str | None = None, **kwargs: Any) -> SessionLock:
+    def lock(
+        self, *, force: bool = False, command: str | None = None, clean: bool = True, **kwargs: Any
+    ) -> SessionLock:
         """The session's lock, to use as ``with session.lock(): ...`` around writes.
 
         Args:
             force: break an existing lock (``--force``).
             command: what holds it, shown to a second user (e.g. ``"fastsd train"``).
+            clean: once taken, remove leftovers of killed writers (:meth:`clean`, temps older
+                than the lock); only a holder may, since a running write looks like a leftover.
             kwargs: ``stale_after`` / ``heartbeat`` seconds for :class:`~fastsd.locks.SessionLock`.
 
         Raises:
             SessionLockedError: on enter, when another live process holds it.
         """
-        return SessionLock(self.path, name=self.name, force=force, command=command, **kwargs)
+        on_acquire = self._clean_on_lock if clean else None
+        return SessionLock(self.path, name=self.name, force=force, command=command, on_acquire=on_acquire, **kwargs)
+
+    def _clean_on_lock(self, lock: SessionLock) -> None:
+        removed = self.clean(older_than=lock.since)
+        if removed:
+            log.info("session %s: removed %d leftover(s) of interrupted writes", self.name, len(removed))
+
+    def reclaimable(self) -> dict[str, Any]:
+        """Space held by leftovers of interrupted writes that the next writer removes (``show``).
+
+        Returns:
+            ``{"bytes": n, "items": k}``: stale temp files/folders and unlisted checkpoint folders.
+        """
+        holder = self.lock_holder()
+        older_than = float(holder.get("since") or 0) if holder and holder["state"] == "live" else time.time()
+        total, found = storage.reclaimable(self.path, older_than=older_than)
+        listed = {c["path"] for c in self.info.get("checkpoints", [])}
+        for folder in self.checkpoints_dir.glob("step-*"):
+            if folder.relative_to(self.path).as_posix() not in listed and not folder.is_symlink():
+                total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                found.append(folder)
+        return {"bytes": total, "items": len(found)}
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The current lock record plus its ``state`` (live/dead/stale), or None when unlocked."""
@@ -384,7 +592,7 @@ class Session:
         """
         from .images import add_images
 
-        with self.lock(force=force, command="add images"):
+        with self.lock(force=force, command="fastsd session add"):
             return add_images(self, sources, crop=crop, size=size, captions=captions, progress=progress)
 
     def captions(self) -> dict[str, str]:
@@ -406,10 +614,11 @@ class Session:
         path = self.instance_dir / name
         if not path.is_file():
             raise UserInputError(f"session {self.name} has no image {name}: see 'fastsd session show {self.name}'")
-        path.unlink()
-        (self.captions_dir / f"{path.stem}.txt").unlink(missing_ok=True)
-        if self.info.get("images", {}).pop(name, None) is not None:
-            self.save()
+        with self.lock(heartbeat=0, clean=False, command="remove an image"):
+            path.unlink()
+            (self.captions_dir / f"{path.stem}.txt").unlink(missing_ok=True)
+            if self.info.get("images", {}).pop(name, None) is not None:
+                self.save()
 
     # ---- describing
 
@@ -449,6 +658,7 @@ class Session:
             "checkpoints_verified": "sha256" if verify else "size",
             "models": models,
             "lock": self.lock_holder(),
+            "reclaimable": self.reclaimable(),
         }
 
     def describe(self, *, verify: bool = False) -> str:
@@ -489,11 +699,17 @@ class Session:
         if s["models"]:
             for m in s["models"]:
                 step = f", step {m['step']}" if m.get("step") is not None else ""
-                size = human_size(m["size"])
+                size = human_size(m["size"]) if m.get("size") is not None else "size not recorded"
                 flag = "" if m["ok"] else " (size differs from the manifest!)"
-                lines.append(f"  model        {m['file']} ({m['kind']}{step}, {size}){flag}")
+                lines.append(f"  model        {m['file']} ({m.get('kind') or 'model'}{step}, {size}){flag}")
         else:
             lines.append("  models       none exported yet")
+        spare = s["reclaimable"]
+        if spare["items"]:
+            lines.append(
+                f"  leftovers    {human_size(spare['bytes'])} reclaimable in {spare['items']} leftover(s) of "
+                "interrupted writes (the next train, add or import removes them)"
+            )
         lock = s["lock"]
         if lock:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lock.get("since") or 0)))
@@ -511,6 +727,18 @@ def human_size(n: float) -> str:
             return f"{int(n)} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _remove_entry(root: Path, rel: str, kind: str) -> None:
+    """Delete a listed checkpoint folder, re-checked inside ``root`` at the moment of deletion."""
+    try:
+        target = entry_path(root, rel, kind)
+    except ValueError as err:
+        raise UserInputError(f"refusing to delete {rel!r} of {root}: {err}") from err
+    if target.is_symlink():
+        target.unlink()
+    else:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def list_sessions(home: str | os.PathLike[str] | None = None) -> list[str]:
@@ -532,17 +760,17 @@ def remove_session(name: str, home: str | os.PathLike[str] | None = None, *, for
         UserInputError: no such session.
         SessionLockedError: the session is in use (``force=True`` breaks the lock).
     """
-    session = Session.open(name, home)
-    aside = session.path.parent / f"{storage.TEMP_PREFIX}rm-{uuid.uuid4().hex[:8]}-{session.name}"
+    session = Session.open(name, home, strict=False)  # a damaged session.json can still be removed
+    aside = storage.temp_name(session.path, "rm")
     # no heartbeat thread: it could re-create the folder by refreshing the lock after the rename
-    with session.lock(force=force, command="remove", heartbeat=0):
+    with session.lock(force=force, command="fastsd session rm", heartbeat=0, clean=False):
         os.rename(session.path, aside)
     shutil.rmtree(aside, ignore_errors=True)
     return session.path
 
 
 #: Files never carried over by an import: lock files, sync records, temp files.
-_NOT_IMPORTED = (LOCK_FILE, storage.SYNC_STATE)
+_NOT_IMPORTED = (LOCK_FILE, GUARD_FILE, storage.SYNC_STATE)
 
 
 def _importable(rel: str) -> bool:
@@ -638,16 +866,19 @@ def _import_entries(
     if SESSION_FILE not in entries:
         raise UserInputError(f"no session found in {src}: it holds no session.json")
     staging_root = fastsd_home(home) / "sessions"
-    staging = staging_root / f"{storage.TEMP_PREFIX}import-{uuid.uuid4().hex[:8]}"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    storage.clean_temp_files(staging_root, recursive=False)  # earlier imports and removals that were killed
+    staging = storage.temp_name(staging_root / "session", "import")
     try:
         meta = staging / ".incoming-session.json"
         storage.write_stream(meta, entries[SESSION_FILE])
         try:
-            info = json.loads(meta.read_text())
-            if not isinstance(info, dict):
-                raise ValueError("not a JSON object")
+            text = meta.read_text(encoding="utf-8")
         except (OSError, ValueError) as err:
             raise UserInputError(f"cannot import {src}: its session.json is unreadable ({err})") from err
+        # The same checks as opening a session: every path it names must lie inside it, before
+        # any of them is used (an incomplete checkpoint is deleted below by its path).
+        info = load_info(staging, text, label=f"cannot import {src}")
         meta.unlink()
         new_name = normalize_name(name or str(info.get("name") or fallback))
         final = staging_root / new_name
@@ -666,16 +897,16 @@ def _import_entries(
             log.info("import skipped %d internal or unsafe entr(ies): %s", len(skipped), ", ".join(skipped[:5]))
         info["name"] = new_name
         kept = []
-        for c in info.get("checkpoints", []) or []:
-            files = c.get("files") or {}
+        for c in info.get("checkpoints", []):
+            files = c["files"]
             good = bool(files) and all(hashes.get(f"{c['path']}/{rel}") == sha for rel, sha in files.items())
             if good:
                 kept.append(c)
             else:
-                log.warning("import: checkpoint step %s is incomplete in %s; it is not listed", c.get("step"), src)
-                shutil.rmtree(staging / c.get("path", "-missing-"), ignore_errors=True)
+                log.warning("import: checkpoint step %s is incomplete in %s; it is not listed", c["step"], src)
+                _remove_entry(staging, c["path"], "checkpoint")
         info["checkpoints"] = kept
-        info["models"] = [m for m in info.get("models", []) or [] if hashes.get(m.get("file")) == m.get("sha256")]
+        info["models"] = [m for m in info.get("models", []) if hashes.get(m["file"]) == m.get("sha256")]
         storage.write_json(staging / SESSION_FILE, info)
         for sub in SUBDIRS:
             (staging / sub).mkdir(parents=True, exist_ok=True)
@@ -687,5 +918,6 @@ def _import_entries(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     session = Session.open(new_name, home)
-    session.clean()  # unlisted checkpoint folders that came along
+    with session.lock(command="fastsd session import", heartbeat=0):
+        pass  # taking the lock cleans what came along unlisted (checkpoint folders of no manifest entry)
     return session

@@ -3,7 +3,10 @@
 Google Drive in Colab is a FUSE mount that can drop or truncate writes when the runtime dies.
 Every file fastsd keeps goes through one of these helpers: write to a temporary name in the
 target folder, fsync, verify the size (and sha256 when asked), then ``os.replace`` to the final
-name. A crash leaves at most a ``.fastsd-tmp-*`` file, which :func:`clean_temp_files` removes.
+name. A crash leaves at most a ``.fastsd-tmp-*`` file. A temp name says who made it (a hash of
+the host name and the pid), so a leftover of a dead process can be told from a write in progress:
+:func:`clean_temp_files` removes leftovers, and every write removes the stale temps of earlier,
+killed writes of the same target before it starts (a killed conversion left gigabytes on Drive).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -53,8 +58,136 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _temp_name(final: Path) -> Path:
-    return final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}")
+#: Seconds without a change after which a temp file of another host (or of unknown owner) is a leftover.
+TEMP_STALE_AFTER = 60 * 60
+#: ``.fastsd-tmp-<host hash>-<pid>-<random>-<name>``: the owner of a temp file, in its name.
+_OWNED_TEMP = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"([0-9a-f]{8})-(\d+)-([0-9a-f]{8})-(.*)$", re.S)
+#: The older naming, ``.fastsd-tmp-<12 hex>-<name>``: owner unknown, judged by age.
+_LEGACY_TEMP = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"([0-9a-f]{12})-(.*)$", re.S)
+
+
+def _host_tag(host: str | None = None) -> str:
+    return hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:8]
+
+
+def temp_name(final: str | os.PathLike[str], tag: str = "") -> Path:
+    """A temporary name beside ``final`` that names its owner (host hash and pid).
+
+    Every temp file or folder fastsd makes is named here, so :func:`is_stale_temp` can tell the
+    leftover of a killed process from a write that is still running.
+
+    Args:
+        final: the name the temp will become (or the thing it belongs to).
+        tag: an optional word for what the temp is (``import``, ``rm``...), kept in the name.
+    """
+    final = Path(final)
+    label = f"{tag}-{final.name}" if tag else final.name
+    return final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{label}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process of this host has that pid (a live owner of a temp file or lock)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest change in a temp file or folder (a folder being filled changes inside)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for sub in path.rglob("*"):
+            with contextlib.suppress(OSError):
+                newest = max(newest, sub.lstat().st_mtime)
+    return newest
+
+
+def is_stale_temp(
+    path: str | os.PathLike[str], *, older_than: float | None = None, max_age: float = TEMP_STALE_AFTER
+) -> bool:
+    """True when a ``.fastsd-tmp-*`` file or folder is a leftover that may be deleted.
+
+    - made on this host: a leftover when its process is gone (never while it runs);
+    - made on another host, or named before temp names said their owner: a leftover when it has
+      not changed since ``older_than`` (e.g. when the current lock was taken: every writer of a
+      session holds its lock, so nothing older belongs to a running write) or for ``max_age``.
+    """
+    p = Path(path)
+    if not p.name.startswith(TEMP_PREFIX):
+        return False
+    owned = _OWNED_TEMP.match(p.name)
+    if owned and owned.group(1) == _host_tag():
+        return not pid_alive(int(owned.group(2)))
+    try:
+        changed = _newest_mtime(p)
+    except OSError:
+        return False  # already gone
+    if older_than is not None and changed < older_than:
+        return True
+    return time.time() - changed > max_age
+
+
+def _remove_temp(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _unlink_quiet(tmp)
+
+
+def clean_stale_temps_beside(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove stale temps of earlier writes of ``final`` (same folder, same target name).
+
+    Called when a write of ``final`` starts: a killed conversion or copy of the same target left
+    them, and nothing else will ever reuse them. Temps of a write still running are kept.
+    """
+    final = Path(final)
+    removed: list[Path] = []
+    try:
+        siblings = list(final.parent.glob(f"{TEMP_PREFIX}*"))
+    except OSError:
+        return removed
+    for tmp in siblings:
+        match = _OWNED_TEMP.match(tmp.name) or _LEGACY_TEMP.match(tmp.name)
+        if match and match.group(match.lastindex or 0) == final.name and is_stale_temp(tmp):
+            _remove_temp(tmp)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d leftover temp file(s) of earlier writes of %s", len(removed), final)
+    return removed
+
+
+def reclaimable(folder: str | os.PathLike[str], *, older_than: float | None = None) -> tuple[int, list[Path]]:
+    """Bytes held by stale temps under ``folder`` (what :func:`clean_temp_files` would free), and them."""
+    total, found = 0, []
+    for tmp in _temp_candidates(Path(folder)):
+        if not is_stale_temp(tmp, older_than=older_than):
+            continue
+        found.append(tmp)
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                total += sum(f.lstat().st_size for f in tmp.rglob("*") if f.is_file())
+            else:
+                total += tmp.lstat().st_size
+    return total, found
+
+
+def _temp_candidates(root: Path, *, recursive: bool = True) -> list[Path]:
+    """Outermost ``.fastsd-tmp-*`` entries under ``root`` (not those inside a temp folder)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for tmp in sorted(root.rglob(f"{TEMP_PREFIX}*") if recursive else root.glob(f"{TEMP_PREFIX}*")):
+        if not any(part.startswith(TEMP_PREFIX) for part in tmp.relative_to(root).parts[:-1]):
+            found.append(tmp)
+    return found
 
 
 def fsync_dir(folder: Path) -> None:
@@ -93,7 +226,8 @@ def write_stream(
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(final)
+    clean_stale_temps_beside(final)
+    tmp = temp_name(final)
     try:
         # Hash while writing only when the caller wants a verified file (checkpoints, models):
         # hashing a multi-GB conversion costs a core for nothing otherwise.
@@ -177,18 +311,23 @@ def copy_file(
     return result
 
 
-def clean_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove leftovers of interrupted safe writes under ``folder``; returns what was removed."""
+def clean_temp_files(
+    folder: str | os.PathLike[str], *, older_than: float | None = None, recursive: bool = True
+) -> list[Path]:
+    """Remove leftovers of interrupted safe writes under ``folder``; returns what was removed.
+
+    Only stale temps go (see :func:`is_stale_temp`): a write still running in this or another
+    live process of this host keeps its temp file.
+
+    Args:
+        older_than: also count temps of other hosts (or of unknown owner) unchanged since this
+            time as stale; a caller holding the lock passes the time it took it (or now).
+    """
     removed = []
-    root = Path(folder)
-    if not root.is_dir():
-        return removed
-    for tmp in root.rglob(f"{TEMP_PREFIX}*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _unlink_quiet(tmp)
-        removed.append(tmp)
+    for tmp in _temp_candidates(Path(folder)):
+        if is_stale_temp(tmp, older_than=older_than):
+            _remove_temp(tmp)
+            removed.append(tmp)
     return removed
 
 

@@ -107,7 +107,7 @@ def test_session_cli_lock_message_and_force(cli, tmp_path):
     )
     _photos(tmp_path / "p")
     r = cli("session", "add", "busy", str(tmp_path / "p"), "--root", str(root))
-    assert r.returncode == 1 and "session busy is in use by pid 999 on host colab-abc since" in r.stderr
+    assert r.returncode == 1 and "session busy is in use by another process (pid 999 on colab-abc, since " in r.stderr
     r = cli("session", "show", "busy", "--root", str(root))
     assert "lock         in use: pid 999 on host colab-abc" in r.stdout
     r = cli("session", "add", "busy", str(tmp_path / "p"), "--force", "--root", str(root))

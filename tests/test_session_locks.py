@@ -57,8 +57,8 @@ def test_second_process_is_told_who_holds_the_session(home, holder):
     with pytest.raises(SessionLockedError) as err, s.lock():
         pass
     msg = str(err.value)
-    assert f"session busy is in use by pid {holder.pid} on host {host} since " in msg
-    assert "(fastsd train)" in msg and "--force" in msg
+    assert f"session busy is in use by fastsd train (pid {holder.pid} on {host}, since " in msg
+    assert msg.endswith("; wait, or pass --force if that process is dead")
     assert s.lock_holder()["state"] == "live"
     # the lock file is untouched by the refused attempt
     assert read_lock(s.path)["pid"] == holder.pid
@@ -85,13 +85,15 @@ def test_force_breaks_a_live_lock(home, holder):
 def test_other_host_lock_is_live_then_stale(home):
     s = Session.create("remote", home)
     _write_lock(s.path)
-    with pytest.raises(SessionLockedError, match="in use by pid 4242 on host other-colab-vm since .*: wait"):
+    with pytest.raises(
+        SessionLockedError, match=r"in use by another process \(pid 4242 on other-colab-vm, since .*\); wait"
+    ):
         s.lock().acquire()
     old = time.time() - 3600
     _write_lock(s.path, since=old - 600, heartbeat=old)
     assert lock_state(read_lock(s.path)) == "stale"
     # stale from another host: the user decides (that runtime may only be slow to sync Drive)
-    with pytest.raises(SessionLockedError, match="silent for 60 min: if that runtime is gone, run again with --force"):
+    with pytest.raises(SessionLockedError, match="silent for 60 min; if that runtime is gone, pass --force"):
         s.lock().acquire()
     with s.lock(force=True):
         assert read_lock(s.path)["host"] == socket.gethostname()
@@ -133,5 +135,5 @@ def test_heartbeat_is_refreshed(home):
 
 def test_add_images_refuses_a_locked_session(home, holder, tmp_path):
     s = Session.open("busy", home)
-    with pytest.raises(SessionLockedError, match="in use by pid"):
+    with pytest.raises(SessionLockedError, match="in use by fastsd train"):
         s.add_images(tmp_path)

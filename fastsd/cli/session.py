@@ -158,7 +158,7 @@ def run_import(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     from ..session import Session, remove_session
 
-    s = Session.open(args.name, args.root)  # a missing session fails before any question
+    s = Session.open(args.name, args.root, strict=False)  # a missing session fails before any question
     if not args.yes:
         if not sys.stdin.isatty():
             print(

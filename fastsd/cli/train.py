@@ -72,6 +72,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the session's latest checkpoint")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK, else cpu)")
+    p.add_argument("--force", action="store_true", help="break the session's lock if another process holds it")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -79,11 +80,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import train
 
-    skip = {"session", "root", "debug", "func", "command", "json"}
+    skip = {"session", "root", "debug", "func", "command", "json", "force"}
     fields = {k: v for k, v in vars(args).items() if k not in skip}
     if fields.get("min_snr_gamma") == 0:
         fields["min_snr_gamma"] = None
-    result = train(args.session, TrainConfig(**fields), home=args.root)
+    result = train(args.session, TrainConfig(**fields), home=args.root, force=args.force)
     if args.json:
         out = {k: (str(v) if k == "samples" else v) for k, v in vars(result).items()}
         out["samples"] = [str(s) for s in result.samples]

@@ -108,7 +108,14 @@ def save_to_session(session: Any, step: int, keep: int, **parts: Any) -> dict[st
     Returns:
         The manifest entry.
     """
-    scratch = Path(tempfile.mkdtemp(prefix=f"fastsd-ckpt-{step}-"))
+    from .. import storage
+
+    # The scratch folder is named by its owner (host, pid), so the leftovers of killed runs are
+    # recognised and removed here, before they fill the runtime's disk.
+    tmp_root = Path(tempfile.gettempdir())
+    storage.clean_temp_files(tmp_root, recursive=False)
+    scratch = storage.temp_name(tmp_root / f"ckpt-{step}", "train")
+    scratch.mkdir(mode=0o700)
     try:
         save_local(scratch, **parts)
         entry = session.record_checkpoint(step, scratch)

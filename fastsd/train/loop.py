@@ -230,6 +230,7 @@ def train(
     home: str | os.PathLike[str] | None = None,
     on_sample: Any = None,
     on_log: Any = None,
+    force: bool = False,
 ) -> TrainResult:
     """Fine-tune the session's base model on its images (full DreamBooth or LoRA), resumably.
 
@@ -239,12 +240,14 @@ def train(
         home: fastsd home for a session name.
         on_sample: ``callback(step, [paths])`` after sample images are saved.
         on_log: ``callback(step, {"loss", "lr", "it_per_s"})`` every ``log_every`` steps.
+        force: break the session's lock if another process holds it (``--force``).
 
     Returns:
         A :class:`TrainResult` (``stopped`` says why a run ended early).
 
     Raises:
         UserInputError: invalid settings or session contents (before any model loads).
+        SessionLockedError: another process uses the session (a second training, an add...).
         FastsdError: CUDA out of memory (the last state is saved; the message says what to lower)
             or a NaN loss (the last good checkpoint is kept).
 
@@ -255,9 +258,20 @@ def train(
     """
     from ..session import Session
 
-    # ---- 1. settings, validated before anything heavy
     if not isinstance(session, Session):
         session = Session.open(str(session), home)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # data-parallel workers only read the session; rank 0 writes it and holds its lock
+        return _train(session, config, on_sample, on_log)
+    # The lock is held for the whole run (a heartbeat thread keeps it fresh during long steps),
+    # so a second training, an add or a 'session rm' is refused instead of racing the trainer.
+    with session.lock(force=force, command="fastsd train"):
+        return _train(session, config, on_sample, on_log)
+
+
+def _train(session: Any, config: TrainConfig | None, on_sample: Any, on_log: Any) -> TrainResult:
+    """The body of :func:`train`, run while holding the session's lock."""
+    # ---- 1. settings, validated before anything heavy
     config = config or TrainConfig()
     image_paths = session.images()
     c, facts = resolve(config, session_info=session.info, num_images=len(image_paths), home=session.path.parent.parent)
