@@ -281,8 +281,15 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if main:
+        recorded = {}
+        if config.model:  # what the user asked for (sd15, hf:..., an absolute path), not the fetched folder
+            from ..models.fetch import check_spec
+
+            recorded["base_model"] = check_spec(str(config.model))
         session.update(
-            family=family, progress={"step": session.info.get("progress", {}).get("step", 0), "total_steps": total}
+            family=family,
+            progress={"step": session.info.get("progress", {}).get("step", 0), "total_steps": total},
+            **recorded,
         )
 
     # ---- 2. models
