@@ -170,3 +170,159 @@ def test_a_network_failure_elsewhere_is_one_line_not_unexpected():
         "cannot reach civitai.com (ConnectError: [Errno -2] Name or service not known); check the network and try again"
     )
     assert connection_failure_message(ValueError("no")) is None
+
+
+# ----- item 4: inputs are checked before any model loads --------------------------------------
+
+
+def test_ocr_of_a_missing_file_says_so_before_any_model(cli, home, tmp_path):
+    result, seconds = _timed(cli, "ocr", "nothere.pdf", env={"FASTSD_HOME": str(home)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fastsd: error: nothere.pdf: no such file (or the pattern matches nothing)"
+    assert seconds < 5
+
+
+def test_webui_ngrok_without_a_token_fails_before_the_model_loads(cli, home, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")  # loading it would fail with another message: the token comes first
+    result = cli(
+        "webui", "--tunnel", "ngrok", "--model", str(broken), env={"FASTSD_HOME": str(home), "NGROK_AUTHTOKEN": ""}
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fastsd: error: ngrok needs an authtoken: add it as the Colab secret NGROK_AUTHTOKEN (key icon on the left), "
+        "set NGROK_AUTHTOKEN, or pass --ngrok-token; get one at https://dashboard.ngrok.com/get-started/your-authtoken"
+    ]
+
+
+def test_session_new_refuses_an_unknown_base_model_and_stores_paths_absolute(cli, home, tmp_path):
+    env = {"FASTSD_HOME": str(home)}
+    bad = cli("session", "new", "typo", "--base-model", "nonsense", env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "fastsd: error: nonsense is not a known model name (sd15, sd15-inpaint, sd21-512, sd21-768, sdxl, "
+        "sdxl-refiner, sd35-medium), a URL, hf:org/repo, or an existing path"
+    )
+    assert not (home / "sessions" / "typo").exists()
+    for spec in ("sdxl", "hf:org/repo", "https://example.com/m.safetensors"):
+        assert cli("session", "new", f"ok{len(spec)}", "--base-model", spec, env=env).returncode == 0
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    rel = cli("session", "new", "rel", "--base-model", "models/mine", env=env, cwd=tmp_path)
+    assert rel.returncode == 0, rel.stderr
+    info = json.loads((home / "sessions" / "rel" / "session.json").read_text())
+    assert info["base_model"] == str(tmp_path / "models" / "mine")
+
+
+# ----- item 5: output a person reads ----------------------------------------------------------
+
+
+def test_train_says_its_plan_in_words_and_its_summary_once_and_records_the_model(home, tiny_sd1, capsys, caplog):
+    import logging
+
+    import torch
+
+    from fastsd.cli import main
+    from fastsd.session import Session
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: more threads make tiny models slower
+    s = Session.create("pup", home, resolution=64, class_word="dog")
+    for i in range(2):
+        _noise_png(s.instance_dir / f"img{i}.png", 64, 64, seed=i)
+    try:
+        with caplog.at_level(logging.INFO):
+            code = main(
+                ["train", "pup", "--model", str(tiny_sd1), "--method", "lora", "--steps", "1", "--resolution", "64",
+                 "--allow-resolution", "--no-export"]
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("fastsd")]
+    assert out.out.startswith("finished: step 1/1") and out.out.count("finished:") == 1
+    assert not [m for m in logged if "finished:" in m] and "finished:" not in out.err
+    assert [m for m in logged if m.startswith("plan:")] == [
+        "plan: LoRA rank 4 on cpu in fp32 with the adamw optimizer; no gradient checkpointing; channels-last layout"
+    ]
+    assert Session.open("pup", home).info["base_model"] == str(tiny_sd1)
+
+
+def test_train_help_has_a_line_and_a_default_for_every_flag(cli):
+    result = cli("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for shown in (
+        "--batch-size N images per step and GPU (default: 1)",
+        "--channels-last on|off channels-last memory layout (default: on)",
+        "--warmup-steps N steps of linear LR warm-up (default: 0)",
+        "--save-every N save a resumable checkpoint every N steps (default: 500)",
+        "--steps N UNet steps (default full: 1500, lora: 1000)",
+    ):
+        assert shown in text
+    from fastsd.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert [a.dest for a in train._actions if a.option_strings and not a.help] == []
+
+
+def _noise_png(path, width, height, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")).save(path)
+
+
+def test_session_add_names_the_source_of_a_duplicate_and_says_the_short_side(cli, home, tmp_path):
+    import shutil
+
+    env = {"FASTSD_HOME": str(home)}
+    assert cli("session", "new", "d", env=env).returncode == 0
+    _noise_png(tmp_path / "dog.jpg", 640, 480)
+    shutil.copy(tmp_path / "dog.jpg", tmp_path / "copy.jpg")
+    first = cli("session", "add", "d", str(tmp_path / "dog.jpg"), env=env)
+    assert first.stdout.splitlines()[1] == (
+        f"  warning: {tmp_path / 'dog.jpg'} is 640x480: short side 480 < 512, upscaled, it will train blurry"
+    )
+    again = cli("session", "add", "d", str(tmp_path / "copy.jpg"), env=env)
+    assert again.stdout.splitlines()[1] == (
+        f"  duplicate: {tmp_path / 'copy.jpg'} is the same picture as {tmp_path / 'dog.jpg'} (in the session as dog.png)"
+    )
+
+
+def test_a_big_photo_opens_without_pils_raw_warning(monkeypatch, tmp_path):
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from fastsd.images import open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60 * 40)  # 80x50 is then "big", as 12000x10000 is by default
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 50), (10, 20, 30)).save(buf, format="JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_image(buf.getvalue()).size == (80, 50)
+
+
+def test_meaningless_library_lines_are_dropped_and_meaningful_ones_kept(caplog, monkeypatch):
+    import logging
+
+    from fastsd import liblogs
+
+    liblogs.quiet()
+    vae_log = logging.getLogger("diffusers.models.modeling_utils")
+    monkeypatch.setattr(vae_log, "propagate", True)  # diffusers' own handler is not caplog's
+    with caplog.at_level(logging.WARNING):
+        vae_log.warning("There are modules in AutoencoderKL that should be kept in float32: []. Casting directly")
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for"
+        )
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'"
+        )
+        vae_log.warning("There are modules in AutoencoderKL that should be kept in float32: ['decoder'].")
+    assert [r.getMessage() for r in caplog.records] == [
+        "There are modules in AutoencoderKL that should be kept in float32: ['decoder']."
+    ]

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .. import __version__, liblogs
 from ..errors import FastsdError
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
@@ -45,22 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Loggers whose INFO lines are per-request chatter (``HTTP Request: GET ...``), shown only under --debug.
-CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3")
-
-
-def _quiet_libraries(debug: bool) -> None:
-    """Library logs at the level a person wants: one line each, no request chatter.
-
-    huggingface_hub has its own stderr handler *and* propagates to ours, which printed each of its
-    lines twice; it keeps its handler only.
-    """
-    logging.getLogger("huggingface_hub").propagate = False
-    if not debug:
-        for name in CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage or bad input)."""
     parser = build_parser()
@@ -71,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
     )
-    _quiet_libraries(args.debug)
+    liblogs.quiet(args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -385,7 +385,7 @@ def train(
         log.info("channels_last is off with compile=blocks")
     plan["channels_last"] = channels_last
     if main:
-        log.info("plan: %s", plan)
+        log.info("%s", plan_in_words(plan, c, device.type))
     models.unet.to(device)
     if channels_last:
         models.unet.to(memory_format=torch.channels_last)
@@ -840,9 +840,26 @@ def train(
     _close(writer, logdir, session, main)
     if opt is not None:
         opt.close()
-    if main:
-        log.info("%s", result.summary())
-    return result
+    return result  # the caller shows result.summary() (the CLI on stdout, notebooks in the cell)
+
+
+def plan_in_words(plan: dict[str, Any], c: TrainConfig, device: str) -> str:
+    """The memory and speed plan as one sentence a person reads (the dict stays in ``TrainResult.plan``)."""
+    what = f"LoRA rank {c.lora_rank}" if c.method == "lora" else "full fine-tune"
+    parts = [f"plan: {what} on {device} in {plan['precision']} with the {plan['optimizer']} optimizer"]
+    blocks = plan.get("checkpointed_blocks", 0)
+    parts.append(f"gradient checkpointing on {blocks} UNet block(s)" if blocks else "no gradient checkpointing")
+    if plan.get("fused_backward"):
+        parts.append("optimizer step inside backward (saves the gradients' memory)")
+    if plan.get("cuda_graph"):
+        parts.append("the whole step replayed as a CUDA graph")
+    if plan.get("bucketed"):
+        parts.append("aspect-ratio buckets")
+    if plan.get("channels_last"):
+        parts.append("channels-last layout")
+    if device == "cuda" and plan.get("estimate_gb"):
+        parts.append(f"about {plan['estimate_gb']:.1f} GiB of VRAM")
+    return "; ".join(parts)
 
 
 def _pick(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
