@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -326,3 +327,51 @@ def test_meaningless_library_lines_are_dropped_and_meaningful_ones_kept(caplog, 
     assert [r.getMessage() for r in caplog.records] == [
         "There are modules in AutoencoderKL that should be kept in float32: ['decoder']."
     ]
+
+
+# ----- item 7: one repository URL; a failed install is one line ---------------------------------
+
+
+def _setup_cell_pip_line() -> str:
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / "fastsd_dreambooth.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    return next(line for line in first.source.splitlines() if line.startswith("!pip install"))
+
+
+def test_a_failed_install_in_the_setup_cell_is_one_line(tmp_path):
+    # The cell's shell line as IPython runs it: {install_from} filled in, $$ -> $, pip from this Python.
+    where = tmp_path / "no-such-checkout"
+    line = _setup_cell_pip_line()[1:].replace("{install_from}", str(where)).replace("$$", "$")
+    line = line.replace("/tmp/fastsd-pip.log", str(tmp_path / "pip.log"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [
+        f"fastsd: error: could not install fastsd from {where}: ERROR: Invalid requirement: 'fastsd @ {where}' "
+        f"(pip's output: {tmp_path / 'pip.log'})"
+    ]
+
+
+def test_the_repository_url_comes_from_the_package_metadata(tmp_path):
+    import shutil
+
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(REPO / "notebooks" / "build.py", tmp_path / "notebooks" / "build.py")
+    setup = tmp_path / "setup.py"
+    setup.write_text(setup.read_text().replace("https://github.com/fastsd/fastsd", "https://github.com/someone/fork"))
+    stale = subprocess.run(
+        [sys.executable, "notebooks/build.py", "--check"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert stale.returncode == 1 and "README.md" in stale.stderr
+    subprocess.run([sys.executable, "notebooks/build.py"], cwd=tmp_path, check=True, capture_output=True)
+    readme = (tmp_path / "README.md").read_text()
+    notebook = (tmp_path / "notebooks" / "fastsd_webui.ipynb").read_text()
+    assert "fastsd/fastsd" not in readme and "fastsd/fastsd" not in notebook
+    assert "https://colab.research.google.com/github/someone/fork/blob/main/notebooks/fastsd_webui.ipynb" in readme
+    assert "git+https://github.com/someone/fork" in readme
+    assert "https://colab.research.google.com/github/someone/fork/blob/main/notebooks/fastsd_webui.ipynb" in notebook
+    assert 'install_from = \\"git+https://github.com/someone/fork\\"' in notebook
