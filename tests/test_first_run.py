@@ -104,6 +104,17 @@ def test_train_on_a_hub_model_without_network_fails_fast(cli, home, tmp_path):
     assert seconds < 5
 
 
+def test_ocr_without_network_fails_fast_with_the_same_line(cli, home, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (200, 100), (255, 255, 255)).save(tmp_path / "page.png")
+    env = _online(f"http://127.0.0.1:{_closed_port()}", home)
+    result, seconds = _timed(cli, "ocr", str(tmp_path / "page.png"), env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == NO_HUB.format(path=home / "models" / "zai-org--GLM-OCR")
+    assert seconds < 5
+
+
 def test_offline_mode_names_the_path_and_the_variable(cli, home):
     result = cli(
         "model", "get", "hf:org/never-downloaded", env={**_online("http://127.0.0.1:9", home), "HF_HUB_OFFLINE": "1"}

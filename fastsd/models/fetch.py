@@ -164,6 +164,39 @@ def _hub_files(repo: str, revision: str | None, token: str | None) -> list[str]:
     return [s.rfilename for s in info.siblings or []]
 
 
+def hub_repo_offline(repo: str, path: str | os.PathLike[str]) -> bool:
+    """Check a Hub repo another library will download (transformers' ``from_pretrained``) before it does.
+
+    One call without retries: a gated, missing or unreachable repo fails now with fastsd's line
+    instead of after the Hub client's retries. When the Hub cannot be reached but the repo is in
+    the Hub cache, returns True: load it with ``local_files_only=True``. ``path`` is where the
+    message tells the user to put the model.
+
+    Raises:
+        UserInputError: gated or missing repo.
+        NetworkError: the Hub cannot be reached and the repo is not cached.
+    """
+    import huggingface_hub.constants
+    from huggingface_hub import snapshot_download
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        _hub_files(repo, None, secret("HF_TOKEN"))
+        return False
+    except Exception as err:  # noqa: BLE001 - every Hub client failure becomes one fastsd line
+        mapped = _hub_error(err, repo, repo, path)
+        if mapped is None:
+            raise
+        if is_connection_failure(err):
+            try:
+                snapshot_download(repo, local_files_only=True)
+                return True
+            except Exception:  # noqa: BLE001 - not cached: the network message is the one that helps
+                pass
+        raise mapped from None
+
+
 def _from_cache(repo: str, revision: str | None, dest: Path) -> Path:
     """With ``HF_HUB_OFFLINE=1``: the model already in ``dest`` or in the Hub cache, never the network."""
     from huggingface_hub import snapshot_download
