@@ -8,6 +8,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+#: The repository: the one place its URL is written. notebooks/build.py reads it from here for the
+#: notebooks' install line and Colab badges, and for the README's badges and install line.
+REPOSITORY = "https://github.com/fastsd/fastsd"
 table: dict = {}
 exec((here / "fastsd" / "features.py").read_text(), table)  # stdlib-only data module
 
@@ -21,6 +24,8 @@ setup(
     description="DreamBooth training, model conversion, web UIs and OCR on Colab-class GPUs",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    url=REPOSITORY,
+    project_urls={"Source": REPOSITORY, "Notebooks": f"{REPOSITORY}/tree/main/notebooks"},
     python_requires=">=3.10,<3.14",
     packages=find_packages(include=["fastsd", "fastsd.*"]) + ["fastsd._wheels"],
     package_dir={"fastsd._wheels": "wheels"},

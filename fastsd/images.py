@@ -19,6 +19,7 @@ Images smaller than the training size are upscaled, with a warning: they train b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,8 +27,9 @@ import logging
 import math
 import os
 import re
+import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,12 +109,14 @@ class AddReport:
         duplicates: ``(source, existing image)`` pairs skipped as exact duplicates.
         failed: ``(source, reason)`` pairs: corrupt, unsupported or unreadable inputs.
         warnings: notes on images that were added (upscaled, no face found...).
+        originals: for each existing image a duplicate matched, the file it was added from.
     """
 
     added: list[str] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    originals: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """Plain-text report, one line per skipped file."""
@@ -120,10 +124,16 @@ class AddReport:
             f"added {len(self.added)} image(s), skipped {len(self.duplicates)} duplicate(s), "
             f"{len(self.failed)} file(s) failed"
         ]
-        lines += [f"  duplicate: {src} (same as {existing})" for src, existing in self.duplicates]
+        lines += [
+            f"  duplicate: {src} is the same picture as {self._original(existing)}" for src, existing in self.duplicates
+        ]
         lines += [f"  failed: {src}: {reason}" for src, reason in self.failed]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def _original(self, existing: str) -> str:
+        source = self.originals.get(existing)
+        return f"{source} (in the session as {existing})" if source and source != existing else existing
 
 
 def _read_caption(data: bytes) -> str:
@@ -269,6 +279,20 @@ def _register_heif() -> None:
     pillow_heif.register_heif_opener()
 
 
+@contextlib.contextmanager
+def large_images_allowed() -> Iterator[None]:
+    """Open big photos without PIL's raw ``DecompressionBombWarning``.
+
+    PIL warns above ~89 MP (a 12000x10000 scan is a real photo, not an attack) and refuses above
+    twice that with ``DecompressionBombError``, which callers still turn into a message.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def open_image(data: bytes, *, suffix: str = "", draft_size: int | None = None) -> Image.Image:
     """Decode image bytes into an upright RGB image.
 
@@ -284,12 +308,13 @@ def open_image(data: bytes, *, suffix: str = "", draft_size: int | None = None) 
     if suffix in HEIC_SUFFIXES:
         _register_heif()
     try:
-        img = Image.open(io.BytesIO(data))
-        if draft_size and img.format == "JPEG":
-            # draft() picks the largest 1/2^k scale that keeps the requested box; account for
-            # a 90-degree EXIF rotation by asking for a square box.
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
+        with large_images_allowed():
+            img = Image.open(io.BytesIO(data))
+            if draft_size and img.format == "JPEG":
+                # draft() picks the largest 1/2^k scale that keeps the requested box; account for
+                # a 90-degree EXIF rotation by asking for a square box.
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
         img = ImageOps.exif_transpose(img) or img
     except UnidentifiedImageError as err:
         raise ImageReadError("not an image, or a format Pillow cannot read") from err
@@ -573,6 +598,7 @@ def add_images(
             digest = hashlib.sha256(data).hexdigest()
             if digest in known:
                 report.duplicates.append((cand.name, known[digest]))
+                report.originals[known[digest]] = records.get(known[digest], {}).get("source", "")
                 continue
             if digest in unrecorded:  # saved by an add that was killed before recording it
                 fname = unrecorded.pop(digest)
@@ -610,7 +636,8 @@ def add_images(
             report.added.append(fname)
             if info["upscaled"]:
                 report.warnings.append(
-                    f"{cand.name} is {img.width}x{img.height}, smaller than {size}: upscaled, it will train blurry"
+                    f"{cand.name} is {img.width}x{img.height}: short side {min(img.size)} < {size}, "
+                    "upscaled, it will train blurry"
                 )
     finally:
         bar.close()

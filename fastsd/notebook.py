@@ -96,6 +96,9 @@ def setup(*, drive: bool = True, home: str | os.PathLike[str] | None = None) -> 
     # trio (imported by some web libraries) warns when any custom exception handler exists; ours is deliberate
     warnings.filterwarnings("ignore", message="IPython detected, but you already have a custom exception handler")
     _log_to_cell()
+    from .liblogs import quiet
+
+    quiet()
     if drive:
         from .colab import mount_drive
 
@@ -588,7 +591,9 @@ def train(session: Session, **form: Any) -> Any:
     def on_sample(step: int, paths: list[Path]) -> None:
         show_images(paths, columns=min(4, len(paths)), titles=[f"step {step}: {Path(p).name}" for p in paths])
 
-    return run_train(session, config, on_sample=on_sample)  # the trainer logs its summary
+    result = run_train(session, config, on_sample=on_sample)
+    print(result.summary())
+    return result
 
 
 # ---------------------------------------------------------------- trying the model

@@ -124,11 +124,16 @@ def torch_info() -> dict[str, Any]:
     }
 
 
-def fingerprint() -> str:
+def fingerprint(cuda_build: str | None = "ask-torch") -> str:
     """The runtime fingerprint wheel caches and lock files are keyed by.
 
     ``cp<py>-torch<version>-<cuda tag>``, e.g. ``cp313-torch2.11.0-cu128`` for today's Colab. Two
     runtimes with the same fingerprint can share compiled wheels.
+
+    Args:
+        cuda_build: the CUDA version torch was built for, when the caller already knows it (None:
+            a CPU build); by default torch is asked, which imports it when its version string
+            carries no ``+cuXYZ`` tag.
     """
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
     version = package_version("torch")
@@ -137,14 +142,53 @@ def fingerprint() -> str:
     base, _, local = version.partition("+")
     tag = local or "cpu"
     if not local:
-        try:
-            import torch
+        cuda = cuda_build
+        if cuda == "ask-torch":
+            try:
+                import torch
 
-            cuda = torch.version.cuda
-        except ImportError:
-            cuda = None
+                cuda = torch.version.cuda
+            except ImportError:
+                cuda = None
         tag = "cu" + cuda.replace(".", "") if cuda else "cpu"
     return f"{py}-torch{base}-{tag}"
+
+
+#: Seconds ``fastsd doctor`` waits for the child process that asks torch about CUDA.
+TORCH_PROBE_TIMEOUT = 120.0
+
+
+def torch_facts() -> tuple[dict[str, Any], list[GPU]]:
+    """:func:`torch_info` and :func:`gpus`, asked in a child process so this one never imports torch.
+
+    ``fastsd doctor`` runs in a fresh CLI process that should start at once; importing torch (and
+    initialising CUDA) there costs seconds and pins GPU memory. The child runs this module's own
+    functions, so the facts are the same as in-process. Without torch nothing is started.
+    """
+    import json
+    import subprocess
+
+    if package_version("torch") is None:
+        return {"version": None, "cuda_build": None, "cuda_available": False}, []
+    package_root = str(Path(__file__).resolve().parent.parent)
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from dataclasses import asdict; "
+        "from fastsd.runtime import gpus, torch_info; "
+        "print(json.dumps({'torch': torch_info(), 'gpus': [asdict(g) for g in gpus()]}))"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, package_root],
+            capture_output=True,
+            text=True,
+            timeout=TORCH_PROBE_TIMEOUT,
+            check=False,
+        )
+        facts = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, OSError, ValueError, IndexError):
+        # torch is installed but cannot start (broken install, CUDA hang): report its version only.
+        return {"version": package_version("torch"), "cuda_build": None, "cuda_available": False}, []
+    return facts["torch"], [GPU(**g) for g in facts["gpus"]]
 
 
 def _disk_free_gb(path: Path) -> dict[str, Any] | None:
@@ -244,9 +288,8 @@ def doctor_report(home: Path | None = None) -> dict[str, Any]:
     from .paths import drive_dir, resolve_home
 
     home = home or resolve_home()
-    gpu_list = gpus()
+    torch_meta, gpu_list = torch_facts()
     ram = ram_gb()
-    torch_meta = torch_info()
     drive = drive_dir()
     return {
         "fastsd": __version__,
@@ -259,7 +302,7 @@ def doctor_report(home: Path | None = None) -> dict[str, Any]:
         "disk": {"home": _disk_free_gb(home), "drive": _disk_free_gb(drive) if drive else None},
         "home": str(home),
         "drive_mounted": drive is not None,
-        "fingerprint": fingerprint(),
+        "fingerprint": fingerprint(torch_meta["cuda_build"]),
         "packages": {name: package_version(name) for name in REPORTED_PACKAGES},
         "features": feature_status(),
         "advice": advice(gpu_list, ram, torch_meta),

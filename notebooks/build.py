@@ -11,15 +11,34 @@ logic lives in the package (``fastsd.notebook`` and the library), never here.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import re
 import sys
 from pathlib import Path
 
 import nbformat
 
 HERE = Path(__file__).resolve().parent
-REPO_URL = "https://github.com/fastsd/fastsd"
+README = HERE.parent / "README.md"
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
+def repository_url() -> str:
+    """The repository URL from the package metadata (``REPOSITORY`` in setup.py, its ``url=``).
+
+    Read from the source, not by running setup.py: one place to change when the project moves.
+    """
+    tree = ast.parse((HERE.parent / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "REPOSITORY" for t in node.targets):
+            return ast.literal_eval(node.value).rstrip("/")
+    raise SystemExit("setup.py defines no REPOSITORY = '<url>': the notebooks need the repository URL")
+
+
+REPO_URL = repository_url()
+#: Colab opens a notebook of a GitHub repository at colab.research.google.com/github/<owner>/<repo>/blob/...
+COLAB_BASE = "https://colab.research.google.com/github/" + REPO_URL.removeprefix("https://github.com/")
 
 
 def md(text: str) -> tuple[str, str]:
@@ -38,17 +57,19 @@ def setup_cell(features: str, what: str) -> tuple[str, str]:
 #@markdown stay in `MyDrive/fastsd` when the runtime ends, and installs are quick from the wheel cache kept there.
 install_from = "git+{REPO_URL}"  #@param {{type:"string"}}
 use_drive = True  #@param {{type:"boolean"}}
-!pip install -q "fastsd @ {{install_from}}"
-import fastsd.install
-from fastsd import notebook as nb
-home = nb.setup(drive=use_drive)
-installed = fastsd.install.install("{features}")
+!pip install -q "fastsd @ {{install_from}}" > /tmp/fastsd-pip.log 2>&1 || echo "fastsd: error: could not install fastsd from {{install_from}}: $$(grep -m1 -oE '(fatal|ERROR):.*' /tmp/fastsd-pip.log || tail -n1 /tmp/fastsd-pip.log) (pip's output: /tmp/fastsd-pip.log)"
+import importlib.util
+if importlib.util.find_spec("fastsd"):  # a failed install stops at its one line above
+    import fastsd.install
+    from fastsd import notebook as nb
+    home = nb.setup(drive=use_drive)
+    installed = fastsd.install.install("{features}")
 '''
     )
 
 
 def intro(name: str, title: str, body: str) -> tuple[str, str]:
-    link = f"https://colab.research.google.com/github/fastsd/fastsd/blob/main/notebooks/{name}.ipynb"
+    link = f"{COLAB_BASE}/blob/main/notebooks/{name}.ipynb"
     return md(f"# {title}\n\n[![Open In Colab]({BADGE})]({link})\n\n{body.strip()}")
 
 
@@ -281,9 +302,22 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     return nb
 
 
+def readme_text(text: str) -> str:
+    """The README with its Colab badges and ``git+`` install lines pointing at :data:`REPO_URL`."""
+    text = re.sub(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+(?=/blob/)", COLAB_BASE, text)
+    return re.sub(r"git\+https://github\.com/[\w.-]+/[\w.-]+", f"git+{REPO_URL}", text)
+
+
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
+    readme = README.read_text()
+    if readme_text(readme) != readme:
+        if check:
+            stale.append(README.name)
+        else:
+            README.write_text(readme_text(readme))
+            print(f"wrote {README}")
     for name, cells in NOTEBOOKS.items():
         path = HERE / f"{name}.ipynb"
         text = nbformat.writes(build(name, cells)) + "\n"

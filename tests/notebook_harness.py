@@ -206,11 +206,17 @@ def _code_lines(source: str, first: bool) -> list[str]:
     return out
 
 
+def _install_guard(node: ast.AST) -> bool:
+    """``if importlib.util.find_spec("fastsd"):``, which skips the set-up cell's rest after a failed install."""
+    return isinstance(node, ast.If) and ast.unparse(node.test) == "importlib.util.find_spec('fastsd')"
+
+
 def check_cells(nb: nbformat.NotebookNode, max_lines: int = MAX_CODE_LINES) -> list[str]:
     """Problems with a notebook's code cells, one line each (empty: it passes).
 
     Every code cell: a ``#@title``; at most ``max_lines`` lines of code besides comments and form
-    fields; form values are literals; no function/class/lambda, loops, try or if statements; no
+    fields; form values are literals; no function/class/lambda, loops, try or if statements (but the
+    first cell's guard that skips the rest after a failed install); no
     ``!``/``%`` magics (but the first cell's ``!pip install``); no ``input(``; no ``while True``.
     """
     problems = []
@@ -239,6 +245,8 @@ def check_cells(nb: nbformat.NotebookNode, max_lines: int = MAX_CODE_LINES) -> l
             problems.append(f"{name}: not valid Python ({err.msg}, line {err.lineno})")
             continue
         for node in ast.walk(tree):
+            if first and _install_guard(node):
+                continue  # the one branch a cell may hold: fastsd is not importable when its install failed
             for kind, what in FORBIDDEN.items():
                 if isinstance(node, kind):
                     problems.append(f"{name}: {what} (line {node.lineno}); put logic in fastsd.notebook")

@@ -313,7 +313,7 @@ def test_small_image_warning(session, tmp_path):
     _write(tmp_path / "tiny.jpg", _jpeg(_scene((300, 200), blob_center=(150, 100), radius=40)))
     report = session.add_images(tmp_path / "tiny.jpg", progress=False)
     assert report.added == ["tiny.png"]
-    assert report.warnings and "300x200, smaller than 512: upscaled" in report.warnings[0]
+    assert report.warnings and "300x200: short side 200 < 512, upscaled" in report.warnings[0]
 
 
 def test_heic_without_pillow_heif_is_explained(session, tmp_path):

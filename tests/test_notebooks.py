@@ -52,7 +52,7 @@ def test_notebook_is_valid_and_thin(name):
     nbformat.validate(nb)
     assert check_cells(nb) == []
     first = [c for c in nb.cells if c.cell_type == "code"][0]
-    assert re.search(r'^!pip install -q "fastsd @ \{install_from\}"$', first.source, re.M)
+    assert re.search(r'^!pip install -q "fastsd @ \{install_from\}" ', first.source, re.M)
     assert "fastsd.install.install(" in first.source
     assert all(c.metadata.get("cellView") == "form" for c in nb.cells if c.cell_type == "code")
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are committed clean"

@@ -210,9 +210,10 @@ def test_registry_base_model_offline_is_one_clear_error(home, cli, tiny_sd1):
     s.update(base_model="sd15")
     res = cli("train", "offline", "--steps", "1", env={"FASTSD_HOME": str(home), "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 1
+    where = home / "models" / "sd15"
     assert res.stderr.strip().splitlines() == [
-        "fastsd: error: cannot download stable-diffusion-v1-5/stable-diffusion-v1-5: HF_HUB_OFFLINE is set; "
-        "unset it, or pass a local path"
+        "fastsd: error: cannot download stable-diffusion-v1-5/stable-diffusion-v1-5: HF_HUB_OFFLINE is set and it "
+        f"is not in the cache; put the model at {where} and pass --model {where}, or unset HF_HUB_OFFLINE"
     ]
 
 

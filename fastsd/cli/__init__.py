@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .. import __version__
+from .. import __version__, liblogs
 from ..errors import FastsdError
 from ..features import TORCH_HINT
 
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None, parsed: Callable[[argparse.Namespace
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
     )
+    liblogs.quiet(args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -108,6 +109,11 @@ def main(argv: Sequence[str] | None = None, parsed: Callable[[argparse.Namespace
     except Exception as err:  # noqa: BLE001 - the one place that turns surprises into a line
         if args.debug:
             raise
+        from ..models.fetch import connection_failure_message
+
+        if line := connection_failure_message(err):  # a network failure is foreseeable, never "unexpected"
+            print(f"fastsd: error: {line}", file=sys.stderr)
+            return 1
         print(
             f"fastsd: unexpected error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
             file=sys.stderr,

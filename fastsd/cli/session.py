@@ -18,7 +18,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     new = ss.add_parser("new", parents=parents, help="create a session")
     new.add_argument("name", help="letters, digits, '-' and '_' (spaces become '_')")
     new.add_argument(
-        "--base-model", metavar="SPEC", help="base model: sd15, sd21-512, sd21-768, sdxl, hf:org/repo, a path"
+        "--base-model",
+        metavar="SPEC",
+        help="base model: a registry name (sd15, sd21-512, sd21-768, sdxl...), hf:org/repo, a URL, or a path",
     )
     new.add_argument(
         "--resolution", type=int, default=512, help="training size: 512-1024, a multiple of 64 (default 512)"
@@ -71,13 +73,16 @@ def _usage(p: argparse.ArgumentParser) -> int:
 
 def run_new(args: argparse.Namespace) -> int:
     from ..images import check_size
+    from ..models.fetch import check_spec
     from ..session import Session
 
     check_size(args.resolution)
+    # A typo is refused now, not when training starts; a relative path is stored absolute.
+    base_model = check_spec(args.base_model) if args.base_model else None
     s = Session.create(
         args.name,
         args.root,
-        base_model=args.base_model,
+        base_model=base_model,
         resolution=args.resolution,
         instance_token=args.token,
         class_word=args.class_word,

@@ -58,35 +58,163 @@ def _models_dir(home: str | os.PathLike[str] | None) -> Path:
 # --- Hub -------------------------------------------------------------------------------------
 
 
-def _hub_error(err: Exception, what: str) -> Exception:
-    """The one-line fastsd error for a failed Hub call (the Hub client raises many kinds)."""
-    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+#: Seconds to wait for the Hub's first answer. One call, no retries: without a network the first
+#: Hub call fails at once instead of after the Hub client's five retries (25 s).
+HUB_PROBE_TIMEOUT = 10.0
+HUB_URL = "https://huggingface.co"
+
+
+def hub_unreachable(path: str | os.PathLike[str]) -> NetworkError:
+    """The one line for "the Hub cannot be reached", with where to put the model instead."""
+    return NetworkError(
+        f"cannot reach the Hugging Face Hub (no network). Put the model at {path} and pass --model {path}, "
+        "or set HF_HUB_OFFLINE=1 to use the cache"
+    )
+
+
+def is_connection_failure(err: BaseException) -> bool:
+    """Whether ``err`` means the network (DNS, connect, TLS, timeout) failed, not the server's answer.
+
+    The Hub client raises its HTTP library's transport errors (``httpx`` or ``httpx2``, by version),
+    ``requests``-style ``ConnectionError`` or plain socket errors; they are recognised by kind and
+    name, so any of these libraries' versions is covered without importing them.
+    """
+    import socket
+
+    if isinstance(err, (socket.gaierror, socket.timeout, ConnectionError)):
+        return True
+    for cls in type(err).__mro__:
+        if cls.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") and cls.__name__ in (
+            "TransportError",
+            "ConnectionError",
+            "NewConnectionError",
+        ):
+            return True
+    return False
+
+
+def connection_failure_message(err: BaseException) -> str | None:
+    """One line for a network failure that reached the CLI unmapped, or None when ``err`` is not one.
+
+    Names the host when the error carries its request, and the Hub's advice when it is the Hub.
+    """
+    if not is_connection_failure(err):
+        return None
+    try:
+        host = urlparse(str(err.request.url)).hostname  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
+        host = None
+    hub = urlparse(os.environ.get("HF_ENDPOINT") or HUB_URL).hostname
+    if host is None or host == hub:
+        return (
+            "cannot reach the Hugging Face Hub (no network). Put the model in a local folder and pass "
+            "--model PATH, or set HF_HUB_OFFLINE=1 to use the cache"
+        )
+    return f"cannot reach {host} ({type(err).__name__}: {redact(str(err))[:120]}); check the network and try again"
+
+
+def _hub_error(err: Exception, what: str, repo: str, path: str | os.PathLike[str]) -> Exception | None:
+    """The one-line fastsd error for a failed Hub call (the Hub client raises many kinds).
+
+    Returns None for an exception that is no Hub or network failure (a bug), to be raised as it is.
+    """
+    import huggingface_hub.constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     if isinstance(err, GatedRepoError):
+        page = f"{HUB_URL}/{repo}"
+        if secret("HF_TOKEN"):
+            return UserInputError(
+                f"{what} is gated and HF_TOKEN's account has not been granted access: accept the licence at "
+                f"{page} while logged in as that account, then run again"
+            )
         return UserInputError(
-            f"{what} is gated: accept its license on the Hub, then set HF_TOKEN (env or Colab secret)"
+            f"{what} is gated: accept its licence at {page} (logged in), then set HF_TOKEN "
+            "(environment variable, or the Colab secret HF_TOKEN) to a token of that account"
         )
     if isinstance(err, RepositoryNotFoundError):
         return UserInputError(f"{what} does not exist on the Hub (or is private: set HF_TOKEN); check the name")
-    if isinstance(err, OfflineModeIsEnabled):
-        return NetworkError(f"cannot download {what}: HF_HUB_OFFLINE is set; unset it, or pass a local path")
+    if isinstance(err, OfflineModeIsEnabled) or (
+        isinstance(err, LocalEntryNotFoundError) and huggingface_hub.constants.HF_HUB_OFFLINE
+    ):
+        return NetworkError(
+            f"cannot download {what}: HF_HUB_OFFLINE is set and it is not in the cache; "
+            f"put the model at {path} and pass --model {path}, or unset HF_HUB_OFFLINE"
+        )
+    if is_connection_failure(err):
+        return hub_unreachable(path)
+    if not isinstance(err, (OSError, ValueError)):
+        return None
     return NetworkError(
         f"could not download {what} from the Hub ({type(err).__name__}: {redact(str(err))[:120]}); "
         "check the network and try again (downloads resume)"
     )
 
 
-# Failures of the Hub client: its HTTP errors, offline mode, and raw connection errors.
-_HUB_FAILURES: tuple[type[BaseException], ...] = (OSError, ValueError)
+def _hub_files(repo: str, revision: str | None, token: str | None) -> list[str]:
+    """The repo's file names, in one Hub call without retries (the reachability check)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo, revision=revision, token=token, timeout=HUB_PROBE_TIMEOUT)
+    return [s.rfilename for s in info.siblings or []]
+
+
+def hub_repo_offline(repo: str, path: str | os.PathLike[str]) -> bool:
+    """Check a Hub repo another library will download (transformers' ``from_pretrained``) before it does.
+
+    One call without retries: a gated, missing or unreachable repo fails now with fastsd's line
+    instead of after the Hub client's retries. When the Hub cannot be reached but the repo is in
+    the Hub cache, returns True: load it with ``local_files_only=True``. ``path`` is where the
+    message tells the user to put the model.
+
+    Raises:
+        UserInputError: gated or missing repo.
+        NetworkError: the Hub cannot be reached and the repo is not cached.
+    """
+    import huggingface_hub.constants
+    from huggingface_hub import snapshot_download
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        _hub_files(repo, None, secret("HF_TOKEN"))
+        return False
+    except Exception as err:  # noqa: BLE001 - every Hub client failure becomes one fastsd line
+        mapped = _hub_error(err, repo, repo, path)
+        if mapped is None:
+            raise
+        if is_connection_failure(err):
+            try:
+                snapshot_download(repo, local_files_only=True)
+                return True
+            except Exception:  # noqa: BLE001 - not cached: the network message is the one that helps
+                pass
+        raise mapped from None
+
+
+def _from_cache(repo: str, revision: str | None, dest: Path) -> Path:
+    """With ``HF_HUB_OFFLINE=1``: the model already in ``dest`` or in the Hub cache, never the network."""
+    from huggingface_hub import snapshot_download
+
+    if (dest / "model_index.json").is_file() or any(dest.glob("*.safetensors")):
+        return dest
+    return Path(snapshot_download(repo, revision=revision, local_files_only=True))
 
 
 def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
-    import httpx
-    from huggingface_hub import HfApi, snapshot_download
+    import huggingface_hub.constants
+    from huggingface_hub import snapshot_download
 
     token = secret("HF_TOKEN")
     try:
-        files = HfApi().list_repo_files(repo, revision=revision, token=token)
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            return _from_cache(repo, revision, dest)
+        files = _hub_files(repo, revision, token)
         if "model_index.json" in files:
             patterns: list[str] | None = DIFFUSERS_PATTERNS
         elif any(f.endswith(".safetensors") for f in files):
@@ -94,19 +222,28 @@ def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
         else:
             patterns = None
         path = snapshot_download(repo, revision=revision, local_dir=dest, allow_patterns=patterns, token=token)
-    except (*_HUB_FAILURES, httpx.HTTPError) as err:
-        raise _hub_error(err, repo) from None
+    except Exception as err:  # noqa: BLE001 - every Hub client failure becomes one fastsd line
+        mapped = _hub_error(err, repo, repo, dest)
+        if mapped is None:
+            raise
+        raise mapped from None
     return Path(path)
 
 
 def _hub_file(repo: str, revision: str, filename: str, dest: Path) -> Path:
-    import httpx
+    import huggingface_hub.constants
     from huggingface_hub import hf_hub_download
 
+    token = secret("HF_TOKEN")
     try:
-        path = hf_hub_download(repo, filename, revision=revision, local_dir=dest, token=secret("HF_TOKEN"))
-    except (*_HUB_FAILURES, httpx.HTTPError) as err:
-        raise _hub_error(err, f"{repo}/{filename}") from None
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            _hub_files(repo, revision, token)
+        path = hf_hub_download(repo, filename, revision=revision, local_dir=dest, token=token)
+    except Exception as err:  # noqa: BLE001 - every Hub client failure becomes one fastsd line
+        mapped = _hub_error(err, f"{repo}/{filename}", repo, dest / Path(filename).name)
+        if mapped is None:
+            raise
+        raise mapped from None
     return Path(path)
 
 
@@ -252,6 +389,31 @@ def _check_pickle(path: Path) -> None:
             raise
 
 
+def check_spec(spec: str) -> str:
+    """``spec`` as it should be stored (a local path made absolute), or a refusal; no network.
+
+    What :func:`get` accepts: a registry name, ``hf:org/repo[@rev]``, an http(s) URL, or an existing
+    path. A session stores its base model through this, so a typo is refused when it is typed,
+    not minutes later when training starts, and a relative path still works from another folder.
+
+    Raises:
+        UserInputError: none of these (the message lists the known names).
+    """
+    spec = spec.strip()
+    if spec in BASE_MODELS or spec.startswith(("http://", "https://")):
+        return spec
+    if spec.startswith("hf:"):
+        if spec[3:].partition("@")[0].count("/") != 1:
+            raise UserInputError(f"{spec}: write a Hub repo as hf:org/name[@revision]")
+        return spec
+    local = Path(spec).expanduser()
+    if not local.exists():
+        raise UserInputError(
+            f"{spec} is not a known model name ({', '.join(BASE_MODELS)}), a URL, hf:org/repo, or an existing path"
+        )
+    return str(local.resolve())
+
+
 def get(
     spec: str,
     dest: str | os.PathLike[str] | None = None,
@@ -284,9 +446,8 @@ def get(
         entry = base_model(spec)
         return _hub_snapshot(entry.repo, None, target or _models_dir(home) / spec)
     if spec.startswith("hf:"):
+        check_spec(spec)
         repo, _, rev = spec[3:].partition("@")
-        if repo.count("/") != 1:
-            raise UserInputError(f"{spec}: write a Hub repo as hf:org/name[@revision]")
         return _hub_snapshot(repo, rev or None, target or _models_dir(home) / repo.replace("/", "--"))
     if m := _HUB_FILE.match(spec):
         path = _hub_file(m.group(1), m.group(2), m.group(3).split("?")[0], target or _models_dir(home))
@@ -299,11 +460,7 @@ def get(
         sha = frag[len("sha256=") :] if frag.startswith("sha256=") else None
         path = download(url, target or _models_dir(home), sha256=sha)
     else:
-        local = Path(spec).expanduser()
-        if not local.exists():
-            raise UserInputError(
-                f"{spec} is not a known model name ({', '.join(BASE_MODELS)}), a URL, hf:org/repo, or an existing path"
-            )
+        local = Path(check_spec(spec))
         if target is None:
             return local.resolve()
         out = target / local.name

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFormatError, UserInputError
-from .convert import _require_full, config_for, shipped_config
-from .detect import detect
 
 #: (family, task) -> diffusers pipeline class name.
 PIPELINES = {
@@ -55,6 +53,9 @@ def load_pipeline(
     """
     import diffusers
 
+    from .convert import _require_full, config_for, shipped_config
+    from .detect import detect
+
     if pipeline not in TASKS:
         raise UserInputError(f"unknown pipeline {pipeline!r}; use one of {', '.join(TASKS)}")
     det = detect(path_or_folder)
@@ -77,6 +78,10 @@ def load_pipeline(
         raise ModelFormatError(f"diffusers could not load {path_or_folder} ({det.summary()}): {err}") from err
 
 
+#: Specs :func:`diffusers_folder` fetched in this process, and where they are (cache owned here).
+_FETCHED: dict[tuple[str, str], Path] = {}
+
+
 def diffusers_folder(
     spec: str | os.PathLike[str],
     *,
@@ -97,12 +102,14 @@ def diffusers_folder(
     import hashlib
 
     from ..paths import cache_dir
-    from .convert import single_file_to_diffusers
     from .fetch import get
 
     path = Path(spec).expanduser()
     if not path.exists():
-        path = get(str(spec), home=home)
+        key = (str(spec), str(home))
+        if key not in _FETCHED:  # one Hub round per process: the CLI fetches before torch loads, then train
+            _FETCHED[key] = get(str(spec), home=home)
+        path = _FETCHED[key]
     if path.is_dir():
         return path
     stat = path.stat()
@@ -110,4 +117,6 @@ def diffusers_folder(
     target = cache_dir() / "diffusers" / f"{path.stem}-{key}"
     if (target / "model_index.json").is_file():
         return target
+    from .convert import single_file_to_diffusers  # torch: only once a file is to be converted
+
     return single_file_to_diffusers(path, target, overwrite=True, config=config)

@@ -16,6 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import FastsdError, NetworkError, UserInputError
@@ -95,6 +96,12 @@ class TransformersEngine:
         fast: bool = True,
         local_files_only: bool = False,
     ) -> None:
+        if not local_files_only and not Path(model).expanduser().exists():
+            from ..models.fetch import hub_repo_offline
+            from ..paths import resolve_home
+
+            suggested = resolve_home() / "models" / model.replace("/", "--")
+            local_files_only = hub_repo_offline(model, suggested)  # fails in a second, not after retries
         import torch
         from transformers import GlmOcrForConditionalGeneration
 

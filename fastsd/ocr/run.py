@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserInputError
 from ..paths import fastsd_home
 from .documents import Document, Page, expand_inputs, open_document, parse_page_ranges, unique_names
 from .engine import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, OpenAIEngine, PageJob, TransformersEngine
@@ -98,10 +99,12 @@ class OcrRun:
         ranges = parse_page_ranges(o["pages"])
         out_dir = Path(o["out"]) if o["out"] else fastsd_home(o["root"]) / "ocr"
         summary.out_dir = str(out_dir)
+        files = expand_inputs(self.inputs)
+        _require_some_file(files)  # before the model: a typo must not wait for a multi-GB download
         engine = self._engine()
         grid: PatchGrid = engine.grid
 
-        docs: list[Document] = [open_document(p, grid, dpi=o["dpi"], pages=ranges) for p in expand_inputs(self.inputs)]
+        docs: list[Document] = [open_document(p, grid, dpi=o["dpi"], pages=ranges) for p in files]
         unique_names(docs)
         summary.documents = len(docs)
         meta = {"model": getattr(engine, "model_id", o["model"]), "engine": engine.name, "task": task}
@@ -199,6 +202,20 @@ class OcrRun:
             skipped=skipped,
             folder=str(folder),
         )
+
+
+def _require_some_file(files: list[Path]) -> None:
+    """Refuse a run in which no input names a file (a missing one among others fails on its own).
+
+    Raises:
+        UserInputError: the first input and why it is not a file.
+    """
+    if any(f.is_file() for f in files):
+        return
+    first = files[0] if files else Path("")
+    why = "no PDF or image files in this folder" if first.is_dir() else "no such file (or the pattern matches nothing)"
+    more = f" (nor {len(files) - 1} other input(s))" if len(files) > 1 else ""
+    raise UserInputError(f"{first}: {why}{more}")
 
 
 def ocr(

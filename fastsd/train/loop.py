@@ -295,7 +295,12 @@ def _train(session: Any, config: TrainConfig | None, on_sample: Any, on_log: Any
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if main:
-        session.update(family=family)
+        recorded = {}
+        if config.model:  # what the user asked for (sd15, hf:..., an absolute path), not the fetched folder
+            from ..models.fetch import check_spec
+
+            recorded["base_model"] = check_spec(str(config.model))
+        session.update(family=family, **recorded)
 
     # ---- 2. models
     models = _Models(c.model, family, dtype, full)
@@ -390,7 +395,7 @@ def _train(session: Any, config: TrainConfig | None, on_sample: Any, on_log: Any
         log.info("channels_last is off with compile=blocks")
     plan["channels_last"] = channels_last
     if main:
-        log.info("plan: %s", plan)
+        log.info("%s", plan_in_words(plan, c, device.type))
     models.unet.to(device)
     if channels_last:
         models.unet.to(memory_format=torch.channels_last)
@@ -849,9 +854,26 @@ def _train(session: Any, config: TrainConfig | None, on_sample: Any, on_log: Any
     _close(writer, logdir, session, main)
     if opt is not None:
         opt.close()
-    if main:
-        log.info("%s", result.summary())
-    return result
+    return result  # the caller shows result.summary() (the CLI on stdout, notebooks in the cell)
+
+
+def plan_in_words(plan: dict[str, Any], c: TrainConfig, device: str) -> str:
+    """The memory and speed plan as one sentence a person reads (the dict stays in ``TrainResult.plan``)."""
+    what = f"LoRA rank {c.lora_rank}" if c.method == "lora" else "full fine-tune"
+    parts = [f"plan: {what} on {device} in {plan['precision']} with the {plan['optimizer']} optimizer"]
+    blocks = plan.get("checkpointed_blocks", 0)
+    parts.append(f"gradient checkpointing on {blocks} UNet block(s)" if blocks else "no gradient checkpointing")
+    if plan.get("fused_backward"):
+        parts.append("optimizer step inside backward (saves the gradients' memory)")
+    if plan.get("cuda_graph"):
+        parts.append("the whole step replayed as a CUDA graph")
+    if plan.get("bucketed"):
+        parts.append("aspect-ratio buckets")
+    if plan.get("channels_last"):
+        parts.append("channels-last layout")
+    if device == "cuda" and plan.get("estimate_gb"):
+        parts.append(f"about {plan['estimate_gb']:.1f} GiB of VRAM")
+    return "; ".join(parts)
 
 
 def _pick(t: torch.Tensor, idx: list[int]) -> torch.Tensor:

@@ -169,6 +169,14 @@ class ImageResponse(BaseModel):
     info: str = Field(description="JSON string: seed, all_seeds, infotexts, ...")
 
 
+class PngInfoRequest(BaseModel):
+    """``POST /sdapi/v1/png-info`` (A1111's ``PNGInfoRequest``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(description="base64 image (a data: URL prefix is allowed)")
+
+
 class ProgressResponse(BaseModel):
     progress: float
     eta_relative: float
@@ -334,6 +342,14 @@ def make_router(backend: Backend, auth: tuple[str, str] | None = None) -> APIRou
             params["init_images"] = None
             params["mask"] = None
         return {"images": images, "parameters": params, "info": _info_json(result)}
+
+    @router.post("/png-info")
+    async def png_info(body: PngInfoRequest) -> dict[str, Any]:
+        try:
+            image = await asyncio.to_thread(decode_image, body.image, "image")
+        except UserInputError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
+        return infotext.png_info(image)
 
     @router.get("/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:

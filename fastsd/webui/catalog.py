@@ -184,3 +184,39 @@ def find(entries: list[Entry], kind: str, name: str) -> Entry:
     raise UserInputError(
         f"no {kind} called {name!r}: use one of: {known} (POST /sdapi/v1/refresh-checkpoints after adding files)"
     )
+
+
+#: sha256 per (path, size, mtime): hashing a multi-GB checkpoint costs seconds, so once per process.
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def model_sha256(path: str | Path) -> str:
+    """The checkpoint's sha256, as A1111 reports it (its short hash is the first 10 characters).
+
+    A single file is hashed whole. A Diffusers folder has no one file, so its identity is the
+    sha256 of its JSON configs and of each weight file's name and size, which changes when any
+    part is replaced. Cached while the path's size and modification time stay the same.
+    """
+    import hashlib
+
+    from ..storage import sha256_file
+
+    p = Path(path)
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        if p.is_file():
+            _SHA256[key] = sha256_file(p)
+        else:
+            digest = hashlib.sha256()
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                rel = f.relative_to(p).as_posix()
+                digest.update(rel.encode())
+                digest.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+            _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def short_hash(path: str | Path) -> str:
+    """A1111's ``shorthash`` of a checkpoint: the first 10 hex characters of :func:`model_sha256`."""
+    return model_sha256(path)[:10]

@@ -588,7 +588,12 @@ class PipelineManager:
         run_task = "inpaint" if mask is not None else task
         pipe = self._task_pipe(run_task)
         pipe.scheduler = samplers.make_scheduler(self._scheduler_config, sampler, schedule)
+        timesteps = self._schedule_timesteps(pipe.scheduler, sampler, schedule, req.steps)
         strength = 1.0 if (task == "txt2img") else float(req.denoising_strength)
+        if task != "txt2img" and int(req.steps * strength) < 1:
+            # diffusers refuses to run zero steps; A1111 runs at least one (its t_enc + 1)
+            strength = min(1.0, (1 + 1e-6) / req.steps)
+        model_hash = catalog.short_hash(entry.path)
 
         seed = random_seed() if req.seed == -1 else int(req.seed)
         subseed = random_seed() if req.subseed == -1 else int(req.subseed)
@@ -620,6 +625,7 @@ class PipelineManager:
                 "prompt": [prompt] * len(seeds),
                 "negative_prompt": [req.negative_prompt] * len(seeds),
                 "num_inference_steps": req.steps,
+                **({"timesteps": timesteps} if timesteps else {}),
                 "guidance_scale": req.cfg_scale,
                 "generator": [torch.Generator(gen_device).manual_seed(s) for s in seeds],
                 "callback_on_step_end": on_step,
@@ -659,6 +665,7 @@ class PipelineManager:
                 {
                     "Seed": s,
                     "Size": f"{width}x{height}",
+                    "Model hash": model_hash,
                     "Model": entry.name,
                     "VAE": None if vae_name == "Automatic" else Path(vae_name).name,
                     "Denoising strength": None if task == "txt2img" else float(req.denoising_strength),
@@ -697,7 +704,7 @@ class PipelineManager:
             "restore_faces": False,
             "face_restoration_model": None,
             "sd_model_name": entry.name,
-            "sd_model_hash": None,
+            "sd_model_hash": model_hash,
             "sd_vae_name": None if vae_name == "Automatic" else vae_name,
             "sd_vae_hash": None,
             "seed_resize_from_w": -1,
@@ -715,6 +722,26 @@ class PipelineManager:
             "interrupted": state.interrupted,
         }
         return GenerationResult(images, used_seeds, infotexts, info, interrupted=state.interrupted)
+
+    def _schedule_timesteps(self, scheduler: Any, sampler: Any, schedule: str, steps: int) -> list[int] | None:
+        """Explicit timesteps for schedule types that are a table (Align Your Steps), else None.
+
+        Raises:
+            UserInputError: the sampler's scheduler cannot take explicit timesteps.
+        """
+        if schedule != samplers.AYS or self.family not in ("sd", "sdxl"):
+            return None
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            able = [
+                s.name
+                for s in samplers.SAMPLERS
+                if "timesteps"
+                in inspect.signature(getattr(__import__("diffusers"), s.scheduler).set_timesteps).parameters
+            ]
+            raise UserInputError(
+                f"{samplers.AYS} needs a sampler that takes its timesteps: use one of {', '.join(able)}"
+            )
+        return samplers.ays_timesteps(self.family, steps)
 
     def _prepare_inpaint(
         self, req: GenerationRequest, width: int, height: int

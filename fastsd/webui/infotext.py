@@ -8,6 +8,7 @@ Info tab, Civitai and ComfyUI read it back, so the layout follows A1111 exactly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
@@ -41,6 +42,56 @@ def build(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None))
     return "\n".join(lines)
+
+
+#: A1111's ``re_param``: ``Key: value`` pairs of the last line, values JSON-quoted when they hold , : or newlines.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse(text: str) -> dict[str, str]:
+    """An infotext back into fields, as A1111's ``parse_generation_parameters`` returns them.
+
+    ``Prompt`` and ``Negative prompt`` (multi-line), then each ``Key: value`` of the last line as a
+    string; a ``WxH`` value becomes ``Key-1``/``Key-2`` (``Size-1: "512"``). A last line with fewer
+    than three pairs is part of the prompt, as in A1111.
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:") :].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        size = _SIZE.match(value)
+        if size:
+            out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            out[key] = value
+    out.setdefault("Clip skip", "1")  # A1111 fills the defaults its UI needs
+    return out
+
+
+def png_info(image: Image.Image) -> dict[str, Any]:
+    """``POST /sdapi/v1/png-info``'s answer for an opened image: its infotext, other text chunks, fields."""
+    meta = dict(image.info)
+    text = meta.pop("parameters", None)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    items = {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}
+    return {"info": text or "", "items": items, "parameters": parse(text) if text else {}}
 
 
 def parse_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:

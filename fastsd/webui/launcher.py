@@ -190,6 +190,13 @@ def start(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> Running
     if backend_name not in BACKEND_NAMES:
         raise UserInputError(f"unknown backend {opts.backend!r}: choose from {', '.join(BACKEND_NAMES)}")
     kind = choose_tunnel(opts.tunnel, echo=echo)
+    # What can be checked is checked before a model loads or a backend installs (minutes).
+    if kind == "ngrok":
+        opts.ngrok_token = tunnel.ngrok_token(opts.ngrok_token)
+    if opts.model:
+        from ..models.fetch import check_spec
+
+        check_spec(str(opts.model))
     home = fastsd_home(opts.root)
     if backend_name == "builtin":
         return _start_builtin(opts, kind, home, echo)

@@ -53,14 +53,35 @@ SAMPLERS: tuple[Sampler, ...] = (
 
 #: A1111 "Schedule type" (the ``scheduler`` API field, A1111 >= 1.9) -> scheduler config overrides.
 #: Applied only where the sampler's scheduler class accepts the setting, as A1111 ignores it there.
+#: A1111 1.10's sd_schedulers.py, as diffusers realises each: Normal spaces the timesteps evenly from
+#: the first to the last (diffusers' "linspace"), Simple and SGM Uniform step back evenly from the
+#: last ("trailing"), DDIM takes every k-th from the start ("leading"); Align Your Steps uses NVIDIA's
+#: published timesteps (diffusers' ``AysSchedules``), log-linearly interpolated to the step count as
+#: A1111 does.
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Automatic": {},
     "Uniform": {},
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
-    "Beta": {"use_beta_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Align Your Steps": {},  # timesteps, see ays_timesteps()
+    "Simple": {"timestep_spacing": "trailing"},
+    "Normal": {"timestep_spacing": "linspace"},
+    "DDIM": {"timestep_spacing": "leading"},
+    "Beta": {"use_beta_sigmas": True},
 }
+
+#: A1111 schedule types diffusers' schedulers cannot produce: refused by name, never run as another.
+UNSUPPORTED_SCHEDULE_TYPES = (
+    "Polyexponential",
+    "KL Optimal",
+    "Karras Exponential",
+    "Align Your Steps GITS",
+    "Align Your Steps 11",
+    "Align Your Steps 32",
+)
+
+AYS = "Align Your Steps"
 
 #: Schedulers of flow-matching models (SD3): the A1111 names do not apply; the model's own is used.
 FLOW_MATCH_PREFIX = "FlowMatch"
@@ -104,12 +125,37 @@ def find_schedule_type(name: str | None) -> str:
     for key in SCHEDULE_TYPES:
         if schedule_id(key) == wanted:
             return key
-    raise UserInputError(f"unknown schedule type {name!r}: use one of {', '.join(SCHEDULE_TYPES)}")
+    known = ", ".join(SCHEDULE_TYPES)
+    for key in UNSUPPORTED_SCHEDULE_TYPES:
+        if schedule_id(key) == wanted:
+            raise UserInputError(f"schedule type {key!r} is not available in fastsd's diffusers UI: use one of {known}")
+    raise UserInputError(f"unknown schedule type {name!r}: use one of {known}")
 
 
 def schedule_id(label: str) -> str:
     """A1111's scheduler ``name`` for a label: "SGM Uniform" -> "sgm_uniform"."""
     return label.strip().lower().replace(" ", "_")
+
+
+def ays_timesteps(family: str, steps: int) -> list[int]:
+    """Align Your Steps timesteps for ``steps`` steps (SD1/SD2 or SDXL table), as A1111 interpolates them.
+
+    The published tables have 10 steps; other counts are interpolated log-linearly, then made
+    strictly decreasing (a scheduler refuses repeated timesteps).
+    """
+    import numpy as np
+    from diffusers.schedulers import AysSchedules
+
+    table = AysSchedules["StableDiffusionXLTimesteps" if family == "sdxl" else "StableDiffusionTimesteps"]
+    ys = np.log(np.asarray(table[::-1], dtype=np.float64))
+    curve = np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(table)), ys))[::-1]
+    out: list[int] = []
+    for t in np.rint(curve).astype(int).tolist():
+        t = min(t, out[-1] - 1) if out else t
+        out.append(max(t, 0))
+    if len(set(out)) != len(out):
+        raise UserInputError(f"{AYS} cannot spread {steps} steps over the model's timesteps: use fewer steps")
+    return out
 
 
 def make_scheduler(base_config: dict[str, Any], sampler: Sampler, schedule_type: str = "Automatic"):
