@@ -348,6 +348,12 @@ def test_auth_on(tmp_path, tiny_sd1):
         assert c.get(f"{API}/options").status_code == 401
         assert c.get(f"{API}/options", auth=("alice", "wrong")).status_code == 401
         assert c.get(f"{API}/options", auth=("alice", "s3cret")).status_code == 200
+        # The schema and the docs page (which can send requests) need the login too.
+        for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+            assert c.get(path).status_code in (401, 404), path
+        assert c.get("/docs").status_code == 401 and c.get("/openapi.json").status_code == 401
+        assert c.get("/openapi.json", auth=("alice", "s3cret")).json()["paths"]["/sdapi/v1/txt2img"]
+        assert "swagger" in c.get("/docs", auth=("alice", "s3cret")).text.lower()
         # The UI asks for a login: its config is refused until the login form is posted.
         assert c.get("/config").status_code == 401
         assert c.post("/login", data={"username": "alice", "password": "wrong"}).status_code == 400

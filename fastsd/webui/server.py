@@ -142,8 +142,14 @@ def build_app(
         title="fastsd",
         version=__version__,
         description="AUTOMATIC1111-compatible API on diffusers (built into fastsd).",
+        # FastAPI's own /docs, /redoc and /openapi.json take no dependencies: they are added below,
+        # behind the same login as the API.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.include_router(make_router(backend, auth))
+    _add_docs(app, auth)
     install_error_handlers(app)
     if ui:
         import gradio as gr
@@ -157,6 +163,29 @@ def build_app(
             app, blocks, path="", auth=[auth] if auth else None, allowed_paths=[str(outputs)], ssr_mode=False
         )
     return app
+
+
+def _add_docs(app: Any, auth: tuple[str, str] | None) -> None:
+    """``/openapi.json`` and ``/docs`` (Swagger UI), behind the API's HTTP Basic login when there is one.
+
+    The schema lists every route and field, and the docs page can send requests: with auth on,
+    neither answers without the login.
+    """
+    from fastapi import Depends
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import JSONResponse
+
+    from .api import make_auth_dependency
+
+    login = [Depends(make_auth_dependency(auth))]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=login)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=login)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="fastsd API")
 
 
 def start(
