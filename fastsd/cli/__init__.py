@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import FastsdError
+from ..redact import install_logging
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
 COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr")
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
     )
+    install_logging()  # no log line of fastsd or of a library it drives prints a secret
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
