@@ -305,15 +305,10 @@ def test_cli_reports_failures_and_exit_codes(tmp_path, cli, home, tiny_glm_ocr):
 
 
 def png_claiming(path, width: int, height: int):
-    """A tiny PNG whose header claims ``width`` x ``height`` (how decompression bombs start)."""
-    import zlib
+    """A tiny PNG file whose header claims ``width`` x ``height``."""
+    from webui_fixtures import png_claiming as claiming
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = zlib.compress(b"\x00" * (width * 3 + 1) * 4)  # a few rows; the rest never arrives
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    path.write_bytes(claiming(width, height))
     return path
 
 

@@ -203,6 +203,7 @@ def start(
     device: str | None = None,
     preload: bool = True,
     quiet: bool = False,
+    max_job_pixels: int | None = None,
 ) -> ServerHandle:
     """Start the web UI + A1111 API in the background and return once it answers HTTP.
 
@@ -222,6 +223,9 @@ def start(
         device: torch device (default CUDA when available, else CPU).
         preload: load the model in the background right away instead of at the first request.
         quiet: do not print the URL (``serve`` and notebooks print it).
+        max_job_pixels: the pixel budget of one job (width x height x batch_size x n_iter, and the
+            largest init image or mask); default ``api.DEFAULT_MAX_JOB_PIXELS`` (64 MP). Jobs over it
+            answer 422; ``/sdapi/v1/cmd-flags`` reports it.
 
     Returns:
         A :class:`ServerHandle` with ``url`` and ``stop()``.
@@ -237,11 +241,14 @@ def start(
     """
     import uvicorn
 
-    from .api import Backend
+    from .api import DEFAULT_MAX_JOB_PIXELS, Backend
     from .generate import PipelineManager
     from .worker import Worker
 
     credentials = parse_auth(auth)
+    budget = int(max_job_pixels or DEFAULT_MAX_JOB_PIXELS)
+    if budget < 64 * 64:
+        raise UserInputError(f"max_job_pixels {budget} is too small: give at least 4096 (one 64x64 image)")
     if public and credentials is None:
         credentials = (GENERATED_USER, secrets.token_urlsafe(12))
         # Printed once, never logged: this is the only place the password appears.
@@ -268,8 +275,9 @@ def start(
         "api_auth": "<set>" if credentials else None,  # never the secret itself
         "gradio_auth": "<set>" if credentials else None,
         "backend": "fastsd-builtin",
+        "max_job_pixels": budget,  # fastsd: width x height x batch_size x n_iter allowed per job
     }
-    backend = Backend(manager, worker, flags)
+    backend = Backend(manager, worker, flags, max_job_pixels=budget)
     app = build_app(backend, auth=credentials, ui=ui, ui_defaults=ui_defaults)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
