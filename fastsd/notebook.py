@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FastsdError, UserInputError
 from .paths import cache_dir, fastsd_home
+from .redact import install_logging
 from .runtime import environment
 from .session import human_size
 
@@ -79,6 +80,7 @@ def _log_to_cell() -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    install_logging([h for h in logger.handlers if getattr(h, "_fastsd_notebook", False)])
 
 
 def setup(*, drive: bool = True, home: str | os.PathLike[str] | None = None) -> Path:

@@ -10,6 +10,8 @@ It prints startup lines the way A1111 / ComfyUI do, answers ``/sdapi/v1/options`
     --pidfile F         write "<pid> <child pid>" to F
     --counter F         append one line per start to F (counts restarts)
     --auth user:pass    require HTTP basic auth
+    --print-env         print the environment it was given, one NAME=value line each
+    --say "LINE"        print LINE at startup (a backend echoing what it read from its own config)
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def main() -> int:
     p.add_argument("--pidfile")
     p.add_argument("--counter")
     p.add_argument("--auth")
-    args = p.parse_args()
+    p.add_argument("--print-env", action="store_true")
+    p.add_argument("--say", action="append", default=[])
+    args, _ = p.parse_known_args()  # a real backend's flags (ComfyUI's --listen ...) are accepted and ignored
 
     if args.counter:
         with open(args.counter, "a") as fh:
@@ -65,6 +69,11 @@ def main() -> int:
 
     for line in A1111_LINES if args.style == "a1111" else COMFY_LINES:
         print(line.format(port=args.port), flush=True)
+    if args.print_env:
+        for name, value in sorted(os.environ.items()):
+            print(f"{name}={value}", flush=True)
+    for line in args.say:
+        print(line, flush=True)
     if args.fail:
         time.sleep(0.2)
         print("Traceback (most recent call last):", flush=True)

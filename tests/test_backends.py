@@ -444,6 +444,15 @@ def test_cli_refuses_comfyui_on_a_tunnel_without_login(cli, home):
     assert "ComfyUI has no login of its own" in proc.stderr
 
 
+def test_cli_refuses_comfyui_with_listen_before_installing_anything(cli, home):
+    # ComfyUI cannot ask for a password, so --listen (0.0.0.0) would serve it to anyone on the network.
+    for extra in ((), ("--auth", "me:pw-1234")):
+        proc = cli("webui", "--backend", "comfyui", "--listen", "--tunnel", "none", *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert "does not expose it with --listen" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (home / "webui" / "comfyui").exists()  # refused before any clone or install
+
+
 def test_cli_bad_auth(cli, home):
     proc = cli("webui", "--backend", "a1111", "--auth", "x")
     assert proc.returncode == 2 and "--auth must be user:password" in proc.stderr

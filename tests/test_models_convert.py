@@ -255,3 +255,102 @@ def test_pickle_needing_code_is_refused(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Evil()}, bad)
     with pytest.raises(ModelFormatError, match="code execution"):
         detect(bad)
+
+
+# --- crafted headers -----------------------------------------------------------------------------
+
+
+def _rewrite_header(file: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with ``edit(header)`` (the data bytes stay as they are)."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    body = json.dumps(header).encode()
+    file.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+
+
+def _same_size_pair(header: dict) -> tuple[str, str]:
+    by_size: dict[int, str] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        if size and size in by_size:
+            return by_size[size], name
+        by_size[size] = name
+    raise AssertionError("no two tensors of one size")
+
+
+def _overlap(header: dict) -> None:
+    a, b = _same_size_pair(header)
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])  # b reads a's bytes
+
+
+def _negative_shape(header: dict) -> None:
+    name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) >= 2)
+    header[name]["shape"][0] *= -1
+    header[name]["shape"][1] *= -1  # the product, hence the byte size, is unchanged
+
+
+def _beyond_the_file(header: dict) -> None:
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start + 2**40, end + 2**40]
+
+
+def _unknown_dtype(header: dict) -> None:
+    header[next(k for k in header if k != "__metadata__")]["dtype"] = "F128"
+
+
+CRAFTED = {
+    "overlap": (_overlap, "overlaps"),
+    "negative shape": (_negative_shape, "non-negative integers"),
+    "beyond the file": (_beyond_the_file, "gap"),
+    "unknown dtype": (_unknown_dtype, "unknown dtype 'F128'"),
+}
+
+
+def _deep_header(file: Path, depth: int = 200_000) -> None:
+    body = b'{"x":' + b"[" * depth + b"]" * depth + b"}"
+    file.write_bytes(len(body).to_bytes(8, "little") + body)
+
+
+def test_crafted_component_headers_are_refused_by_convert(tiny_sd1, tmp_path, cli):
+    """A Diffusers folder whose UNet header lies: one line naming the file, exit 2, no output file."""
+    outs = []
+    for i, (case, (edit, reason)) in enumerate([*CRAFTED.items(), ("deep", (None, "nested"))]):
+        folder = tmp_path / f"crafted-{i}"
+        shutil.copytree(tiny_sd1, folder)
+        unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        _deep_header(unet) if edit is None else _rewrite_header(unet, edit)
+        with pytest.raises(ModelFormatError, match=reason):
+            diffusers_to_single_file(folder, tmp_path / f"{i}.safetensors")
+        outs.append((case, folder, reason))
+    for case, folder, reason in (outs[0], outs[-1]):  # through the CLI: overlap, deep
+        r = cli("convert", str(folder), str(tmp_path / "out.safetensors"))
+        assert r.returncode == 2, (case, r.stderr)
+        assert r.stderr.startswith("fastsd: error:") and len(r.stderr.strip().splitlines()) == 1, (case, r.stderr)
+        assert "diffusion_pytorch_model.safetensors" in r.stderr and reason in r.stderr, (case, r.stderr)
+    assert not list(tmp_path.glob("*.safetensors"))
+    _no_leftovers(tmp_path)
+
+
+def test_crafted_single_files_are_refused_by_model_detect(tiny_sd1, tmp_path, cli):
+    good = diffusers_to_single_file(tiny_sd1, tmp_path / "good.safetensors")
+    files = []
+    for i, (edit, reason) in enumerate(CRAFTED.values()):
+        bad = tmp_path / f"crafted-{i}.safetensors"
+        shutil.copy(good, bad)
+        _rewrite_header(bad, edit)
+        with pytest.raises(ModelFormatError, match=reason):
+            read_header(bad)
+        files.append((bad, reason))
+    deep = tmp_path / "deep.safetensors"
+    _deep_header(deep)
+    files.append((deep, "nested"))
+    for bad, reason in (files[1], files[2]):  # through the CLI: negative shape, beyond the file
+        r = cli("model", "detect", str(bad))
+        assert r.returncode == 2, (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr and reason in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr

@@ -163,3 +163,44 @@ def test_cli_detect_json(tiny_sdxl, cli):
     r = cli("model", "detect", str(tiny_sdxl), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["family"] == "sdxl"
+
+
+class _MarkerPickle:
+    """Unpickling this creates a marker file: proof that a pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch"])
+def test_cli_model_get_of_a_local_malicious_pickle_refuses_without_running_it(tmp_path, home, cli, writer):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"w": _MarkerPickle(marker)}}
+    if writer == "pickle":
+        evil.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, evil)
+    for args in (("model", "get", str(evil)), ("model", "get", str(evil), "--dest", str(tmp_path / "d"))):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "needs code execution" in r.stderr and "Traceback" not in r.stderr
+        assert r.stdout == ""  # no path printed for the caller to load
+    assert not marker.exists()
+    assert evil.is_file()  # the user's own file is left alone
+    assert not (tmp_path / "d" / "evil.ckpt").exists()  # the copy fastsd made is gone
+
+
+def test_model_get_checks_pickles_inside_a_local_folder(tmp_path, home):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "pipe" / "unet"
+    folder.mkdir(parents=True)
+    torch.save({"w": _MarkerPickle(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelFormatError, match="code execution"):
+        get(str(tmp_path / "pipe"))
+    assert not marker.exists()

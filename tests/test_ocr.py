@@ -304,6 +304,42 @@ def test_cli_reports_failures_and_exit_codes(tmp_path, cli, home, tiny_glm_ocr):
     assert r.returncode == 2 and "schema" in r.stderr
 
 
+def png_claiming(path, width: int, height: int):
+    """A tiny PNG file whose header claims ``width`` x ``height``."""
+    from webui_fixtures import png_claiming as claiming
+
+    path.write_bytes(claiming(width, height))
+    return path
+
+
+def test_cli_image_bomb_fails_its_document_only(tmp_path, cli, home, tiny_glm_ocr):
+    page_image("page 0").save(tmp_path / "ok0.png")
+    page_image("page 1").save(tmp_path / "ok1.png")
+    png_claiming(tmp_path / "bomb.png", 20_000, 20_000)  # 400 MP: PIL raises DecompressionBombError
+    r = cli(
+        "ocr", str(tmp_path), "--model", str(tiny_glm_ocr), "--device", "cpu", "--max-new-tokens", "4",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr and "DecompressionBomb" not in r.stderr
+    failed = [line for line in r.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and "bomb.png" in failed[0] and "400 MP" in failed[0] and "limit" in failed[0], failed
+    assert "3 document(s), 2 page(s): 2 done" in r.stdout, r.stdout
+    assert all((tmp_path / "out" / f"ok{i}" / "page_0001.md").is_file() for i in range(2))
+
+
+def test_large_allowed_image_gets_a_readable_line_not_pils_warning(tmp_path, caplog):
+    import warnings
+
+    big = png_claiming(tmp_path / "big.png", 10_000, 9_500)  # 95 MP: under fastsd's limit, over PIL's warning
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="fastsd.ocr"):
+        warnings.simplefilter("always")
+        doc = open_document(big, GRID)
+    assert doc.error is None and len(doc.pages) == 1
+    assert not [w for w in caught if "DecompressionBomb" in type(w.message).__name__], [str(w.message) for w in caught]
+    assert "big.png: image 10000x9500 (95 MP) is very large; decoding it needs about 0.4 GB of RAM" in caplog.text
+
+
 # --------------------------------------------------------------------------- openai engine
 class _ChatServer(BaseHTTPRequestHandler):
     requests: list[dict] = []

@@ -157,6 +157,58 @@ def test_secrets_are_masked_in_the_log(tmp_path):
     assert "--auth ****" in log
 
 
+def fake_secrets(monkeypatch) -> dict[str, str]:
+    """Tokens as fastsd's users set them (random, so a hit in a log is no coincidence)."""
+    import secrets as _secrets
+
+    values = {
+        "HF_TOKEN": "hf_" + _secrets.token_hex(17),
+        "NGROK_AUTHTOKEN": "2" + _secrets.token_hex(16) + "_" + _secrets.token_hex(8),
+        "CIVITAI_TOKEN": _secrets.token_hex(16),
+        "OPENAI_API_KEY": "sk-" + _secrets.token_hex(20),
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+@pytest.mark.parametrize("backend", ["a1111", "comfyui"])
+def test_backend_process_gets_no_tokens_and_its_log_has_none(tmp_path, monkeypatch, backend):
+    from fastsd import redact
+    from fastsd.webui.backends import LaunchContext, get_backend
+
+    redact.forget_all()
+    tokens = fake_secrets(monkeypatch)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))  # caches are passed on, tokens are not
+    port = free_port()
+    be = get_backend(backend)
+    ctx = LaunchContext(install_dir=tmp_path, python=Path(sys.executable), links=tmp_path / "links", port=port)
+    echoed: list[str] = []
+    # The stand-in prints every variable it got, then a token it read on its own (say, an
+    # extension's config file holding the same Civitai key): both must stay out of the log.
+    argv = [sys.executable, FAKE, "--port", str(port), "--style", "comfyui", "--print-env"]
+    argv += ["--say", f"civitai helper: using API key {tokens['CIVITAI_TOKEN']}"]
+    sup = Supervisor(
+        f"webui-{backend}",
+        argv,
+        ready_url=f"http://127.0.0.1:{port}/system_stats",
+        env=be.environment(ctx),
+        log_path=tmp_path / "live" / "webui.log",
+        mirror_path=tmp_path / "home" / "logs" / f"webui-{backend}.log",
+        echo=echoed.append,
+        poll_interval=0.1,
+        ready_timeout=20,
+    )
+    with sup:
+        sup.wait_ready()
+    log = (tmp_path / "home" / "logs" / f"webui-{backend}.log").read_text()
+    assert f"HF_HOME={tmp_path / 'hf-cache'}" in log and "PATH=" in log  # it did print its environment
+    assert "civitai helper: using API key ****" in log
+    for name, value in tokens.items():
+        assert f"{name}=" not in log, name  # the variable never reached the backend
+        assert value not in log and value not in "\n".join(echoed), name
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

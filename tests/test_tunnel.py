@@ -254,3 +254,50 @@ def test_cloudflared_binary_on_path_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     assert tunnel.cloudflared_binary(fetch=False) == fake
     assert subprocess.run([str(fake), "--version"], capture_output=True, text=True).stdout.startswith("cloudflared")
+
+
+# What a CLI run logs after fastsd's logging setup: pyngrok relays the agent's lines, uvicorn
+# configures its own handlers when it starts, a library logs an exception quoting a signed URL.
+_LOGGING_RUN = r"""
+import logging, logging.config, os, sys
+from fastsd.cli import main
+
+main(["model", "get", "no-such-model"])  # any command: it sets up logging the way every command does
+token, civitai = os.environ["NGROK_AUTHTOKEN"], os.environ["CIVITAI_TOKEN"]
+logging.getLogger("pyngrok.process.ngrok").info(
+    't=2025-06-01T10:00:00 lvl=eror msg="session closed" err="authentication failed: Your authtoken: %s"', token
+)
+logging.getLogger("pyngrok.ngrok").warning("Opening tunnel with config {'authtoken': %r}", token)
+logging.getLogger("fastsd.tunnel").warning("ngrok agent env: NGROK_AUTHTOKEN=%s", token)
+import uvicorn.config
+logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
+logging.getLogger("uvicorn.error").error("request with key %s failed", civitai)
+try:
+    raise ConnectionError(f"GET https://civitai.com/api/download/models/1?token={civitai} failed")
+except ConnectionError:
+    logging.getLogger("httpx").exception("download failed")
+"""
+
+
+def test_library_log_lines_with_tokens_are_masked(tmp_path):
+    import secrets as _secrets
+
+    from conftest import REPO
+
+    token = "2" + _secrets.token_hex(14) + "_" + _secrets.token_hex(10)
+    civitai = _secrets.token_hex(16)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+        "FASTSD_HOME": str(tmp_path / "home"),
+        "NGROK_AUTHTOKEN": token,
+        "CIVITAI_TOKEN": civitai,
+    }
+    proc = subprocess.run([sys.executable, "-c", _LOGGING_RUN], env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Your authtoken: ****" in out and "NGROK_AUTHTOKEN=****" in out  # the lines were logged, masked
+    assert "request with key ****" in out and "ConnectionError" in out
+    assert token not in out and token[:12] not in out
+    assert civitai not in out

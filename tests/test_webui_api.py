@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import gc
+import os
+import shutil
 import threading
 import time
 import weakref
@@ -12,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from webui_fixtures import SIZE, b64_png, decode, info, make_home, pixels
+from webui_fixtures import SIZE, b64_png, decode, info, make_home, pixels, png_claiming
 
 from fastsd.webui import infotext, start
 
@@ -174,6 +177,24 @@ def test_interrupt_stops_only_the_current_job(client, server):
     assert np.array_equal(pixels(out["short"]["images"][0]), pixels(reference["images"][0]))
 
 
+def test_interrupt_stops_the_vae_decode_between_images(client, server, monkeypatch):
+    txt2img(client, seed=3)  # the default model is loaded
+    manager = server.backend.manager
+    vae = manager.pipe.vae
+    real, calls = vae.decode, []
+
+    def decode_then_interrupt(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        out = real(*args, **kwargs)
+        manager.state.interrupt()  # as POST /interrupt does, while the batch is being decoded
+        return out
+
+    monkeypatch.setattr(vae, "decode", decode_then_interrupt)
+    r = txt2img(client, seed=3, batch_size=4, n_iter=2)
+    assert calls == [1]  # one image decoded, then the decode (and the job) stopped
+    assert len(r["images"]) == 1 and info(r)["interrupted"] is True and info(r)["all_seeds"] == [3]
+
+
 def test_skip_ends_the_batch_not_the_job(client, server):
     out = {}
     t = threading.Thread(target=lambda: out.update(r=txt2img(client_for(server), steps=300, n_iter=2, seed=11)))
@@ -315,12 +336,22 @@ BAD = [
     ("img2img", {"init_images": ["@init"], "mask": "@black"}, "no white pixels"),
     ("img2img", {"init_images": ["@init"], "denoising_strength": 1.5}, "denoising_strength"),
     ("img2img", {"init_images": ["@init"], "inpainting_fill": 9}, "inpainting_fill"),
+    # hostile requests: each used to answer 500 or hold the only worker for minutes
+    ("img2img", {"init_images": ["@bomb"]}, "init_images[0] is 858 MP, over this server's limit of 64 MP"),
+    ("img2img", {"init_images": ["@init"], "mask": "@bomb"}, "mask is 858 MP, over this server's limit"),
+    ("img2img", {"init_images": ["@big"]}, "init_images[0] is 20000x3500 (67 MP), over this server's limit"),
+    ("txt2img", {"width": 4096, "height": 4096, "batch_size": 64, "n_iter": 1000}, "over this server's budget"),
+    ("img2img", {"init_images": ["@init"], "width": 2048, "height": 2048, "batch_size": 17}, "= 68 MP, over"),
+    ("txt2img", {"prompt": "a dog <lora:doglora:nan>"}, "is not a number"),
+    ("txt2img", {"prompt": "a dog <lora:doglora:abc>"}, "is not a number"),
 ]
 
 
 @pytest.mark.parametrize(("endpoint", "fields", "reason"), BAD, ids=[f"{e}-{r}" for e, _, r in BAD])
 def test_bad_requests_422_with_reason(client, endpoint, fields, reason):
     images = {"@init": b64_png(Image.new("RGB", (64, 64), "white")), "@black": b64_png(Image.new("L", (64, 64), 0))}
+    images["@bomb"] = base64.b64encode(png_claiming(30_000, 30_000)).decode()  # 900 megapixels in 200 KB
+    images["@big"] = base64.b64encode(png_claiming(20_000, 3_500)).decode()  # under PIL's bomb rules, over ours
     body = {
         k: ([images.get(x, x) for x in v] if k == "init_images" else images.get(v, v) if isinstance(v, str) else v)
         for k, v in fields.items()
@@ -328,6 +359,44 @@ def test_bad_requests_422_with_reason(client, endpoint, fields, reason):
     r = client.post(f"{API}/{endpoint}", json={"prompt": "a dog", **SIZE, **body})
     assert r.status_code == 422, r.text
     assert reason in r.text
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("name", ["cfg_scale", "denoising_strength", "subseed_strength"])
+def test_non_finite_numbers_are_422_naming_the_field(client, name, value):
+    body = '{"prompt": "a dog", "width": 64, "height": 64, "steps": 2, "' + name + '": ' + value + "}"
+    r = client.post(f"{API}/txt2img", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert name in r.text and "finite" in r.text
+
+
+def test_pixel_budget_is_configurable_and_reported(client, tmp_path):
+    assert client.get(f"{API}/cmd-flags").json()["max_job_pixels"] == 64 * 1024 * 1024
+    small = start(home=tmp_path / "home", port=0, ui=False, quiet=True, preload=False, max_job_pixels=64 * 64 * 2)
+    with small, httpx.Client(base_url=small.url, timeout=60) as c:
+        assert c.get(f"{API}/cmd-flags").json()["max_job_pixels"] == 8192
+        r = c.post(f"{API}/txt2img", json={"prompt": "a dog", **SIZE, "batch_size": 3})
+        assert r.status_code == 422 and "12288 pixels" not in r.text and "budget" in r.text, r.text
+        r = c.post(f"{API}/img2img", json={"init_images": [b64_png(Image.new("RGB", (96, 96)))], **SIZE})
+        assert r.status_code == 422 and "init_images[0] is 96x96" in r.text, r.text
+        assert small.backend.worker.submitted == 0  # refused before anything was queued
+
+
+def test_unknown_and_path_like_loras_are_reported_not_resolved(client, server, tmp_path):
+    base = txt2img(client, seed=31)
+    # A real LoRA outside the model folders, named by path (relative to the home, and absolute).
+    outside = tmp_path / "outside" / "evil.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(client.get(f"{API}/loras").json()[0]["path"], outside)
+    rel = os.path.relpath(outside.with_suffix(""), server.backend.manager.home / "models")
+    names = [rel, str(outside), str(outside.with_suffix("")), "nosuchlora"]
+    r = txt2img(client, seed=31, prompt="a photo of a dog " + " ".join(f"<lora:{n}:1>" for n in names))
+    warnings = info(r)["warnings"]
+    for name in names[:3]:
+        assert f"LoRA {name!r} is not a LoRA in the model folders" in " ".join(warnings), (name, warnings)
+    assert "LoRA 'nosuchlora' was not found" in " ".join(warnings), warnings
+    assert np.array_equal(pixels(r["images"][0]), pixels(base["images"][0]))  # nothing was applied
+    assert info(base)["warnings"] == []
 
 
 def test_bad_options_and_server_keeps_serving(client):
@@ -348,6 +417,12 @@ def test_auth_on(tmp_path, tiny_sd1):
         assert c.get(f"{API}/options").status_code == 401
         assert c.get(f"{API}/options", auth=("alice", "wrong")).status_code == 401
         assert c.get(f"{API}/options", auth=("alice", "s3cret")).status_code == 200
+        # The schema and the docs page (which can send requests) need the login too.
+        for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+            assert c.get(path).status_code in (401, 404), path
+        assert c.get("/docs").status_code == 401 and c.get("/openapi.json").status_code == 401
+        assert c.get("/openapi.json", auth=("alice", "s3cret")).json()["paths"]["/sdapi/v1/txt2img"]
+        assert "swagger" in c.get("/docs", auth=("alice", "s3cret")).text.lower()
         # The UI asks for a login: its config is refused until the login form is posted.
         assert c.get("/config").status_code == 401
         assert c.post("/login", data={"username": "alice", "password": "wrong"}).status_code == 400

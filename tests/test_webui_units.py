@@ -171,3 +171,28 @@ def test_parse_auth():
     for bad in ("nocolon", ":p", "u:"):
         with pytest.raises(UserInputError):
             parse_auth(bad)
+
+
+def test_decode_latents_matches_the_pipeline_and_stops_between_images(tiny_sd1):
+    import itertools
+
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from fastsd.webui.generate import decode_latents
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd1, local_files_only=True)
+
+    def run(output_type):
+        gens = [torch.Generator().manual_seed(s) for s in range(3)]
+        return pipe(["a dog"] * 3, num_inference_steps=2, height=64, width=64, generator=gens,
+                    output_type=output_type).images  # fmt: skip
+
+    reference, latents = run("pil"), run("latent")
+    decoded = decode_latents(pipe, latents)  # one image at a time, as the web UI does
+    assert len(decoded) == 3
+    for ref, got in zip(reference, decoded, strict=True):
+        assert np.abs(np.asarray(ref, dtype=int) - np.asarray(got, dtype=int)).max() <= 1
+    asked = itertools.count()
+    assert len(decode_latents(pipe, latents, stop=lambda: next(asked) >= 1)) == 1

@@ -61,6 +61,19 @@ def make_home(root: Path, sd1: Path, sd2: Path | None = None, sdxl: Path | None 
     return root
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` (how decompression bombs start)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = zlib.compress(b"\x00" * (width * 3 + 1) * 4)  # a few rows; the rest never arrives
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
 def b64_png(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__, liblogs
 from ..errors import FastsdError
 from ..features import TORCH_HINT
+from ..redact import install_logging
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
 COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr")
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None, parsed: Callable[[argparse.Namespace
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
     )
     liblogs.quiet(args.debug)
+    install_logging()  # no log line of fastsd or of a library it drives prints a secret
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

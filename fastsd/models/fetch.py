@@ -378,14 +378,25 @@ def _drive(url: str, dest: Path) -> Path:
     return download(direct, dest)
 
 
-def _check_pickle(path: Path) -> None:
-    if path.is_file() and path.suffix in PICKLES:
-        from .tensorfile import load_pickle_state_dict
+def _check_pickles(path: Path, *, ours: bool) -> None:
+    """Refuse a pickled model (or one inside a folder) that needs code execution to load.
 
+    Every path :func:`get` returns goes through here, so nothing downstream ever opens a pickle
+    that was not proven loadable with ``torch.load(weights_only=True)``. A refused file that
+    fastsd downloaded or copied (``ours``) is deleted; the user's own file is left where it is.
+    """
+    from .tensorfile import load_pickle_state_dict
+
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PICKLES)
+    else:
+        files = [path] if path.suffix.lower() in PICKLES else []
+    for file in files:
         try:
-            load_pickle_state_dict(path)
+            load_pickle_state_dict(file)
         except ModelFormatError:
-            path.unlink()
+            if ours and file == path:  # a single file fastsd fetched; a folder's other files stay usable
+                file.unlink()
             raise
 
 
@@ -462,7 +473,9 @@ def get(
     else:
         local = Path(check_spec(spec))
         if target is None:
-            return local.resolve()
+            path = local.resolve()
+            _check_pickles(path, ours=False)
+            return path
         out = target / local.name
         if local.is_dir():
             with contextlib.suppress(FileExistsError):
@@ -470,6 +483,6 @@ def get(
         else:
             copy_file(local, out, verify_sha256=True)
         path = out
-    _check_pickle(path)
+    _check_pickles(path, ours=True)
     log.info("model ready: %s", path)
     return path

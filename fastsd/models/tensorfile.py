@@ -39,7 +39,13 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
         DTYPE_NAMES[getattr(torch, _attr)] = _name
@@ -72,14 +78,23 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors header without reading any tensor data.
+def header_json(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """The validated JSON header of a safetensors file and the byte where its data starts.
+
+    This is the one reader of safetensors headers (the converter, ``model detect`` and the web
+    UI's model lists all come here), and it trusts nothing in the file: the header's length and
+    JSON (one nested too deep for the parser included); every tensor's dtype name, shape
+    (non-negative integers) and byte size (``prod(shape) * dtype size``); no name listed twice;
+    and the data offsets, which must tile the data section from 0
+    without gaps or overlaps and end inside the file. A crafted file is refused here, before a
+    byte of tensor data is read, instead of converting into wrong tensors.
 
     Returns:
-        ``(tensors, metadata)``: name -> :class:`TensorInfo`, and the ``__metadata__`` strings.
+        ``(header, data_start)``: the header dict (``__metadata__`` included, as strings), and the
+        file offset that ``data_offsets`` count from.
 
     Raises:
-        ModelFormatError: not a safetensors file, or truncated (data shorter than the header says).
+        ModelFormatError: one line naming the file and what is wrong with it.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -88,34 +103,107 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
         if len(head) < 8:
             raise ModelFormatError(f"{path} is not a safetensors file (too short); check the download")
         (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > MAX_HEADER or 8 + n > size:
+        if n < 2 or n > MAX_HEADER or 8 + n > size:
             raise ModelFormatError(f"{path} is not a safetensors file or is truncated; download it again")
         raw = fh.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        # json's decoder stops at the interpreter's recursion limit; a real header nests 3 deep.
+        raise ModelFormatError(
+            f"{path}: the safetensors header is nested thousands of levels deep; it is not a model file"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelFormatError(f"{path} has a damaged safetensors header; download it again") from err
+    except _DuplicateKey as err:
+        raise ModelFormatError(f"{path}: tensor {err.args[0]!r} is listed twice; the file is damaged") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path} has a damaged safetensors header; download it again")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ModelFormatError(f"{path}: __metadata__ must map names to strings; the file is damaged")
+    spans = sorted((_tensor_span(path, name, info), name) for name, info in header.items() if name != "__metadata__")
+    end_of_data = 0
+    for (start, end), name in spans:
+        if start != end_of_data:
+            what = "overlaps the tensor before it" if start < end_of_data else "leaves a gap before it"
+            raise ModelFormatError(
+                f"{path}: tensor {name!r} at bytes {start}..{end} {what}; the file is damaged or crafted"
+            )
+        end_of_data = end
+    if 8 + n + end_of_data > size:
+        raise ModelFormatError(
+            f"{path} is truncated ({size} of {8 + n + end_of_data} bytes); download or copy it again"
+        )
+    return header, 8 + n
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _tensor_span(path: Path, name: str, info: Any) -> tuple[int, int]:
+    """``(start, end)`` of one header entry after checking its dtype, shape and size."""
+
+    def bad(what: str) -> ModelFormatError:
+        return ModelFormatError(f"{path}: tensor {name!r} {what}; the file is damaged or crafted")
+
+    if not isinstance(info, dict):
+        raise bad("has no dtype/shape/data_offsets entry")
+    dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise bad(f"has an unknown dtype {info.get('dtype')!r} (known: {', '.join(DTYPES)})")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"has shape {shape!r}; a shape is a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
+        raise bad(f"has data_offsets {offsets!r}; they are two non-negative integers")
+    start, end = offsets
+    count = 1
+    for d in shape:
+        count *= d
+    if end - start != count * _itemsize(dtype):
+        raise bad(f"spans {end - start} bytes but shape {shape} of {info['dtype']} needs {count * _itemsize(dtype)}")
+    return start, end
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header without reading any tensor data (validated by :func:`header_json`).
+
+    Returns:
+        ``(tensors, metadata)``: name -> :class:`TensorInfo`, and the ``__metadata__`` strings.
+
+    Raises:
+        ModelFormatError: not a safetensors file, truncated, or a header that does not describe its data.
+    """
+    path = Path(path)
+    header, base = header_json(path)
     metadata = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    last = 0
-    for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            start, end = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ModelFormatError(f"{path}: tensor {name!r} has an unreadable entry; the file is damaged") from err
-        t = TensorInfo(name, dtype, shape, path, base + start, base + end)
-        if end - start != t.nbytes:
-            raise ModelFormatError(f"{path}: tensor {name!r} has the wrong byte size; the file is damaged")
-        tensors[name] = t
-        last = max(last, end)
-    if base + last > size:
-        raise ModelFormatError(f"{path} is truncated ({size} of {base + last} bytes); download or copy it again")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    tensors = {
+        name: TensorInfo(
+            name,
+            DTYPES[info["dtype"]],
+            tuple(info["shape"]),
+            path,
+            base + info["data_offsets"][0],
+            base + info["data_offsets"][1],
+        )
+        for name, info in header.items()
+    }
+    return tensors, dict(metadata)
 
 
 def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> torch.Tensor:

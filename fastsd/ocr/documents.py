@@ -9,14 +9,19 @@ cannot be read (corrupt or password-protected PDF, no pages, oversized or unknow
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserInputError
 from .processor import PatchGrid
+
+log = logging.getLogger(__name__)
 
 PDF_SUFFIXES = {".pdf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
@@ -146,33 +151,79 @@ def _pdf_pages(path: Path, grid: PatchGrid, dpi: int, ranges) -> tuple[list[Page
     return pages, count
 
 
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator:
+    """``PIL.Image.open`` under fastsd's pixel limit instead of PIL's decompression-bomb rules.
+
+    PIL refuses images over twice its ``MAX_IMAGE_PIXELS`` with ``DecompressionBombError`` (not an
+    ``OSError``, so it used to abort a whole run) and warns in between with a raw
+    ``DecompressionBombWarning``; here the first becomes this document's error and the second is
+    silenced, because :func:`_check_pixels` says it in a readable line.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as err:
+            m = re.search(r"\((\d+) pixels\)", str(err))
+            size = f" ({int(m.group(1)) / 1e6:.0f} MP)" if m else ""
+            raise ValueError(
+                f"image is too large{size}, over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit (a decompression bomb, "
+                "or a scan at a very high dpi); downscale it first"
+            ) from None
+        with im:
+            yield im
+
+
+def _check_pixels(path: Path, width: int, height: int, page: int | None = None) -> None:
+    """Refuse a page over :data:`MAX_IMAGE_PIXELS`; say plainly when one is large but allowed."""
+    from PIL import Image
+
+    where = f"page {page} " if page else "image "
+    pixels = width * height
+    if pixels > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{where}is {width}x{height} ({pixels / 1e6:.0f} MP), over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+            "limit; downscale it first"
+        )
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        log.warning(
+            "%s: %s%dx%d (%.0f MP) is very large; decoding it needs about %.1f GB of RAM",
+            path.name,
+            where,
+            width,
+            height,
+            pixels / 1e6,
+            pixels * 4 / 1e9,
+        )
+
+
 def _image_pages(path: Path, grid: PatchGrid, ranges) -> tuple[list[Page], int]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             width, height = im.size
             count = getattr(im, "n_frames", 1)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"not a readable image ({err})") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"image is {width}x{height} ({width * height / 1e6:.0f} MP), over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
-            "limit; downscale it first"
-        )
+    _check_pixels(path, width, height)
     pages = []
     for number in select_pages(ranges, count):
 
         def render(number=number):
-            with Image.open(path) as im:
+            with _open_image(path) as im:
                 im.seek(number - 1)
                 im.load()
                 return im.convert("RGB")
 
-        if count > 1:
-            with Image.open(path) as im:
+        if count > 1:  # each frame of a TIFF has its own size, and its own chance to be a bomb
+            with _open_image(path) as im:
                 im.seek(number - 1)
                 width, height = im.size
+            _check_pixels(path, width, height, number)
         pages.append(Page(str(path), number, grid.fit(width, height), render))
     return pages, count
 
@@ -201,6 +252,8 @@ def open_document(path: str | Path, grid: PatchGrid, *, dpi: int = 200, pages: s
             raise ValueError(f"--pages {pages} selects none of its {doc.page_count} pages")
     except ValueError as err:
         doc.pages, doc.error = [], str(err)
+    except Exception as err:  # noqa: BLE001 - whatever a crafted file makes a reader raise fails this document only
+        doc.pages, doc.error = [], f"could not be read ({type(err).__name__}: {err})"
     return doc
 
 

@@ -13,7 +13,10 @@ import asyncio
 import base64
 import binascii
 import io
+import math
+import re
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,10 @@ from .generate import GenerationRequest, GenerationResult, PipelineManager
 from .worker import Worker
 
 MAX_SIDE = 4096
+#: Default pixel budget of one job: width x height x batch_size x n_iter (64 MP: 256 images of
+#: 512x512, or 16 of 2048x2048). Also the largest init image or mask accepted. A request over it
+#: answers 422 instead of holding the only GPU worker for minutes; ``start(max_job_pixels=...)``.
+DEFAULT_MAX_JOB_PIXELS = 64 * 1024 * 1024
 
 
 @dataclass
@@ -39,13 +46,33 @@ class Backend:
     manager: PipelineManager
     worker: Worker
     flags: dict[str, Any] = field(default_factory=dict)
+    max_job_pixels: int = DEFAULT_MAX_JOB_PIXELS
 
     def submit(self, fn: Any, name: str):
         """Queue ``fn`` on the GPU worker; returns its Future."""
         return self.worker.submit(fn, name)
 
+    def check_budget(self, req: GenerationRequest) -> None:
+        """Refuse a job whose pixels (width x height x batch_size x n_iter) exceed :attr:`max_job_pixels`.
+
+        Raises:
+            UserInputError: the job is over the budget (the API answers 422 with this message).
+        """
+        total = req.width * req.height * req.batch_size * req.n_iter
+        if total > self.max_job_pixels:
+            raise UserInputError(
+                f"this job asks for {req.width}x{req.height} x batch_size {req.batch_size} x n_iter {req.n_iter} = "
+                f"{total / 2**20:.0f} MP, over this server's budget of {self.max_job_pixels / 2**20:.0f} MP per job: "
+                "lower the size, batch_size or n_iter (or start the server with a larger max_job_pixels)"
+            )
+
     def run_generation(self, req: GenerationRequest, *, save: bool, override: dict[str, Any] | None = None):
-        """Queue a generation (optionally saving to ``<home>/outputs``); returns its Future."""
+        """Queue a generation (optionally saving to ``<home>/outputs``); returns its Future.
+
+        Raises:
+            UserInputError: the job is over the pixel budget (:meth:`check_budget`); nothing is queued.
+        """
+        self.check_budget(req)
 
         def job() -> tuple[GenerationResult, list[Path]]:
             result = self.manager.generate(req)
@@ -67,7 +94,9 @@ class Backend:
 class _Processing(BaseModel):
     """Fields common to txt2img and img2img (A1111's ``StableDiffusionProcessing``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # allow_inf_nan: JSON's NaN/Infinity would pass ge/le (every comparison with NaN is false) and
+    # fail later as a 500; refused here as a 422 naming the field.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str | None = ""
@@ -189,11 +218,14 @@ class ProgressResponse(BaseModel):
 # ----- helpers ----------------------------------------------------------------------------
 
 
-def decode_image(data: str, what: str) -> Image.Image:
-    """A PIL image from base64 (a ``data:image/...;base64,`` prefix is allowed).
+def decode_image(data: str, what: str, max_pixels: int = DEFAULT_MAX_JOB_PIXELS) -> Image.Image:
+    """A PIL image from base64 (a ``data:image/...;base64,`` prefix is allowed), at most ``max_pixels``.
+
+    The size is read from the image header and checked before any pixel is decoded, so a few
+    kilobytes claiming 900 megapixels cost nothing.
 
     Raises:
-        UserInputError: not base64 or not an image.
+        UserInputError: not base64, not an image, or larger than ``max_pixels``.
     """
     if not isinstance(data, str) or not data.strip():
         raise UserInputError(f"{what} is empty: send a base64-encoded PNG or JPEG")
@@ -205,9 +237,21 @@ def decode_image(data: str, what: str) -> Image.Image:
         raise UserInputError(
             f"{what} is not valid base64 ({err}): send the image file's bytes base64-encoded"
         ) from None
+    too_big = (
+        f"{what} is {{}}, over this server's limit of {max_pixels / 2**20:.0f} MP: send a smaller image "
+        "(it is resized to width x height anyway)"
+    )
     try:
-        img = Image.open(io.BytesIO(raw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies, below
+            img = Image.open(io.BytesIO(raw))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise UserInputError(too_big.format(f"{width}x{height} ({width * height / 2**20:.0f} MP)"))
         img.load()
+    except Image.DecompressionBombError as err:
+        m = re.search(r"\((\d+) pixels\)", str(err))
+        raise UserInputError(too_big.format(f"{int(m.group(1)) / 2**20:.0f} MP" if m else "too large")) from None
     except (UnidentifiedImageError, OSError) as err:
         raise UserInputError(f"{what} is base64 but not an image ({err}): send a PNG or JPEG") from None
     return img
@@ -250,16 +294,16 @@ def txt2img_request(req: Txt2ImgRequest) -> GenerationRequest:
     return GenerationRequest(**_common(req))
 
 
-def img2img_request(req: Img2ImgRequest) -> GenerationRequest:
+def img2img_request(req: Img2ImgRequest, max_pixels: int = DEFAULT_MAX_JOB_PIXELS) -> GenerationRequest:
     """The generation request for an API img2img body (inpainting when it has a mask).
 
     Raises:
-        UserInputError: no init image, broken base64, an empty mask.
+        UserInputError: no init image, broken base64, an empty mask, an image over ``max_pixels``.
     """
     if not req.init_images:
         raise UserInputError("init_images is required for img2img: send a list with one base64 image")
-    images = [decode_image(s, f"init_images[{i}]") for i, s in enumerate(req.init_images)]
-    mask = decode_image(req.mask, "mask") if req.mask is not None else None
+    images = [decode_image(s, f"init_images[{i}]", max_pixels) for i, s in enumerate(req.init_images)]
+    mask = decode_image(req.mask, "mask", max_pixels) if req.mask is not None else None
     blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
     return GenerationRequest(
         **_common(req),
@@ -317,25 +361,30 @@ def make_router(backend: Backend, auth: tuple[str, str] | None = None) -> APIRou
     router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(make_auth_dependency(auth))], tags=["A1111 API"])
     manager, state = backend.manager, backend.worker.state
 
+    def queue(req: GenerationRequest, body: _Processing) -> Any:
+        save = body.save_images and not body.do_not_save_samples
+        try:
+            return backend.run_generation(req, save=save, override=_persistent_overrides(body))
+        except UserInputError as err:  # over the pixel budget: refused before it is queued
+            raise HTTPException(status_code=422, detail=str(err)) from None
+
     @router.post("/txt2img", response_model=ImageResponse)
     async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
         try:
             req = txt2img_request(body)
         except UserInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
-        save = body.save_images and not body.do_not_save_samples
-        result, _ = await _await(backend.run_generation(req, save=save, override=_persistent_overrides(body)))
+        result, _ = await _await(queue(req, body))
         images = await asyncio.to_thread(_encode, result, body.send_images)
         return {"images": images, "parameters": body.model_dump(), "info": _info_json(result)}
 
     @router.post("/img2img", response_model=ImageResponse)
     async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
         try:
-            req = await asyncio.to_thread(img2img_request, body)
+            req = await asyncio.to_thread(img2img_request, body, backend.max_job_pixels)
         except UserInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
-        save = body.save_images and not body.do_not_save_samples
-        result, _ = await _await(backend.run_generation(req, save=save, override=_persistent_overrides(body)))
+        result, _ = await _await(queue(req, body))
         images = await asyncio.to_thread(_encode, result, body.send_images)
         params = body.model_dump()
         if not body.include_init_images:
@@ -485,8 +534,29 @@ def memory_report(manager: PipelineManager) -> dict[str, Any]:
     return out
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (JSON has no NaN), containers walked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def install_error_handlers(app: Any) -> None:
-    """Turn fastsd user errors raised outside the routes into 422 answers with the reason."""
+    """Turn fastsd user errors raised outside the routes into 422 answers with the reason.
+
+    Validation errors are answered by fastsd too: FastAPI's own handler echoes the rejected
+    input, and a NaN there cannot be written as JSON, which turned the 422 into a 500.
+    """
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:  # noqa: ARG001
+        return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(err.errors()))})
 
     @app.exception_handler(UserInputError)
     async def _user_error(request: Request, err: UserInputError) -> JSONResponse:  # noqa: ARG001

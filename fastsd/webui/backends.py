@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import FastsdError, InstallError, NetworkError, UserInputError
-from ..redact import mask, mask_command
+from ..redact import child_environment, mask, mask_command
 from . import pyenv
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class BackendSpec:
     extensions_dir: str  # where git-URL extensions / custom nodes are cloned
     controlnet_extension: str | None  # cloned when ControlNet is asked for; None: built in
     default_port: int = 7860
+    # Variables passed on besides redact.child_environment's allow-list (what the backend reads).
+    env_passthrough: tuple[str, ...] = ()
 
 
 BACKENDS: dict[str, BackendSpec] = {
@@ -134,8 +136,13 @@ class Backend:
         raise NotImplementedError
 
     def environment(self, ctx: LaunchContext, base: dict[str, str] | None = None) -> dict[str, str]:
-        """The environment the server runs with (``base`` defaults to ``os.environ``)."""
-        env = dict(os.environ if base is None else base)
+        """The environment the server runs with: an allow-list of ``base`` (default ``os.environ``).
+
+        Only what a Python web UI needs is inherited (:func:`fastsd.redact.child_environment`):
+        the backend, its extensions and everything they start never see ``HF_TOKEN``,
+        ``NGROK_AUTHTOKEN``, ``CIVITAI_TOKEN`` or any other secret fastsd was given.
+        """
+        env = child_environment(base, allow=self.spec.env_passthrough)
         venv = ctx.python.parent.parent
         env.update(
             {
@@ -260,7 +267,8 @@ def get_backend(name: str) -> Backend:
 
 
 def _git(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a private or missing repo fails instead of asking
+    # No tokens for git either; GIT_TERMINAL_PROMPT: a private or missing repo fails instead of asking.
+    env = {**child_environment(allow=("SSH_AUTH_SOCK", "GIT_SSH_COMMAND")), "GIT_TERMINAL_PROMPT": "0"}
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,21 +45,17 @@ class Entry:
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a ``.safetensors`` file (tensor names, shapes, ``__metadata__``).
+    """The JSON header of a ``.safetensors`` file (tensor names, shapes, ``__metadata__``), validated.
 
     Raises:
-        ModelFormatError: the file is not a readable safetensors file.
+        ModelFormatError: the file is not a readable safetensors file (see :func:`fastsd.models.tensorfile.header_json`).
     """
+    from ..models.tensorfile import header_json
+
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                raise ValueError("header too large")
-            return json.loads(f.read(size))
-    except (OSError, ValueError, struct.error) as err:
-        raise ModelFormatError(
-            f"{path} is not a readable .safetensors file ({err}): re-download or re-export it"
-        ) from err
+        return header_json(path)[0]
+    except OSError as err:
+        raise ModelFormatError(f"{path} cannot be read ({err.strerror}): check the file") from err
 
 
 def classify_file(path: Path) -> str | None:

@@ -221,6 +221,49 @@ def encode_clip_skip(pipe: Any, texts: list[str], clip_skip: int) -> Any:
         return norm(out.hidden_states[-clip_skip]).to(te.dtype)
 
 
+def decode_latents(pipe: Any, latents: Any, stop: Any = lambda: False) -> list[Image.Image]:
+    """PIL images from a pipeline's ``output_type="latent"`` result, decoded one image at a time.
+
+    Peak VAE memory is one image's, and ``stop()`` is asked before each image, so an interrupt
+    ends a long decode between images instead of after the whole batch. Applies what diffusers'
+    SD / SDXL / SD3 pipelines do after sampling: the fp16 VAE upcast when its config asks for it,
+    ``latents_mean``/``latents_std`` or ``scaling_factor``/``shift_factor``, the watermark, and
+    post-processing to PIL.
+    """
+    import torch
+
+    vae = pipe.vae
+    config = vae.config
+    scaling = config.scaling_factor
+    shift = getattr(config, "shift_factor", None) or 0.0
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    upcast = vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+    if upcast:
+        vae.to(dtype=torch.float32)
+    images: list[Image.Image] = []
+    try:
+        for i in range(latents.shape[0]):
+            if stop():
+                break
+            z = latents[i : i + 1].to(dtype=vae.dtype)
+            if mean is not None and std is not None:
+                channels = z.shape[1]
+                m = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, channels, 1, 1)
+                sd = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, channels, 1, 1)
+                z = z * sd / scaling + m
+            else:
+                z = z / scaling + shift
+            with torch.no_grad():
+                x = vae.decode(z, return_dict=False)[0]
+            if getattr(pipe, "watermark", None) is not None:
+                x = pipe.watermark.apply_watermark(x)
+            images += pipe.image_processor.postprocess(x.detach(), output_type="pil")
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+    return images
+
+
 def random_seed() -> int:
     """A fresh seed in A1111's range."""
     return int(random.randrange(4294967294))
@@ -512,8 +555,13 @@ class PipelineManager:
             self._offload_owner = target
         return target
 
-    def _apply_loras(self, loras: list[tuple[str, float]]) -> list[tuple[str, float]]:
-        """Load (once) and weight the requested LoRAs; disable all when none are requested."""
+    def _apply_loras(self, loras: list[tuple[str, float]], warnings: list[str]) -> list[tuple[str, float]]:
+        """Load (once) and weight the requested LoRAs; disable all when none are requested.
+
+        A name is looked up among the catalog's LoRAs only (the model folders), never opened as a
+        path: an unknown or path-like name (``<lora:../../x:1>``) is skipped, as A1111 does, and
+        said in ``warnings`` (which the job's ``info`` carries back).
+        """
         pipe = self.pipe
         if not loras:
             if self._loras:
@@ -526,7 +574,12 @@ class PipelineManager:
             try:
                 entry = catalog.find(self.entries, "lora", name)
             except UserInputError:
-                log.warning("LoRA %r not found; ignored (as A1111 does)", name)
+                if "/" in name or "\\" in name or ".." in name:
+                    why = "is not a LoRA in the model folders (LoRAs are named, not given as paths)"
+                else:
+                    why = "was not found in the model folders (POST /sdapi/v1/refresh-loras after adding files)"
+                warnings.append(f"LoRA {name!r} {why}; ignored")
+                log.warning("%s", warnings[-1])
                 continue
             adapter = _adapter_name(entry.name)
             if adapter not in self._loras:
@@ -562,10 +615,14 @@ class PipelineManager:
 
         sampler = samplers.find_sampler(req.sampler_name)
         schedule = samplers.find_schedule_type(req.scheduler)
-        prompt, tag_loras = infotext.parse_loras(req.prompt)
+        try:
+            prompt, tag_loras = infotext.parse_loras(req.prompt)
+        except ValueError as err:
+            raise UserInputError(str(err)) from None
         entry = self.ensure_loaded(req.checkpoint)
         vae_name = self._apply_vae(req.vae if req.vae is not None else self.options["sd_vae"])
-        loras = self._apply_loras(tag_loras + list(req.loras))
+        warnings: list[str] = []
+        loras = self._apply_loras(tag_loras + list(req.loras), warnings)
         clip_skip = req.clip_skip or int(self.options["CLIP_stop_at_last_layers"])
         task = req.task
         is_inpaint_model = getattr(getattr(self.pipe, "unet", None), "config", None) is not None and (
@@ -629,7 +686,7 @@ class PipelineManager:
                 "guidance_scale": req.cfg_scale,
                 "generator": [torch.Generator(gen_device).manual_seed(s) for s in seeds],
                 "callback_on_step_end": on_step,
-                "output_type": "pil",
+                "output_type": "latent",  # decoded below, one image at a time
             }
             if clip_skip > 1 and self.family == "sd":
                 # Encoded here: diffusers' SD clip_skip path breaks on transformers 5, and it skips
@@ -646,9 +703,13 @@ class PipelineManager:
                 kwargs.update(image=[image] * len(seeds), strength=strength)
                 if mask is not None:
                     kwargs.update(mask_image=[mask] * len(seeds), width=image.width, height=image.height)
-            out = pipe(**kwargs).images
+            latents = pipe(**kwargs).images
+            # An interrupt during sampling keeps A1111's partial images of this batch; one that
+            # arrives while decoding stops before the next image (the decode of a big batch is long).
+            during_sampling = state.interrupted
+            out = decode_latents(pipe, latents, stop=lambda during=during_sampling: state.interrupted and not during)
             images.extend(out)
-            used_seeds.extend(seeds)
+            used_seeds.extend(seeds[: len(out)])
 
         if paste is not None:
             images = [self._paste_back(img, *paste) for img in images]
@@ -720,6 +781,7 @@ class PipelineManager:
             "version": f"fastsd {__version__}",
             "job_id": state.job_id,
             "interrupted": state.interrupted,
+            "warnings": warnings,  # fastsd: what was ignored (unknown LoRAs...)
         }
         return GenerationResult(images, used_seeds, infotexts, info, interrupted=state.interrupted)
 

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import re
 from datetime import datetime
 from pathlib import Path
@@ -108,9 +109,12 @@ def parse_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     for match in LORA_TAG.finditer(prompt):
         name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
         try:
-            found[name] = float(weight)
+            value = float(weight)
         except ValueError:
-            raise ValueError(f"LoRA weight {weight!r} in <lora:{name}:{weight}> is not a number") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"LoRA weight {weight!r} in <lora:{name}:{weight}> is not a number")
+        found[name] = value
     clean = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip().strip(",").strip()
     return clean, list(found.items())
 

@@ -181,8 +181,8 @@ def start(opts: WebUIOptions, *, echo: Callable[[str], None] = print) -> Running
         A :class:`RunningUI`; call ``stop()`` to end it.
 
     Raises:
-        UserInputError: bad options (unknown backend/tunnel, malformed --auth, ComfyUI behind a
-            tunnel that cannot carry a login...).
+        UserInputError: bad options (unknown backend/tunnel, malformed --auth, ComfyUI with
+            --listen or behind a tunnel that cannot carry a login...).
         FastsdError: install, startup or tunnel failures, each with what to do (a backend that
             did not start carries its last log lines).
     """
@@ -263,9 +263,13 @@ def _start_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: C
             "ComfyUI has no login of its own, so it is not put on a public tunnel that cannot add one: "
             "use --tunnel ngrok (fastsd adds a password) or --tunnel colab"
         )
+    if name == "comfyui" and opts.listen:
+        # --listen binds 0.0.0.0, where nothing could ask for the password: refuse rather than warn.
+        raise UserInputError(
+            "ComfyUI has no login of its own, so fastsd does not expose it with --listen: drop --listen and "
+            "use --tunnel ngrok (fastsd adds a password) or --tunnel colab"
+        )
     auth = resolve_auth(opts.auth, kind, opts.listen, echo)
-    if name == "comfyui" and opts.listen and auth:
-        echo("ComfyUI has no login of its own: --listen exposes it to the local network without one")
 
     family = cn.base_family(opts.model, opts.family)
     controlnets = cn.resolve(opts.controlnet, family)

@@ -16,12 +16,11 @@ files are never opened. Only files a session lists as complete in its manifest a
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ModelFormatError
 from ..session import SESSION_FILE, Session
 from ..storage import TEMP_PREFIX
 
@@ -61,23 +60,15 @@ _FOLDER_HINTS = {
 
 _LORA_MARKS = ("lora_down", "lora_up", ".lora.down", ".lora.up", ".lora_A", ".lora_B", "hada_w", "lokr_w")
 _VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def safetensors_keys(path: str | os.PathLike[str]) -> list[str] | None:
-    """Tensor names in a ``.safetensors`` file's JSON header, or None when it is not one."""
+    """Tensor names in a ``.safetensors`` file's (validated) header, or None when it is not a readable one."""
+    from ..models.tensorfile import header_json
+
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                return None
-            (size,) = struct.unpack("<Q", raw)
-            if size <= 1 or size > _MAX_HEADER:
-                return None
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
+        header, _ = header_json(path)
+    except (OSError, ModelFormatError):
         return None
     return [k for k in header if k != "__metadata__"]
 

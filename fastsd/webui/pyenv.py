@@ -34,7 +34,7 @@ from packaging.utils import canonicalize_name
 from ..errors import InstallError, NetworkError
 from ..features import PROTECTED
 from ..install import _NETWORK_PATTERNS, unmet
-from ..redact import mask
+from ..redact import child_environment, mask
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def _pip(python: Path, reqs: list[str], constraints: Path) -> subprocess.Complet
         str(constraints),
     ]
     log.debug("running %s", mask(" ".join(cmd + reqs)))
-    env = {**os.environ, "PIP_NO_INPUT": "1"}
+    # Requirements' build scripts are third-party code: they get no tokens either.
+    env = {**child_environment(), "PIP_NO_INPUT": "1"}
     return subprocess.run([*cmd, *reqs], capture_output=True, text=True, env=env)
 
 

@@ -154,8 +154,14 @@ def build_app(
         title="fastsd",
         version=__version__,
         description="AUTOMATIC1111-compatible API on diffusers (built into fastsd).",
+        # FastAPI's own /docs, /redoc and /openapi.json take no dependencies: they are added below,
+        # behind the same login as the API.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.include_router(make_router(backend, auth))
+    _add_docs(app, auth)
     install_error_handlers(app)
     if ui:
         import gradio as gr
@@ -169,6 +175,29 @@ def build_app(
             app, blocks, path="", auth=[auth] if auth else None, allowed_paths=[str(outputs)], ssr_mode=False
         )
     return app
+
+
+def _add_docs(app: Any, auth: tuple[str, str] | None) -> None:
+    """``/openapi.json`` and ``/docs`` (Swagger UI), behind the API's HTTP Basic login when there is one.
+
+    The schema lists every route and field, and the docs page can send requests: with auth on,
+    neither answers without the login.
+    """
+    from fastapi import Depends
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import JSONResponse
+
+    from .api import make_auth_dependency
+
+    login = [Depends(make_auth_dependency(auth))]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=login)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=login)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="fastsd API")
 
 
 def start(
@@ -186,6 +215,7 @@ def start(
     device: str | None = None,
     preload: bool = True,
     quiet: bool = False,
+    max_job_pixels: int | None = None,
 ) -> ServerHandle:
     """Start the web UI + A1111 API in the background and return once it answers HTTP.
 
@@ -205,6 +235,9 @@ def start(
         device: torch device (default CUDA when available, else CPU).
         preload: load the model in the background right away instead of at the first request.
         quiet: do not print the URL (``serve`` and notebooks print it).
+        max_job_pixels: the pixel budget of one job (width x height x batch_size x n_iter, and the
+            largest init image or mask); default ``api.DEFAULT_MAX_JOB_PIXELS`` (64 MP). Jobs over it
+            answer 422; ``/sdapi/v1/cmd-flags`` reports it.
 
     Returns:
         A :class:`ServerHandle` with ``url`` and ``stop()``.
@@ -220,11 +253,14 @@ def start(
     """
     import uvicorn
 
-    from .api import Backend
+    from .api import DEFAULT_MAX_JOB_PIXELS, Backend
     from .generate import PipelineManager
     from .worker import Worker
 
     credentials = parse_auth(auth)
+    budget = int(max_job_pixels or DEFAULT_MAX_JOB_PIXELS)
+    if budget < 64 * 64:
+        raise UserInputError(f"max_job_pixels {budget} is too small: give at least 4096 (one 64x64 image)")
     if public and credentials is None:
         credentials = (GENERATED_USER, secrets.token_urlsafe(12))
         # Printed once, never logged: this is the only place the password appears.
@@ -251,8 +287,9 @@ def start(
         "api_auth": "<set>" if credentials else None,  # never the secret itself
         "gradio_auth": "<set>" if credentials else None,
         "backend": "fastsd-builtin",
+        "max_job_pixels": budget,  # fastsd: width x height x batch_size x n_iter allowed per job
     }
-    backend = Backend(manager, worker, flags)
+    backend = Backend(manager, worker, flags, max_job_pixels=budget)
     app = build_app(backend, auth=credentials, ui=ui, ui_defaults=ui_defaults)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

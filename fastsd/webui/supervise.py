@@ -3,7 +3,7 @@
 - The server runs in its own process group (session), so stopping it stops everything it
   started (A1111 spawns helpers; a leftover process would hold the GPU and the port).
 - Its output (stderr merged into stdout) is teed: to the caller's ``echo`` and to a log file,
-  secrets masked. The live log is on local disk; a copy goes to ``<home>/logs`` through the
+  secrets masked (registered ones, secret-named environment variables, token-shaped strings). The live log is on local disk; a copy goes to ``<home>/logs`` through the
   safe-write helper when the server becomes ready, crashes or stops (Drive files are never
   appended to).
 - Readiness is decided by polling the server's HTTP endpoint until it answers 200, never by
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .. import storage
 from ..errors import FastsdError
-from ..redact import mask, mask_command, register
+from ..redact import mask, mask_command, register, register_environment
 
 TAIL_LINES = 40
 
@@ -156,6 +156,9 @@ class Supervisor:
         self.stop_grace = stop_grace
         self.restart_delay = restart_delay
         register(auth)
+        # A backend may print a token it found on its own (an extension's config): the values of
+        # fastsd's secret-named variables are masked in its output like registered secrets.
+        register_environment()
         self.restarts = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=400)

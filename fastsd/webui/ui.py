@@ -113,7 +113,10 @@ def build_ui(backend: Backend, defaults: dict[str, Any] | None = None) -> gr.Blo
             req.init_images, req.mask, req.denoising_strength = [image], mask, float(strength)
             req.mask_blur, req.inpaint_full_res = int(blur), area == "Only masked"
             req.inpaint_full_res_padding, req.inpainting_fill = int(padding), MASKED_CONTENT.index(content)
-        future = backend.run_generation(req, save=True)
+        try:
+            future = backend.run_generation(req, save=True)
+        except UserInputError as err:  # over the server's pixel budget
+            raise gr.Error(str(err)) from None
         job_id = future.job_id
         while not future.done():
             if state.job_id == job_id and state.busy:
