@@ -121,7 +121,9 @@ class GraphStep:
             except Exception as err:  # noqa: BLE001 - any capture failure: keep training eagerly
                 self.failed = f"{type(err).__name__}: {err}"
                 log.warning("CUDA graph capture failed, continuing without it (%s)", self.failed[:300])
-                del err
+            if self.failed:
+                # outside the except block: the live exception's traceback still holds the
+                # half-captured graph, and with it the graph's memory pool (seen on an H200)
                 self._free_failed_capture()
                 return self._eager(inputs)
         for k, v in inputs.items():
