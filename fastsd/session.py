@@ -632,7 +632,12 @@ class Session:
         own = sum(1 for p in images if self.has_own_caption(p))
         class_dirs = sorted(p for p in (self.path / "class_images").iterdir() if p.is_dir())
         checkpoints = [
-            {"step": c["step"], "path": c["path"], "ok": self.verify_checkpoint(c, quick=not verify)}
+            {
+                "step": c["step"],
+                "path": c["path"],
+                "ok": self.verify_checkpoint(c, quick=not verify),
+                "bytes": sum((c.get("sizes") or {}).values()),
+            }
             for c in self.checkpoints()
         ]
         models = [{**m, "ok": (self.path / m["file"]).stat().st_size == m.get("size")} for m in self.models()]
@@ -659,6 +664,7 @@ class Session:
             "models": models,
             "lock": self.lock_holder(),
             "reclaimable": self.reclaimable(),
+            "space": space_plan(checkpoints, models),
         }
 
     def describe(self, *, verify: bool = False) -> str:
@@ -704,6 +710,9 @@ class Session:
                 lines.append(f"  model        {m['file']} ({m.get('kind') or 'model'}{step}, {size}){flag}")
         else:
             lines.append("  models       none exported yet")
+        space = s["space"]
+        if space["checkpoint_bytes"] or space["export_bytes"]:
+            lines.append(f"  space        {space['text']}")
         spare = s["reclaimable"]
         if spare["items"]:
             lines.append(
@@ -718,6 +727,44 @@ class Session:
                 f"  lock         {state[lock['state']]}: pid {lock.get('pid')} on host {lock.get('host')} since {since}"
             )
         return "\n".join(lines)
+
+
+#: Free Google Drive: what a session on Drive has to fit in.
+FREE_DRIVE_BYTES = 15 * 10**9
+
+
+def space_plan(checkpoints: list[dict[str, Any]], models: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the session's files take and how many fit in free Drive (:data:`FREE_DRIVE_BYTES`).
+
+    A checkpoint is written before the oldest one is pruned, so keeping K of them needs room for
+    K + 1 while a save is under way; exports are never pruned. Sizes are the newest of each kind.
+    """
+    ckpt = next((c["bytes"] for c in reversed(checkpoints) if c.get("bytes")), 0)
+    export = next((m["size"] for m in reversed(models) if m.get("size")), 0)
+    used = sum(c.get("bytes") or 0 for c in checkpoints) + sum(m.get("size") or 0 for m in models)
+    out: dict[str, Any] = {
+        "checkpoint_bytes": ckpt,
+        "export_bytes": export,
+        "used_bytes": used,
+        "drive_bytes": FREE_DRIVE_BYTES,
+    }
+    parts = []
+    if ckpt:
+        parts.append(f"each checkpoint {human_size(ckpt)}")
+    if export:
+        parts.append(f"each export {human_size(export)}")
+    parts.append(f"{human_size(used)} in use")
+    if ckpt:
+        # with one export kept: how many checkpoints can be kept (each save needs one more transiently)
+        fit = max(0, int((FREE_DRIVE_BYTES - export) // ckpt) - 1)
+        out["checkpoints_that_fit"] = fit
+        drive = f"{FREE_DRIVE_BYTES / 1e9:.0f} GB of free Drive"
+        if fit:
+            n = "more than 50" if fit > 50 else str(fit)
+            parts.append(f"{drive} holds {n} checkpoint(s) (--keep) plus one export, with room to save the next")
+        else:
+            parts.append(f"{drive} cannot hold a checkpoint save next to an export: keep states on local disk")
+    return {**out, "text": "; ".join(parts)}
 
 
 def human_size(n: float) -> str:

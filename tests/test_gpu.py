@@ -124,3 +124,55 @@ def test_ocr_fast_decoder_with_cuda_graph_matches_generate(tiny_glm_ocr, monkeyp
     # greedy output; fastsd's decoder follows 5.23 (the CPU suite compares them token for token).
     if Version(tf_version) >= Version("5.23"):
         assert eager == stock, "fastsd's decoder differs from generate on CUDA"
+
+
+def test_failed_capture_gives_its_memory_back_before_the_eager_fallback(caplog):
+    """A capture that fails (here: a host sync inside it) must not keep the gradients it wrote.
+
+    Under a tight ``--vram-budget`` the eager fallback needs that memory: before the fix the
+    capture pool's blocks stayed reserved and ``unet+te`` at 9 GiB ran out of memory at step 3.
+    """
+    from fastsd.train.graph import GraphStep
+
+    w = torch.nn.Parameter(torch.randn(4096, 4096, device="cuda"))  # 64 MiB of weights, 64 MiB of gradient
+
+    def step(inp):
+        loss = (w * inp["x"]).sum()
+        loss.backward()
+        if torch.cuda.is_current_stream_capturing():
+            loss.item()  # a host sync: the capture fails here, after the gradient was written
+        return loss.detach()
+
+    def clear():
+        w.grad = None
+
+    runner = GraphStep(step, clear, warmup=1)
+    x = {"x": torch.ones(4096, 4096, device="cuda")}
+    runner(x)  # eager warm-up on a side stream
+    clear()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    with caplog.at_level("WARNING"):
+        runner(x)  # capture fails -> eager step
+    assert runner.failed and not runner.captured
+    clear()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    # nothing of the failed capture is left reserved (a leak would keep its gradient's 64 MiB block)
+    assert torch.cuda.memory_reserved() - before < 32 * 2**20
+
+
+def test_capped_memory_lora_run_stays_under_its_budget(home, tiny_sd1):
+    """Whole-process peak (every phase) under a hard allocator cap stays within --vram-budget."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(2 * 2**30 / total)
+    try:
+        s = _session(home, tiny_sd1, "capped")
+        r = train(s, TrainConfig(method="lora", unet_steps=8, vram_budget_gb=2.0, sample_every=8,
+                                 sample_prompts=["a photo"], sample_steps=2, **{**FAST, "export": True}))  # fmt: skip
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert r.stopped is None
+    assert set(r.memory) >= {"load", "cache", "first_step", "steps", "sample", "export", "process"}
+    assert r.memory["process"]["reserved_gb"] <= 2.0

@@ -153,3 +153,36 @@ def test_rm_asks_in_a_terminal(tmp_path):
     r = rm("y\n")
     assert r.returncode == 0 and "removed session asked" in r.stdout
     assert not (root / "sessions" / "asked").exists()
+
+
+def test_show_says_what_each_checkpoint_and_export_takes_and_what_fits_in_free_drive(cli, tmp_path):
+    from fastsd.session import Session
+
+    root = tmp_path / "home"
+    s = Session.create("big", root, base_model="sd15")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "optimizer.pt").write_bytes(b"\0" * 6 * 2**20)
+    s.record_checkpoint(500, state)
+    export = s.models_dir / "big-step-500.safetensors"
+    export.write_bytes(b"\0" * 2 * 2**20)
+    s.record_model(export, kind="full", step=500)
+
+    r = cli("session", "show", "big", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "each checkpoint 6.0 MiB; each export 2.0 MiB; 8.0 MiB in use" in r.stdout
+    assert "15 GB of free Drive holds more than 50 checkpoint(s)" in r.stdout
+    space = json.loads(cli("session", "show", "big", "--json", "--root", str(root)).stdout)["space"]
+    assert space["checkpoint_bytes"] == 6 * 2**20 and space["export_bytes"] == 2 * 2**20
+
+
+def test_space_plan_for_full_sd15_states_on_free_drive():
+    """Measured sizes: a fused-AdamW SD1.5 state (10.3 GB) cannot be saved next to a 2.1 GB export
+    in 15 GB; a 4 GB state can be kept twice (a save needs room for one more)."""
+    from fastsd.session import space_plan
+
+    export = [{"size": 2_130_000_000}]
+    big = space_plan([{"bytes": 10_300_000_000}], export)
+    assert big["checkpoints_that_fit"] == 0 and "cannot hold a checkpoint save" in big["text"]
+    small = space_plan([{"bytes": 4_000_000_000}], export)
+    assert small["checkpoints_that_fit"] == 2 and "holds 2 checkpoint(s)" in small["text"]

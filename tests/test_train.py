@@ -227,6 +227,9 @@ def test_cli_end_to_end_lora_with_samples(home, tiny_sd1, cli):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["steps"] == 2 and len(out["samples"]) == 2 and out["models"]
+    # what the whole command paid, by phase (the table benchmarks/e2e.py prints)
+    assert {"load", "cache", "first_step", "sample", "export"} <= set(out["timings"])
+    assert all(v >= 0 for v in out["timings"].values())
     s = Session.open("cli_dog", home)
     assert s.models()[0]["kind"] == "lora" and list(s.samples_dir.glob("*.png"))
     assert list(s.logs_dir.rglob("events.out.tfevents*"))

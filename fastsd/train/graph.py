@@ -22,6 +22,7 @@ If capture fails anyway, :class:`GraphStep` logs a warning and the run continues
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -120,15 +121,33 @@ class GraphStep:
             except Exception as err:  # noqa: BLE001 - any capture failure: keep training eagerly
                 self.failed = f"{type(err).__name__}: {err}"
                 log.warning("CUDA graph capture failed, continuing without it (%s)", self.failed[:300])
-                self.graph = None
-                self.static_in, self.static_loss = {}, None
-                torch.cuda.synchronize()
+            if self.failed:
+                # outside the except block: the live exception's traceback still holds the
+                # half-captured graph, and with it the graph's memory pool (seen on an H200)
+                self._free_failed_capture()
                 return self._eager(inputs)
         for k, v in inputs.items():
             self.static_in[k].copy_(v, non_blocking=True)
         self.graph.replay()
         assert self.static_loss is not None
         return self.static_loss
+
+    def _free_failed_capture(self) -> None:
+        """Give back what a failed capture took before the eager fallback needs the memory.
+
+        The gradients (and optimizer scratch) written during capture live in the graph's private
+        pool; while any tensor holds a block of it, the pool stays reserved and the eager step
+        that follows runs out of memory under a tight budget (seen: ``unet+te`` at 9 GiB).
+        """
+        import gc
+
+        self.graph = None
+        self.static_in, self.static_loss = {}, None
+        self.clear_grads()
+        with contextlib.suppress(RuntimeError):  # an invalidated capture can leave an error behind
+            torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clear_grads()

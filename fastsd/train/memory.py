@@ -7,6 +7,7 @@ The loop also retries the first step with full checkpointing if it runs out of m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -131,3 +132,68 @@ def peak_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / GIB, 2)
+
+
+class PhaseMeter:
+    """Wall time and peak VRAM (allocated and reserved) of each phase of a run, for the whole process.
+
+    ``fastsd train`` reports these so a user sees what the whole command costs, not only the loop:
+    model load, latent and embedding caching, the first step (autotuning, capture), the steps,
+    checkpoints, sampling and export. Times of a phase entered several times (checkpoints) add up;
+    peaks are the maximum over its entries. On a CUDA device a phase ends with a synchronisation,
+    so its time is the GPU's too (phases are few: this costs nothing per step).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, float]] = {}
+        self._name: str | None = None
+        self._t = 0.0
+
+    def start(self, name: str) -> None:
+        """End the current phase (if any) and start ``name``."""
+        import time
+
+        self.stop()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._name, self._t = name, time.perf_counter()
+
+    def stop(self) -> None:
+        """End the current phase: add its time and fold its peak into the phase's."""
+        import time
+
+        if self._name is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        name, self._name = self._name, None
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - self._t, 3)
+        if self.device.type == "cuda":
+            now = {
+                "allocated_gb": round(torch.cuda.max_memory_allocated(self.device) / GIB, 2),
+                "reserved_gb": round(torch.cuda.max_memory_reserved(self.device) / GIB, 2),
+            }
+            old = self.peaks.get(name, {})
+            self.peaks[name] = {k: max(v, old.get(k, 0.0)) for k, v in now.items()}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Any:
+        """Measure a nested phase (a checkpoint inside the steps) and go back to the outer one."""
+        outer = self._name
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+            if outer is not None:
+                self.start(outer)
+
+    def process_peak(self) -> dict[str, float]:
+        """The whole run's peak: the maximum over all phases."""
+        out: dict[str, float] = {}
+        for p in self.peaks.values():
+            for k, v in p.items():
+                out[k] = max(v, out.get(k, 0.0))
+        return out

@@ -1,0 +1,361 @@
+"""What the user pays: command start to exported model, fastsd against diffusers' example scripts.
+
+Builds full-size random-weight SD1.5 / SDXL Diffusers folders (the real configs, no download),
+writes the same random images for both tools, then per case runs
+
+- fastsd as a user does: ``fastsd session new``, ``fastsd session add``, ``fastsd train --json``
+  (separate processes; ``train`` reports its phases: load, cache, first step, warm-up/capture,
+  steps, checkpoints, sampling, export, and whole-process peak VRAM per phase);
+- diffusers' script (``--peer-dir`` holds ``train_dreambooth.py``, ``train_dreambooth_lora.py``,
+  ``train_dreambooth_lora_sdxl.py`` from huggingface/diffusers ``examples/dreambooth``) through
+  ``benchmarks/peer_run.py``, which times the same phases around the script's own calls.
+
+The peer runs ``--peer-steps`` steps (its step rate is steady after the first); its wall time at
+fastsd's step count is projected from its measured setup, first step, rate, checkpoint and
+export times and marked as projected. One JSON line per run goes to stdout and ``--out``; a
+markdown table follows.
+
+Cases with ``cap`` run fastsd in-process under ``torch.cuda.set_per_process_memory_fraction``
+(a hard cap) with a ``--vram-budget``, through every phase (load, caching, capture, steps,
+checkpoint, sampling, export), and report per-phase peaks or the out-of-memory error.
+
+    python benchmarks/e2e.py --peer-dir peer --cases sd15-lora,sd15-full --out e2e.jsonl
+    python benchmarks/e2e.py --cases cap-unet+te-9,cap-sdxl-lora-10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PROMPT = "a photo of sks person"
+
+#: name -> what runs. ``fastsd``: extra ``fastsd train`` arguments (the defaults are what a user runs);
+#: ``steps``: the fastsd run's total steps (for the peer's projection); ``peer``: script and arguments.
+CASES: dict[str, dict] = {
+    "sd15-lora": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--method", "lora"],
+        "steps": 1000,
+        "peer": ("train_dreambooth_lora.py", ["--learning_rate", "1e-4", "--rank", "4"]),
+    },
+    "sd15-full": {  # fastsd's default: 350 text-encoder steps, then 1500 UNet steps
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": [],
+        "steps": 1850,
+        "peer": ("train_dreambooth.py", ["--train_text_encoder", "--learning_rate", "2e-6"]),
+    },
+    "sdxl-lora": {
+        "kind": "sdxl",
+        "res": 1024,
+        "fastsd": ["--method", "lora"],
+        "steps": 1000,
+        "peer": ("train_dreambooth_lora_sdxl.py", ["--learning_rate", "1e-4", "--rank", "4"]),
+    },
+    # shorter runs of the same defaults (device time is scarce): the totals are projected in RESULTS.md
+    "sd15-full-500": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--te-steps", "100", "--steps", "400", "--save-every", "0"],
+        "steps": 1850,
+        "peer_steps": 80,
+        "peer": ("train_dreambooth.py", ["--train_text_encoder", "--learning_rate", "2e-6"]),
+    },
+    "sdxl-lora-300": {
+        "kind": "sdxl",
+        "res": 1024,
+        "fastsd": ["--method", "lora", "--steps", "300"],
+        "steps": 1000,
+        "peer_steps": 20,
+        "peer": ("train_dreambooth_lora_sdxl.py", ["--learning_rate", "1e-4", "--rank", "4"]),
+    },
+    # cold first step with and without cuDNN autotuning (UNet only, 60 steps, no checkpoint/export)
+    "first-step-autotune-on": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--te-steps", "0", "--steps", "60", "--save-every", "0", "--no-export"],
+        "env": {"FASTSD_CUDNN_BENCHMARK": "1"},
+    },
+    "first-step-autotune-off": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--te-steps", "0", "--steps", "60", "--save-every", "0", "--no-export"],
+        "env": {"FASTSD_CUDNN_BENCHMARK": "0"},
+    },
+    # hard caps: (model, cap GiB, TrainConfig overrides incl. the budget)
+    "cap-unet+te-9": {
+        "kind": "sd15",
+        "res": 512,
+        "cap": 9.0,
+        "cfg": {"method": "full", "schedule": "joint", "optimizer": "adamw_lowmem", "vram_budget_gb": 9.0},
+    },
+    "cap-unet-10": {"kind": "sd15", "res": 512, "cap": 10.0, "cfg": {"method": "full", "vram_budget_gb": 10.0}},
+    "cap-sd15-lora-9": {"kind": "sd15", "res": 512, "cap": 9.0, "cfg": {"method": "lora", "vram_budget_gb": 9.0}},
+    "cap-sdxl-lora-10": {"kind": "sdxl", "res": 1024, "cap": 10.0, "cfg": {"method": "lora", "vram_budget_gb": 10.0}},
+    "cap-unet+te-14": {"kind": "sd15", "res": 512, "cap": 14.0, "cfg": {"method": "full", "vram_budget_gb": 14.0}},
+    "cap-sdxl-lora-fp16-14": {  # the T4 preset's precision (8-bit moments in torch: no bitsandbytes here)
+        "kind": "sdxl",
+        "res": 1024,
+        "cap": 14.5,
+        "cfg": {"method": "lora", "precision": "fp16", "optimizer": "adamw_lowmem", "vram_budget_gb": 14.0},
+    },
+}
+
+
+def images(folder: Path, res: int, n: int = 4) -> Path:
+    """``n`` random RGB images of ``res``² px (the same files for both tools)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = (np.random.RandomState(i).rand(res, res, 3) * 255).astype("uint8")
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return folder
+
+
+def fastsd(*args: str, env: dict | None = None) -> tuple[float, str]:
+    """Run ``python -m fastsd ARGS``; (seconds, stdout). Raises with the output tail on failure."""
+    t = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-m", "fastsd", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if p.returncode:
+        raise RuntimeError(f"fastsd {' '.join(args[:2])} exit {p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
+    return time.perf_counter() - t, p.stdout
+
+
+def run_fastsd(name: str, case: dict, model: Path, imgs: Path, home: Path, steps: int | None) -> dict:
+    sess = name.replace("+", "_")
+    t_new, _ = fastsd("session", "new", sess, "--root", str(home), "--base-model", str(model),
+                      "--resolution", str(case["res"]))  # fmt: skip
+    t_add, _ = fastsd("session", "add", sess, str(imgs), "--root", str(home), "--crop", "center")
+    extra = list(case["fastsd"]) + (["--steps", str(steps)] if steps else [])
+    t_train, out = fastsd("train", sess, "--root", str(home), "--json", *extra, env=case.get("env"))
+    res = json.loads(out.strip().splitlines()[-1])
+    tm = res["timings"]
+    loop = sum(tm.get(k, 0.0) for k in ("first_step", "warmup", "steps", "checkpoint", "sample", "export"))
+    return {
+        "case": name,
+        "tool": "fastsd",
+        "steps": res["steps"],
+        "wall_s": round(t_new + t_add + t_train, 1),
+        "session_new_add_s": round(t_new + t_add, 1),
+        "setup_s": round(t_new + t_add + t_train - loop, 1),  # imports, model load, caching
+        "load_s": tm.get("load"),
+        "cache_s": tm.get("cache"),
+        "first_step_s": tm.get("first_step"),
+        "warmup_s": tm.get("warmup"),
+        "steps_s": tm.get("steps"),
+        "checkpoint_s": tm.get("checkpoint", 0.0),
+        "checkpoints": len(res["checkpoints"]),
+        "sample_s": tm.get("sample", 0.0),
+        "export_s": tm.get("export", 0.0),
+        "it_per_s_steady": round((res["steps"] - 5) / tm["steps"], 2) if tm.get("steps") else None,  # after warm-up
+        "peak_allocated_gb": res["memory"].get("process", {}).get("allocated_gb"),
+        "peak_reserved_gb": res["memory"].get("process", {}).get("reserved_gb"),
+        "memory": res["memory"],
+        "plan": {
+            k: res["plan"].get(k)
+            for k in (
+                "optimizer",
+                "precision",
+                "cuda_graph",
+                "checkpoint_fraction",
+                "fused_backward",
+                "cuda_graph_captured",
+                "cuda_graph_failed",
+            )
+        },  # fmt: skip
+        "env": case.get("env"),
+    }
+
+
+def run_peer(name: str, case: dict, model: Path, imgs: Path, work: Path, peer_dir: Path, steps: int) -> dict:
+    script, extra = case["peer"]
+    out_dir = work / f"peer-{name}"
+    result = work / f"peer-{name}.json"
+    args = [
+        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(imgs),
+        "--instance_prompt", PROMPT, "--output_dir", str(out_dir), "--resolution", str(case["res"]),
+        "--train_batch_size", "1", "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
+        "--mixed_precision", "no" if case.get("small") else "bf16", "--seed", "42", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    t = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "peer_run.py"), str(result), str(peer_dir / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    wall = time.perf_counter() - t
+    res = json.loads(result.read_text()) if result.exists() else {"error": f"exit {p.returncode}"}
+    if res.get("error") or p.returncode:
+        res["log_tail"] = (p.stdout + p.stderr)[-1500:]
+    res.update(case=name, tool=f"diffusers {script}", wall_s=round(wall, 1))
+    total = case["steps"]
+    if res.get("it_per_s") and total:
+        per_ckpt = res["checkpoint_s"] / max(1, res["checkpoints"])
+        res["projected_steps"] = total
+        res["projected_wall_s"] = round(
+            wall - res["steps_s"] - res["checkpoint_s"] + (total - 1) / res["it_per_s"] + per_ckpt * (total // 500), 1
+        )  # the script's default --checkpointing_steps is 500
+    return res
+
+
+def run_cap(name: str, case: dict, model: Path, imgs: Path, home: Path, steps: int) -> dict:
+    """One capped fastsd run in a child process (the cap is per process)."""
+    sess = name.replace("+", "_")
+    fastsd("session", "new", sess, "--root", str(home), "--base-model", str(model), "--resolution", str(case["res"]))
+    fastsd("session", "add", sess, str(imgs), "--root", str(home), "--crop", "center")
+    spec = json.dumps({"session": sess, "home": str(home), "cap": case["cap"], "cfg": case["cfg"], "steps": steps})
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--cap-child", spec], capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    res = (
+        json.loads(lines[-1]) if lines else {"error": f"exit {p.returncode}", "log_tail": (p.stdout + p.stderr)[-1500:]}
+    )
+    res.update(case=name, tool="fastsd (hard cap)", cap_gib=case["cap"], wall_s=round(time.perf_counter() - t, 1))
+    return res
+
+
+def cap_child(spec: dict) -> None:
+    """In-process: cap the allocator, train through every phase, print the phases' peaks."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from fastsd.train import TrainConfig, train
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(spec["cap"] * 2**30 / total)
+    n = spec["steps"]
+    cfg = {
+        "unet_steps": n,
+        "te_steps": n if spec["cfg"].get("schedule") == "joint" else (n // 3 if spec["cfg"]["method"] == "full" else 0),
+        # a full state's checkpoint costs ~1 min (measured) and no VRAM: LoRA runs take one
+        "save_every": n // 2 if spec["cfg"]["method"] == "lora" else 0,
+        "save_final": spec["cfg"]["method"] == "lora",
+        "sample_every": n,
+        "sample_prompts": [PROMPT],
+        "sample_steps": 4,
+        "log_every": 5,
+        "progress": False,
+        **spec["cfg"],
+    }
+    out: dict = {"config": spec["cfg"]}
+    try:
+        r = train(spec["session"], TrainConfig(**cfg), home=spec["home"])
+        out.update(steps=r.steps, timings=r.timings, memory=r.memory, it_per_s=round(r.it_per_s, 2))
+        out["plan"] = {k: r.plan.get(k) for k in ("optimizer", "checkpoint_fraction", "fused_backward", "cuda_graph",
+                                                  "cuda_graph_captured", "cuda_graph_failed")}  # fmt: skip
+        proc = r.memory.get("process", {})
+        out["within_cap"] = proc.get("reserved_gb", 0) <= spec["cap"]
+        out["within_budget"] = proc.get("reserved_gb", 0) <= spec["cfg"]["vram_budget_gb"]
+    except Exception as err:  # noqa: BLE001 - the point is to report it
+        out["error"] = f"{type(err).__name__}: {err}"[:600]
+        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    print(json.dumps(out), flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per run, the phases as columns."""
+
+    def f(v: object, unit: str = "") -> str:
+        return "—" if v in (None, "") else (f"{v:.1f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+    lines = [
+        "| case | tool | steps | wall s (projected) | setup s | first step s (+warm-up/capture) | steps s (it/s) "
+        "| checkpoints s (n) | export s | peak GiB alloc / reserved |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "tool" not in r or r.get("error") or "cap_gib" in r:
+            continue
+        proj = f" ({r['projected_wall_s']:.0f} at {r['projected_steps']})" if r.get("projected_wall_s") else ""
+        warm = f" + {r['warmup_s']:.1f}" if r.get("warmup_s") is not None else ""
+        rate = r.get("it_per_s_steady") or r.get("it_per_s")
+        lines.append(
+            f"| {r['case']} | {r['tool']} | {r.get('steps')} | {f(r.get('wall_s'))}{proj} | {f(r.get('setup_s'))} "
+            f"| {f(r.get('first_step_s'))}{warm} | {f(r.get('steps_s'))} ({f(rate)}) "
+            f"| {f(r.get('checkpoint_s'))} ({r.get('checkpoints', 0)}) | {f(r.get('export_s'))} "
+            f"| {f(r.get('peak_allocated_gb'))} / {f(r.get('peak_reserved_gb'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="sd15-lora,sd15-full", help=f"comma-separated, from: {', '.join(CASES)}")
+    ap.add_argument("--peer-dir", help="folder with diffusers' dreambooth example scripts (none: fastsd only)")
+    ap.add_argument("--peer-steps", type=int, default=200, help="steps the peer runs (then projected)")
+    ap.add_argument("--steps", type=int, help="override fastsd's steps (default: what a user runs)")
+    ap.add_argument("--cap-steps", type=int, default=20, help="steps of each hard-cap run")
+    ap.add_argument("--workdir", help="models and sessions (default: a temp folder)")
+    ap.add_argument("--out", help="append JSON lines here too")
+    ap.add_argument("--budget-s", type=float, default=500, help="skip cases that start after this many seconds")
+    ap.add_argument("--small", action="store_true", help="tiny models on the CPU, 3 steps (smoke run)")
+    ap.add_argument("--cap-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cap_child:
+        cap_child(json.loads(args.cap_child))
+        return
+    from train import build_model
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fastsd-e2e-"))
+    start = time.perf_counter()
+    rows: list[dict] = []
+    models: dict[str, Path] = {}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+
+    for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        case = CASES.get(name)
+        if case is None:
+            emit({"case": name, "error": "unknown case"})
+            continue
+        if time.perf_counter() - start > args.budget_s:
+            emit({"case": name, "skipped": "time budget"})
+            continue
+        kind = case["kind"]
+        try:
+            if kind not in models:
+                t = time.perf_counter()
+                models[kind] = build_model(kind, work / kind, small=args.small)
+                emit({"built": kind, "seconds": round(time.perf_counter() - t, 1)})
+            imgs = images(work / f"images-{case['res']}", case["res"])
+            home = work / "home"
+            if "cap" in case:
+                emit(run_cap(name, case, models[kind], imgs, home, args.cap_steps))
+                continue
+            if args.small:
+                case = {**case, "fastsd": [*case["fastsd"], "--gpu", "cpu", "--te-steps", "1", "--save-every", "2"],
+                        "steps": 3, "small": True}  # fmt: skip
+            emit(run_fastsd(name, case, models[kind], imgs, home, 3 if args.small else args.steps))
+            if case.get("peer") and args.peer_dir:
+                steps = case.get("peer_steps", args.peer_steps)
+                emit(run_peer(name, case, models[kind], imgs, work, Path(args.peer_dir), steps))
+        except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
+            emit({"case": name, "error": f"{type(err).__name__}: {err}"[:2000]})
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
