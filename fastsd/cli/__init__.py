@@ -20,7 +20,7 @@ from ..errors import FastsdError
 from ..features import TORCH_HINT
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
-COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr")
+COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
