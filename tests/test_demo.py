@@ -46,7 +46,6 @@ def test_demo_runs_offline_and_every_printed_result_exists(tmp_path, cli):
         "TRANSFORMERS_OFFLINE": "1",
         "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
         "FASTSD_CACHE": str(cache),
-        "OMP_NUM_THREADS": "1",
     }
     # what an earlier demo run left: the rerun replaces it (an old session would refuse a new one)
     from fastsd.session import Session

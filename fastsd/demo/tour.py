@@ -103,8 +103,10 @@ def prepare(tour: Tour) -> str:
             f"{home} is not empty and was not made by fastsd demo (no {MARKER} file): "
             "move it away, or pass --root DIR to run the demo in DIR/demo"
         )
+    from .. import storage
+
     fastsd_home(home)
-    (home / MARKER).write_text("made by fastsd demo; a rerun replaces its results\n")
+    storage.write_text(home / MARKER, "made by fastsd demo; a rerun replaces its results\n")
     from ..session import list_sessions, remove_session
 
     if SESSION in list_sessions(home):
@@ -120,7 +122,9 @@ def prepare(tour: Tour) -> str:
         from ..models.load import diffusers_folder
 
         tour.model = diffusers_folder(tour.model_spec, home=tour.root)
-        model_note = f"{tour.model_spec} ({tour.model})"
+        model_note = (
+            str(tour.model) if Path(str(tour.model_spec)) == tour.model else f"{tour.model_spec} ({tour.model})"
+        )
     if tour.ocr_spec is None:
         from .tiny_ocr import cached_glm_ocr
 
@@ -292,6 +296,8 @@ def run_demo(
             t0 = time.perf_counter()
             try:
                 detail = step(tour)
+            except ModuleNotFoundError:
+                raise  # the CLI says which package is missing and how to install it
             except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the step
                 raise DemoStepError(f"demo step {number}/{len(STEPS)} ({title}) failed: {_one_line(err)}", err) from err
             done.append(StepReport(title, detail, time.perf_counter() - t0))
