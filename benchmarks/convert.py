@@ -159,8 +159,8 @@ def main() -> None:
         folder = CACHE / "tiny-fp32"
         if not (folder / ".complete").is_file():
             code = (
-                f"import sys, shutil; sys.path.insert(0, {str(REPO / 'tests')!r}); "
-                "from tiny_models import save_tiny_pipeline; "
+                f"import sys, shutil; sys.path.insert(0, {str(REPO)!r}); "
+                "from fastsd.demo.tiny import save_tiny_pipeline; "
                 f"shutil.copytree(save_tiny_pipeline('sd1', {str(CACHE / 'tiny-build')!r}), {str(folder)!r})"
             )
             shutil.rmtree(folder, ignore_errors=True)

@@ -106,7 +106,7 @@ def build_model(kind: str, folder: Path, small: bool) -> Path:
     """Save a random-weight Diffusers folder of ``kind`` (``sd15``/``sdxl``; tiny ones with ``small``)."""
     if (folder / "model_index.json").exists():
         return folder
-    from tiny_models import build_sd1, build_sdxl, write_clip_tokenizer
+    from fastsd.demo.tiny import build_sd1, build_sdxl, write_clip_tokenizer
 
     if small:
         pipe = build_sd1(folder) if kind == "sd15" else build_sdxl(folder)

@@ -40,8 +40,9 @@ NEGATIVE = "blurry, lowres, ugly"
 def build_sd15(folder: Path, small: bool) -> Path:
     """Save a random-weight SD1.5 (or the tiny test model) as a Diffusers folder."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tiny_models import build_sd1, tiny_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastsd.demo.tiny import build_sd1, tiny_tokenizer
 
     torch.manual_seed(0)
     if small:

@@ -36,3 +36,14 @@ class SessionLockedError(FastsdError):
 
 class StorageError(FastsdError):
     """A write failed (disk full, Drive dropped the file...). Nothing complete was replaced."""
+
+
+class DemoStepError(FastsdError):
+    """A step of ``fastsd demo`` failed; the message names the step and its cause.
+
+    The exit code is the cause's (2 for bad input such as an unknown ``--model``), else 1.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = getattr(cause, "exit_code", FastsdError.exit_code)

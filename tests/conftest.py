@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import save_tiny_pipeline  # noqa: E402
+from fastsd.demo.tiny import save_tiny_pipeline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -117,6 +117,6 @@ def cli():
 @pytest.fixture(scope="session")
 def tiny_glm_ocr(tmp_path_factory) -> Path:
     """Folder of a tiny random-weight GLM-OCR model with its processor files (offline)."""
-    from tiny_glm_ocr import save_tiny_glm_ocr
+    from fastsd.demo.tiny_ocr import save_tiny_glm_ocr
 
     return save_tiny_glm_ocr(tmp_path_factory.mktemp("tiny-glm-ocr"))

@@ -158,7 +158,7 @@ def openclip_keys(prefix: str, layers: int, *, projection: bool) -> set[str]:
 
 
 def expected_keys(kind: str) -> set[str]:
-    """The full key set for the tiny fixtures (tests/tiny_models.py) of ``kind``."""
+    """The full key set for the tiny fixtures (fastsd/demo/tiny.py) of ``kind``."""
     vae = vae_keys([16, 32, 32, 32])
     if kind in ("sd1", "sd1-inpaint"):
         unet = unet_keys([32, 64, 64, 64], [True, True, True, False], [1, 1, 1, 1], label_emb=False)

@@ -41,7 +41,7 @@ def kohya_lora(pipeline_dir: Path, out: Path, seed: int = 1) -> Path:
 
 def tiny_vae_folder(out: Path, seed: int = 7) -> Path:
     """A different (random) VAE saved as a Diffusers folder."""
-    from tiny_models import tiny_vae
+    from fastsd.demo.tiny import tiny_vae
 
     torch.manual_seed(seed)
     tiny_vae().save_pretrained(out)

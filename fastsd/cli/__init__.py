@@ -21,7 +21,7 @@ from ..features import TORCH_HINT
 from ..redact import install_logging
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
-COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr")
+COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

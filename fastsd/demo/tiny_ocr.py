@@ -9,6 +9,9 @@ tokenizer is built with the ``tokenizers`` library: byte-level (every text round
 special tokens in the checkpoint's order, so ``<|image|>`` sits 34 ids after ``<|endoftext|>`` as in
 the real vocabulary. The chat template renders what the real one renders for OCR requests:
 ``[gMASK]<sop><|user|>\\n<|begin_of_image|><|image|><|end_of_image|>Text Recognition:<|assistant|>\\n``.
+
+``fastsd demo`` takes it from :func:`cached_glm_ocr` (built once into the local cache); the tests
+build it once per test session. The weights are random: what it reads is gibberish.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
+
+#: Bump when the builder changes, so caches of older builds are not reused.
+BUILD_VERSION = 1
 
 #: Small pixel bounds: 112x112 .. 224x224 (16..64 image tokens per page).
 MIN_PIXELS = 112 * 112
@@ -207,3 +213,10 @@ def save_tiny_glm_ocr(folder: str | Path, seed: int = 0) -> Path:
     (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Glm46VProcessor"}, indent=2))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return folder
+
+
+def cached_glm_ocr() -> Path:
+    """The tiny GLM-OCR folder in the local cache (``<cache>/tiny/glm-ocr-v<N>``), built on first use."""
+    from .tiny import build_cached
+
+    return build_cached(f"glm-ocr-v{BUILD_VERSION}", "model.safetensors", lambda tmp: save_tiny_glm_ocr(tmp / "out"))

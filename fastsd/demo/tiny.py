@@ -6,15 +6,22 @@ layout, text-encoder depth and activation, SDXL's second encoder with projection
 for SD2-768) at tiny widths, so key names and code paths are the real ones while a CPU runs them
 in milliseconds. The CLIP tokenizer is written from a small vocabulary by :func:`write_clip_tokenizer`.
 
-Used by ``tests/conftest.py`` (cached once per test session) and by any later test.
+Everything is built from the configs in this file, offline and without downloads: ``fastsd demo``
+takes its model from :func:`cached_pipeline` (built once into the local cache), the tests build
+them once per test session (``tests/conftest.py``), and the benchmarks' ``--small`` runs use them.
+The weights are random: images made with them are noise.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
+#: Bump when a builder changes, so caches of older builds are not reused.
+BUILD_VERSION = 1
 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to byte tokens.
 WORDS = [
@@ -215,6 +222,7 @@ def tiny_sdxl_unet():
 
 def build_sd1(folder: str | Path, *, inpaint: bool = False, seed: int = 0):
     """Tiny SD1.x (or SD1.x inpainting) pipeline: CLIP ViT-L-shaped text encoder (12 layers, quick_gelu)."""
+    import torch
     from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -239,6 +247,7 @@ def build_sd1(folder: str | Path, *, inpaint: bool = False, seed: int = 0):
 
 def build_sd2(folder: str | Path, *, v_prediction: bool = True, seed: int = 0):
     """Tiny SD2.x pipeline: OpenCLIP-H-shaped text encoder (23 layers, gelu), v-prediction (768) or ε (512)."""
+    import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -268,6 +277,7 @@ def build_sd2(folder: str | Path, *, v_prediction: bool = True, seed: int = 0):
 
 def build_sdxl(folder: str | Path, *, seed: int = 0):
     """Tiny SDXL base: CLIP-L-shaped encoder (12 layers) + OpenCLIP-bigG-shaped one (32 layers, projection)."""
+    import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -306,3 +316,48 @@ def save_tiny_pipeline(kind: str, folder: str | Path) -> Path:
     pipe = BUILDERS[kind](folder)
     pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
     return folder / "pipeline"
+
+
+def cached_pipeline(kind: str = "sd1") -> Path:
+    """The tiny ``kind`` pipeline as a Diffusers folder in the local cache, built on first use.
+
+    Lives in ``<cache>/tiny/<kind>-v<BUILD_VERSION>`` (see :func:`fastsd.paths.cache_dir`).
+
+    Raises:
+        KeyError: ``kind`` is not in :data:`BUILDERS`.
+    """
+    if kind not in BUILDERS:
+        raise KeyError(f"no tiny model {kind!r}: one of {', '.join(BUILDERS)}")
+    return build_cached(f"{kind}-v{BUILD_VERSION}", "model_index.json", lambda tmp: save_tiny_pipeline(kind, tmp))
+
+
+def build_cached(name: str, marker: str, build: Callable[[Path], Path]) -> Path:
+    """``<cache>/tiny/<name>``, made by ``build(tmp)`` (returns the built folder inside ``tmp``) if missing.
+
+    The folder is built under a temp name and renamed into place, so a killed build never leaves
+    a half folder that a later run would trust (``marker`` is the file a complete one has), and
+    two runs building at once both end with a complete one.
+    """
+    from .. import storage
+    from ..paths import cache_dir
+
+    target = cache_dir() / "tiny" / name
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    storage.clean_stale_temps_beside(target)
+    tmp = storage.temp_name(target)
+    try:
+        tmp.mkdir()
+        built = build(tmp)
+        if target.exists() and not (target / marker).is_file():
+            shutil.rmtree(target)  # an incomplete folder that no build of ours made: replace it
+        try:
+            os.replace(built, target)
+        except OSError:
+            if not (target / marker).is_file():
+                raise
+            # another run finished first: its folder is as good as ours
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
