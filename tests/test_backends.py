@@ -148,10 +148,17 @@ def test_backends_are_pinned_to_commits():
 
 
 def write_safetensors(path: Path, keys: list[str], size: int = 0) -> Path:
-    header = {k: {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]} for k in keys}
+    """A valid safetensors file: one fp16 scalar per key, each in its own 2 bytes (+ ``size`` padding)."""
+    header = {k: {"dtype": "F16", "shape": [1], "data_offsets": [2 * i, 2 * i + 2]} for i, k in enumerate(keys)}
+    if size:
+        header[f"pad.{len(keys)}"] = {
+            "dtype": "U8",
+            "shape": [size],
+            "data_offsets": [2 * len(keys), 2 * len(keys) + size],
+        }
     raw = json.dumps(header).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0\0" + b"\0" * size)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0\0" * len(keys) + b"\0" * size)
     return path
 
 
