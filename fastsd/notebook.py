@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".safetensors", ".ckpt")
-
 
 # ---------------------------------------------------------------- setup and errors
 
@@ -122,61 +120,26 @@ def _on_drive(path: Path) -> bool:
 
 
 def model_path(spec: str, *, home: str | os.PathLike[str] | None = None, diffusers: bool = False) -> Path | None:
-    """A model for a form field: a local path as is, anything else downloaded once into ``<home>/models``.
+    """A model for a form field (blank: None), through :func:`fastsd.models.load.local_model`.
 
     Args:
-        spec: a path, a registry name (``sd15``, ``sdxl``...), ``hf:org/repo``, or a URL. Blank: None.
-        home: the fastsd home.
-        diffusers: the caller needs a Diffusers folder (training): a single file is converted
-            once, next to the other models.
+        spec: a path, a registry name (``sd15``, ``sdxl``...), ``hf:org/repo``, or a URL.
+        home: the fastsd home downloads go to.
+        diffusers: the caller needs a Diffusers folder (training): a single file is converted once
+            into the local conversion cache.
 
     Raises:
         UserInputError: a path that does not exist and is no downloadable spec.
         FastsdError: a failed download or conversion.
     """
+    from .models.load import local_model
+
     spec = (spec or "").strip()
     if not spec:
         return None
-    local = Path(spec).expanduser()
-    if local.exists():
-        path = local.resolve()
-    elif spec.startswith(("/", "./", "~")):
+    if spec.startswith(("/", "./", "~")) and not Path(spec).expanduser().exists():
         raise UserInputError(f"{spec} does not exist: check the path (is Drive connected?)")
-    else:
-        try:
-            from .models.fetch import get
-        except ImportError as err:
-            raise FastsdError(
-                f"downloading {spec!r} needs fastsd.models.fetch, which this fastsd lacks: "
-                "update fastsd, or give the path of a model on Drive"
-            ) from err
-        path = Path(get(spec, home=home))
-    if diffusers and path.is_file():
-        path = _as_diffusers(path, home)
-    return path
-
-
-def _as_diffusers(file: Path, home: str | os.PathLike[str] | None) -> Path:
-    if file.suffix.lower() not in MODEL_SUFFIXES:
-        raise UserInputError(f"{file} is not a model file: give a .safetensors/.ckpt file or a Diffusers folder")
-    dst = fastsd_home(home) / "models" / f"{file.stem}-diffusers"
-    if (dst / "model_index.json").is_file():
-        return dst
-    from .models.convert import convert
-
-    print(f"converting {file.name} to a Diffusers folder for training (once): {dst}")
-    return Path(convert(file, dst))
-
-
-def _as_single_file(folder: Path, home: str | os.PathLike[str] | None) -> Path:
-    """A Diffusers folder as the one ``.safetensors`` file A1111, Forge and ComfyUI load (converted once)."""
-    dst = fastsd_home(home) / "models" / f"{folder.name}.safetensors"
-    if dst.is_file():
-        return dst
-    from .models.convert import convert
-
-    print(f"converting {folder.name} to a single .safetensors file for the web UI (once): {dst}")
-    return Path(convert(folder, dst, half=True))
+    return local_model(spec, want="diffusers" if diffusers else "any", home=home)
 
 
 # ---------------------------------------------------------------- sessions
@@ -854,7 +817,7 @@ def webui(
     Args:
         backend: ``builtin``, ``a1111``, ``forge`` or ``comfyui``.
         model: a model file/folder to load first (see :func:`model_path`); A1111, Forge and ComfyUI
-            get a Diffusers folder converted (once) to a single file next to it in ``<home>/models``.
+            get a Diffusers folder converted once to a single file (:func:`fastsd.models.load.local_model`).
         tunnel: ``auto`` (Colab's proxy in Colab, else none), ``colab``, ``ngrok``, ``cloudflared``,
             ``localtunnel``, ``gradio`` (built-in only) or ``none``.
         user / password: a login for the UI; blank: none, or a generated one when the tunnel is public.
@@ -873,8 +836,6 @@ def webui(
 
     if bool(user.strip()) != bool(password):
         raise UserInputError("give both a username and a password for the login, or neither")
-    if model and backend != "builtin" and Path(model).is_dir():
-        model = _as_single_file(Path(model), home)
     if _WEBUI:
         stop_webui()
     opts = WebUIOptions(

@@ -331,7 +331,7 @@ def diffusers_to_single_file(
             s.close()
     if det.family == "sd2" and det.prediction_type == "v_prediction":
         write_text(dst.with_suffix(".yaml"), (CONFIGS / "a1111" / "v2-inference-v.yaml").read_text())
-    log.info("wrote %s (%s)", dst, det.summary())
+    log.info("wrote %s (%s)", dst, detect(dst).summary())  # what the file holds, as `model detect` says
     return dst
 
 
@@ -481,7 +481,7 @@ def single_file_to_diffusers(
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
-    log.info("wrote Diffusers folder %s (%s)", dst, det.summary())
+    log.info("wrote Diffusers folder %s (%s)", dst, detect(dst).summary())
     return dst
 
 
@@ -492,16 +492,22 @@ def convert(
     half: bool = False,
     fmt: str = "safetensors",
     overwrite: bool = False,
+    home: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Convert in the direction ``src`` implies: a Diffusers folder -> single file, a file -> Diffusers.
 
+    ``src`` is any model spec (``sd15``, ``hf:org/repo``, a URL, a path): what is not local is
+    fetched first by :func:`fastsd.models.load.local_model` into ``home``.
+
     Raises:
-        UserInputError: ``src`` missing, a file -> file or folder -> folder request, or ``dst`` exists.
+        UserInputError: ``src`` unknown or missing, a file -> file or folder -> folder request, or
+            ``dst`` exists.
+        NetworkError: ``src`` could not be fetched.
         ModelFormatError: see :func:`diffusers_to_single_file` and :func:`single_file_to_diffusers`.
     """
-    s, d = Path(src).expanduser(), Path(dst).expanduser()
-    if not s.exists():
-        raise UserInputError(f"{s} does not exist; check the path")
+    from .load import local_model  # load converts through this module: imported when called
+
+    s, d = local_model(src, home=home), Path(dst).expanduser()
     if s.is_dir():
         if d.is_dir():
             raise UserInputError(f"{s} is a Diffusers folder and {d} a folder; give a .safetensors file as DST")

@@ -259,9 +259,11 @@ def resolve(
     if not c.model:
         raise UserInputError("no base model: pass --model or set the session's base_model")
     if not (Path(c.model) / "model_index.json").is_file():
-        from ..models.load import diffusers_folder
+        from ..models.load import local_model
 
-        c.model = str(diffusers_folder(c.model, home=home))  # fetch (sd15, hf:..., URL) or convert a single file
+        c.model = str(
+            local_model(c.model, want="diffusers", home=home)
+        )  # fetch (sd15, hf:..., URL) or convert a single file
     facts = model_family(c.model)
     c.resolution = int(c.resolution or info.get("resolution") or facts["native_resolution"])
     if c.resolution % 64 or c.resolution < 64:

@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
 from ..errors import ModelFormatError, UserInputError
+from ..models.load import load_pipeline
 from . import catalog, infotext, samplers
 from .worker import JobState
 
@@ -123,48 +124,6 @@ class GenerationResult:
     infotexts: list[str]
     info: dict[str, Any]
     interrupted: bool = False
-
-
-def load_model(spec: str, torch_dtype: Any) -> Any:
-    """Load a pipeline from a Diffusers folder, a single-file checkpoint or a Hub id.
-
-    Uses ``fastsd.models.load.load_pipeline`` when the models package provides it (offline
-    single-file loading with bundled configs), else diffusers directly.
-
-    Raises:
-        ModelFormatError: the path is not a loadable model.
-    """
-    try:
-        from fastsd.models.load import load_pipeline  # type: ignore[import-not-found]
-    except ImportError:
-        load_pipeline = None
-    if load_pipeline is not None and Path(spec).exists():
-        return load_pipeline(spec, torch_dtype=torch_dtype)
-
-    import diffusers
-
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir():
-            extra = {}
-            index = path / "model_index.json"
-            if index.is_file() and '"safety_checker"' in index.read_text():
-                extra = {"safety_checker": None, "requires_safety_checker": False}
-            return diffusers.DiffusionPipeline.from_pretrained(
-                path, torch_dtype=torch_dtype, local_files_only=True, **extra
-            )
-        if path.is_file():
-            keys = catalog.safetensors_header(path) if path.suffix == ".safetensors" else {}
-            if any(k.startswith("conditioner.embedders.1") for k in keys):
-                cls = diffusers.StableDiffusionXLPipeline
-            elif any(k.startswith("model.diffusion_model.joint_blocks") for k in keys):
-                cls = diffusers.StableDiffusion3Pipeline
-            else:
-                cls = diffusers.StableDiffusionPipeline
-            return cls.from_single_file(str(path), torch_dtype=torch_dtype)
-        return diffusers.DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype)  # a Hub id
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelFormatError(f"cannot load model {spec}: {err}") from err
 
 
 def family_of(pipe: Any) -> str:
@@ -338,7 +297,8 @@ class PipelineManager:
 
     Args:
         home: the fastsd home (models are listed from it, outputs saved under it).
-        model: an explicit model spec (path or Hub id) added to the list and used first.
+        model: an explicit local model file/folder (see :func:`fastsd.models.load.local_model`)
+            added to the list and used first.
         models_dirs: extra folders to list models from.
         memory: memory-setting overrides (``attention_slicing``/``vae_tiling``/``cpu_offload``).
         device: torch device; default CUDA when available.
@@ -468,7 +428,7 @@ class PipelineManager:
         self.state.textinfo = f"Loading {entry.title}"
         log.info("loading model %s", entry.path)
         started = time.time()
-        pipe = load_model(entry.path, self.dtype)
+        pipe = load_pipeline(entry.path, torch_dtype=self.dtype)
         if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
             raise ModelFormatError(f"{entry.title} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
         if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:

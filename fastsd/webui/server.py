@@ -220,8 +220,8 @@ def start(
     """Start the web UI + A1111 API in the background and return once it answers HTTP.
 
     Args:
-        model: a model to offer first and load at start: a local file/folder or a Hub repo id.
-            Without it, the first model found under ``<home>/models`` or in sessions is used.
+        model: a model to offer first and load at start: any spec (a local file/folder, ``sd15``,
+            ``hf:org/repo``, a URL), fetched first through :func:`fastsd.models.load.local_model`. Without it, the first model found under ``<home>/models`` or in sessions is used.
         host: interface to listen on; ``0.0.0.0`` to accept other machines (``--listen``).
         port: TCP port; 0 picks a free one.
         auth: ``"user:password"`` (or a tuple) required by the API (HTTP Basic) and the UI (login).
@@ -268,6 +268,10 @@ def start(
             f"fastsd web UI is public: log in as user {credentials[0]!r} with password {credentials[1]!r}", flush=True
         )
     root = fastsd_home(home)
+    if model:
+        from ..models.load import local_model
+
+        model = str(local_model(model, home=root))  # sd15, hf:..., URLs: fetched; a local path as it is
     port = _check_port(host, port)
     worker = Worker()
     manager = PipelineManager(
