@@ -149,7 +149,7 @@ def open_session(
     name: str,
     *,
     base_model: str | os.PathLike[str] | None = None,
-    resolution: int = 512,
+    resolution: int | None = None,
     instance_token: str = "sks",
     class_word: str = "person",
     home: str | os.PathLike[str] | None = None,
@@ -168,7 +168,7 @@ def open_session(
     root = fastsd_home(home)
     wanted = {
         "base_model": str(base_model) if base_model else None,
-        "resolution": int(resolution),
+        "resolution": int(resolution) if resolution else None,  # 0/None: the base model's native size
         "instance_token": instance_token.strip() or "sks",
         "class_word": class_word.strip(),
     }
@@ -505,7 +505,7 @@ def train_config(
         steps: UNet steps (0: the method's default).
         text_encoder_steps: text-encoder steps (-1: the method's default; 0: frozen).
         learning_rate: UNet learning rate (0: the method's default).
-        resolution: training size (0: the session's).
+        resolution: training size (0: the session's, else the base model's native size).
         save_every: resumable checkpoint every N steps (on Drive).
         sample_every: sample images every N steps (0: none).
         sample_prompt: prompt for samples (blank: ``a photo of <token> <class>``).
@@ -520,7 +520,7 @@ def train_config(
         unet_steps=steps or None,
         te_steps=None if text_encoder_steps < 0 else text_encoder_steps,
         unet_lr=learning_rate or None,
-        resolution=resolution or session.info.get("resolution"),
+        resolution=resolution or None,  # None: the session's, else the base model's native size (resolve)
         save_every=save_every,
         sample_every=sample_every,
         sample_prompts=[sample_prompt.strip()] if sample_prompt.strip() else [],
@@ -617,7 +617,7 @@ def try_model(
     else:
         model = str(file)
     handle = _try_server(session.name, model, home)
-    size = int(size or session.info.get("resolution") or 512)
+    size = int(size or session.training_size())
     with contextlib.suppress(httpx.HTTPError):  # a reused server: list the LoRA a new run exported
         httpx.post(f"{handle.url}/sdapi/v1/refresh-loras", timeout=60)
     body = {

@@ -237,7 +237,7 @@ def test_train_config_from_the_form(session):
     pytest.importorskip("fastsd.train")
     c = nb.train_config(session, method="lora", steps=0, text_encoder_steps=-1, learning_rate=0, sample_prompt=" ")
     assert (c.method, c.unet_steps, c.te_steps, c.unet_lr) == ("lora", None, None, None)  # the method's defaults
-    assert c.resolution == 512 and c.sample_prompts == [] and c.resume is True
+    assert c.resolution is None and c.sample_prompts == [] and c.resume is True  # resolve(): session's, else native
     c = nb.train_config(
         session,
         steps=10,
