@@ -18,7 +18,8 @@ from ..errors import ModelFormatError, UserInputError
 
 log = logging.getLogger(__name__)
 
-#: (family, task) -> diffusers pipeline class name.
+#: (family, task) -> diffusers pipeline class name, in :mod:`fastsd.models.detect`'s family names: the
+#: one table (the web UI builds its img2img/inpaint pipelines from it too).
 PIPELINES = {
     ("sd1", "txt2img"): "StableDiffusionPipeline",
     ("sd1", "img2img"): "StableDiffusionImg2ImgPipeline",
@@ -29,6 +30,9 @@ PIPELINES = {
     ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
     ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
     ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("sd3", "txt2img"): "StableDiffusion3Pipeline",
+    ("sd3", "img2img"): "StableDiffusion3Img2ImgPipeline",
+    ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
 }
 TASKS = ("txt2img", "img2img", "inpaint")
 
