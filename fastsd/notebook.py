@@ -264,9 +264,9 @@ def _mkdir(path: Path) -> Path:
 
 def _colab_files() -> list[tuple[str, bytes]]:
     """Colab's upload dialog; Colab's own copies of the files in the working folder are removed."""
-    from google.colab import files  # type: ignore[import-not-found]
+    from .colab import upload_files
 
-    uploaded = files.upload()
+    uploaded = upload_files()
     for name, data in uploaded.items():
         copy = Path.cwd() / Path(name).name
         if copy.is_file() and copy.stat().st_size == len(data):
@@ -698,9 +698,9 @@ def exports(session: Session, *, download: bool = False) -> list[Path]:
     if download:
         newest = session.path / latest_model(session)["file"]
         if environment() == "colab":
-            from google.colab import files as colab_files  # type: ignore[import-not-found]
+            from .colab import download_file
 
-            colab_files.download(str(newest))
+            download_file(newest)
         else:
             print(f"download: not in Colab; the file is {newest}")
     return files

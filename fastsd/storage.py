@@ -456,10 +456,6 @@ def flush(*, unmount: bool = False) -> bool:
         os.sync()
     if not unmount:
         return False
-    try:
-        from google.colab import drive  # type: ignore[import-not-found]
-    except ImportError:
-        log.info("not running in Colab: nothing to unmount (files are already written)")
-        return False
-    drive.flush_and_unmount()
-    return True
+    from .colab import unmount_drive  # colab.py is the one module that talks to Colab
+
+    return unmount_drive()

@@ -119,17 +119,15 @@ class ServerHandle:
 
     def show(self, height: int = 900) -> Any:
         """Display the UI in a notebook output (Colab: through its port proxy)."""
-        try:
-            from google.colab import output  # type: ignore[import-not-found]
+        from ..colab import show_port
 
-            output.serve_kernel_port_as_iframe(self.port, height=str(height))
+        if show_port(self.port, height):
             return None
-        except ImportError:
-            from IPython.display import IFrame, display
+        from IPython.display import IFrame, display  # not in Colab: a plain iframe
 
-            frame = IFrame(self.url + "/", width="100%", height=height)
-            display(frame)
-            return frame
+        frame = IFrame(self.url + "/", width="100%", height=height)
+        display(frame)
+        return frame
 
     def _repr_html_(self) -> str:
         return f'<a href="{self.url}/" target="_blank">fastsd web UI at {self.url}</a> · <a href="{self.url}/docs" target="_blank">API docs</a>'
