@@ -33,18 +33,10 @@ def mount_drive(mountpoint: str = "/content/drive") -> Path | None:
     return drive_dir()
 
 
-def flush_drive(unmount: bool = True) -> None:
-    """Push Drive's pending writes to Google (``drive.flush_and_unmount``); only when asked.
-
-    Call it at the very end of a notebook, or before deliberately ending a runtime.
-    """
-    from .storage import flush
-
-    flush(unmount=unmount)
-
-
 def unmount_drive() -> bool:
     """Colab's ``drive.flush_and_unmount()``: waits until Drive has uploaded everything, then unmounts.
+
+    Called by :func:`fastsd.storage.flush` (``unmount=True``), which syncs first.
 
     Returns:
         True when Drive was flushed and unmounted, False when not running in Colab.

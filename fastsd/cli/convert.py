@@ -32,6 +32,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.convert import convert
+    from ..models.load import local_model
 
-    print(convert(args.src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite, home=args.root))
+    src = local_model(args.src, home=args.root)  # sd15, hf:..., URLs are fetched like every --model
+    print(convert(src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite))
     return 0

@@ -492,22 +492,18 @@ def convert(
     half: bool = False,
     fmt: str = "safetensors",
     overwrite: bool = False,
-    home: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Convert in the direction ``src`` implies: a Diffusers folder -> single file, a file -> Diffusers.
 
-    ``src`` is any model spec (``sd15``, ``hf:org/repo``, a URL, a path): what is not local is
-    fetched first by :func:`fastsd.models.load.local_model` into ``home``.
+    ``fastsd convert`` makes any spec local first (:func:`fastsd.models.load.local_model`).
 
     Raises:
-        UserInputError: ``src`` unknown or missing, a file -> file or folder -> folder request, or
-            ``dst`` exists.
-        NetworkError: ``src`` could not be fetched.
+        UserInputError: ``src`` missing, a file -> file or folder -> folder request, or ``dst`` exists.
         ModelFormatError: see :func:`diffusers_to_single_file` and :func:`single_file_to_diffusers`.
     """
-    from .load import local_model  # load converts through this module: imported when called
-
-    s, d = local_model(src, home=home), Path(dst).expanduser()
+    s, d = Path(src).expanduser(), Path(dst).expanduser()
+    if not s.exists():
+        raise UserInputError(f"{s} does not exist; check the path")
     if s.is_dir():
         if d.is_dir():
             raise UserInputError(f"{s} is a Diffusers folder and {d} a folder; give a .safetensors file as DST")
