@@ -112,7 +112,6 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = "off"
     cuda_graph: str = "auto"
-    cache_latents: bool = True
     save_every: int = 500
     keep_checkpoints: int = 2
     export_every: int = 0
