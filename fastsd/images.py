@@ -572,7 +572,6 @@ def add_images(
     unrecorded = _unrecorded_sources(session, present - {f for f in records if records[f].get("sha256")})
     taken = {p.stem.lower() for p in session.instance_dir.iterdir()}
 
-    from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
     bar = tqdm(candidates, desc="adding images", unit="img", disable=not progress or len(candidates) < 4)
@@ -603,16 +602,13 @@ def add_images(
                 continue
             stem = _unique_stem(_safe_stem(cand.stem), taken)
             fname = stem + SAVE_SUFFIX
-            meta = PngInfo()
-            meta.add_text(SOURCE_KEY, digest)
-            buf = io.BytesIO()
-            out.save(buf, format="PNG", pnginfo=meta)
+            encoded = storage.png_bytes(out, {SOURCE_KEY: digest})
             # caption, then image, then record: a kill between any two leaves nothing that a
             # re-run duplicates (the caption is rewritten, the image is known by its hash)
             text = cand.caption if captions == "auto" else filename_caption(cand.stem) if captions == "filename" else ""
             if text:
                 session.set_caption(fname, text)
-            storage.write_bytes(session.instance_dir / fname, buf.getvalue())
+            storage.write_bytes(session.instance_dir / fname, encoded)
             known[digest] = fname
             records[fname] = {
                 "source": cand.name,

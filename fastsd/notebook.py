@@ -38,6 +38,7 @@ from .paths import cache_dir, fastsd_home
 from .redact import install_logging
 from .runtime import environment
 from .session import human_size
+from .storage import png_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -365,9 +366,7 @@ def thumbnail_bytes(image: str | os.PathLike[str] | Image.Image, size: int = 256
     img = _to_pil(image)
     img = img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB")
     img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(img)
 
 
 def images_html(
