@@ -34,7 +34,7 @@ from . import storage
 from .errors import UserInputError
 from .images import filename_caption  # noqa: F401 - re-exported: session.filename_caption is public
 from .locks import GUARD_FILE, LOCK_FILE, SessionLock, lock_state, read_lock
-from .models.registry import MAX_NATIVE, check_resolution
+from .models.registry import MAX_NATIVE, NATIVE_RESOLUTION, check_resolution
 from .paths import fastsd_home
 
 if TYPE_CHECKING:
@@ -286,13 +286,17 @@ class Session:
         """The size images are cropped to and training uses: the one set, else the base model's native size.
 
         The base model's family decides (:func:`fastsd.models.detect.native_size`); while it is not
-        local yet (``hf:``, a URL), the largest native size, which the trainer scales down cleanly.
+        local yet (``hf:``, a URL), the largest native size, which the trainer scales down cleanly;
+        with no base model chosen, SD1's 512.
         """
         if self.info.get("resolution"):
             return int(self.info["resolution"])
+        base = self.info.get("base_model")
+        if not base:
+            return NATIVE_RESOLUTION["sd1"]
         from .models.detect import native_size  # reads configs or headers; torch is imported only here
 
-        known = native_size(self.info.get("base_model"))
+        known = native_size(base)
         return known[1] if known else MAX_NATIVE
 
     @classmethod
