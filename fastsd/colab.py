@@ -33,14 +33,45 @@ def mount_drive(mountpoint: str = "/content/drive") -> Path | None:
     return drive_dir()
 
 
-def flush_drive(unmount: bool = True) -> None:
-    """Push Drive's pending writes to Google (``drive.flush_and_unmount``); only when asked.
+def unmount_drive() -> bool:
+    """Colab's ``drive.flush_and_unmount()``: waits until Drive has uploaded everything, then unmounts.
 
-    Call it at the very end of a notebook, or before deliberately ending a runtime.
+    Called by :func:`fastsd.storage.flush` (``unmount=True``), which syncs first.
+
+    Returns:
+        True when Drive was flushed and unmounted, False when not running in Colab.
     """
-    from .storage import flush
+    try:
+        from google.colab import drive  # type: ignore[import-not-found]
+    except ImportError:
+        log.info("not running in Colab: nothing to unmount (files are already written)")
+        return False
+    drive.flush_and_unmount()
+    return True
 
-    flush(unmount=unmount)
+
+def show_port(port: int, height: int) -> bool:
+    """Show a local port's page in the cell's output through Colab's proxy; False when not in Colab."""
+    try:
+        from google.colab import output  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    output.serve_kernel_port_as_iframe(port, height=str(height))
+    return True
+
+
+def upload_files() -> dict[str, bytes]:
+    """Colab's upload dialog: file name -> content (Colab also leaves copies in the working folder)."""
+    from google.colab import files  # type: ignore[import-not-found]
+
+    return dict(files.upload())
+
+
+def download_file(path: str | os.PathLike[str]) -> None:
+    """Have the browser download ``path`` from the Colab runtime."""
+    from google.colab import files  # type: ignore[import-not-found]
+
+    files.download(str(path))
 
 
 def secret(name: str) -> str | None:

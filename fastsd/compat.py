@@ -10,7 +10,7 @@ kinds of declared minimum are compared here with what is installed, without impo
 
 :func:`import_problems` then tries, in a child process, the imports each feature needs
 (``features.IMPORTS``), which catches what no declaration tells (a missing compiled module, a
-renamed symbol). Both feed :func:`fastsd.runtime.feature_status`.
+renamed symbol). Both feed :func:`fastsd.doctor.feature_status`.
 """
 
 from __future__ import annotations

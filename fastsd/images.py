@@ -4,7 +4,8 @@ What a user drops in is rarely training-ready: phone photos lie on their side (E
 PNGs carry alpha, the same photo comes twice, a folder holds a stray PDF or a broken download.
 :func:`add_images` takes all of it, adds what it can and says, by name, what it skipped and why.
 
-Cropping to the square training size (``size``, 512–1024, a multiple of 64):
+Cropping to the square training size (``size``: the session's, checked by
+:func:`fastsd.models.registry.check_resolution`):
 
 - ``smart`` (default): the square is placed over the subject. Faces come first (OpenCV's Haar
   cascade, when the installed OpenCV ships it); without a face, the square that holds the most
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import UserInputError
+from .models.registry import RESOLUTION_STEP, check_resolution
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -51,7 +53,7 @@ CROP_MODES = ("smart", "center", "none")
 #: auto: an external .txt/.caption next to the image, else the ``<token> <class>`` prompt;
 #: filename: the cleaned file name (``my_dog (3).jpg`` -> ``my dog``); token: always the prompt.
 CAPTION_MODES = ("auto", "filename", "token")
-MIN_SIZE, MAX_SIZE, SIZE_STEP = 512, 1024, 64
+SIZE_STEP = RESOLUTION_STEP
 #: Members of a zip larger than this are refused rather than read into memory (zip bombs).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 #: How much (0..1) saliency at the image's edge is discounted against its centre in smart crops.
@@ -62,20 +64,6 @@ SAVE_SUFFIX = ".png"
 #: in ``instance_images/`` but whose record did not (the add was killed in between) is still
 #: recognised by it, so adding the same photos again never duplicates them.
 SOURCE_KEY = "fastsd-source-sha256"
-
-
-def check_size(size: int) -> int:
-    """Validate a training size: 512–1024 and a multiple of 64.
-
-    Raises:
-        UserInputError: any other value.
-    """
-    if not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE or size % SIZE_STEP:
-        raise UserInputError(
-            f"training size {size} is not supported: use a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE} "
-            "(512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL)"
-        )
-    return size
 
 
 def filename_caption(stem: str) -> str:
@@ -460,7 +448,7 @@ def crop_image(img: Image.Image, mode: str = "smart", size: int = 512) -> tuple[
     Args:
         img: an RGB image.
         mode: ``smart``, ``center`` or ``none`` (see the module doc).
-        size: the training size (512–1024, multiple of 64).
+        size: the training size (see :func:`fastsd.models.registry.check_resolution`).
 
     Returns:
         ``(image, info)``; info has ``focus`` (face/saliency/center/none), ``box`` (the crop in
@@ -471,7 +459,7 @@ def crop_image(img: Image.Image, mode: str = "smart", size: int = 512) -> tuple[
     """
     from PIL import Image
 
-    check_size(size)
+    check_resolution(size)
     if mode not in CROP_MODES:
         raise UserInputError(f"crop mode {mode!r} is unknown: use one of {', '.join(CROP_MODES)}")
     w, h = img.size
@@ -551,7 +539,7 @@ def add_images(
         session: the session to add to (the caller holds its lock; :meth:`Session.add_images` does).
         sources: files, folders and zips (one or a list).
         crop: ``smart`` (default), ``center`` or ``none``.
-        size: training size; default the session's resolution.
+        size: training size; default the session's (:meth:`fastsd.session.Session.training_size`).
         captions: ``auto`` (default), ``filename`` or ``token``.
         progress: show a progress bar.
 
@@ -565,7 +553,7 @@ def add_images(
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    size = check_size(int(size or session.info.get("resolution") or 512))
+    size = check_resolution(int(size)) if size else session.training_size()
     if crop not in CROP_MODES:
         raise UserInputError(f"crop mode {crop!r} is unknown: use one of {', '.join(CROP_MODES)}")
     if captions not in CAPTION_MODES:
@@ -584,7 +572,6 @@ def add_images(
     unrecorded = _unrecorded_sources(session, present - {f for f in records if records[f].get("sha256")})
     taken = {p.stem.lower() for p in session.instance_dir.iterdir()}
 
-    from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
     bar = tqdm(candidates, desc="adding images", unit="img", disable=not progress or len(candidates) < 4)
@@ -615,16 +602,13 @@ def add_images(
                 continue
             stem = _unique_stem(_safe_stem(cand.stem), taken)
             fname = stem + SAVE_SUFFIX
-            meta = PngInfo()
-            meta.add_text(SOURCE_KEY, digest)
-            buf = io.BytesIO()
-            out.save(buf, format="PNG", pnginfo=meta)
+            encoded = storage.png_bytes(out, {SOURCE_KEY: digest})
             # caption, then image, then record: a kill between any two leaves nothing that a
             # re-run duplicates (the caption is rewritten, the image is known by its hash)
             text = cand.caption if captions == "auto" else filename_caption(cand.stem) if captions == "filename" else ""
             if text:
                 session.set_caption(fname, text)
-            storage.write_bytes(session.instance_dir / fname, buf.getvalue())
+            storage.write_bytes(session.instance_dir / fname, encoded)
             known[digest] = fname
             records[fname] = {
                 "source": cand.name,

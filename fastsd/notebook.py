@@ -38,6 +38,7 @@ from .paths import cache_dir, fastsd_home
 from .redact import install_logging
 from .runtime import environment
 from .session import human_size
+from .storage import png_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger(__name__)
-
-MODEL_SUFFIXES = (".safetensors", ".ckpt")
 
 
 # ---------------------------------------------------------------- setup and errors
@@ -122,61 +121,26 @@ def _on_drive(path: Path) -> bool:
 
 
 def model_path(spec: str, *, home: str | os.PathLike[str] | None = None, diffusers: bool = False) -> Path | None:
-    """A model for a form field: a local path as is, anything else downloaded once into ``<home>/models``.
+    """A model for a form field (blank: None), through :func:`fastsd.models.load.local_model`.
 
     Args:
-        spec: a path, a registry name (``sd15``, ``sdxl``...), ``hf:org/repo``, or a URL. Blank: None.
-        home: the fastsd home.
-        diffusers: the caller needs a Diffusers folder (training): a single file is converted
-            once, next to the other models.
+        spec: a path, a registry name (``sd15``, ``sdxl``...), ``hf:org/repo``, or a URL.
+        home: the fastsd home downloads go to.
+        diffusers: the caller needs a Diffusers folder (training): a single file is converted once
+            into the local conversion cache.
 
     Raises:
         UserInputError: a path that does not exist and is no downloadable spec.
         FastsdError: a failed download or conversion.
     """
+    from .models.load import local_model
+
     spec = (spec or "").strip()
     if not spec:
         return None
-    local = Path(spec).expanduser()
-    if local.exists():
-        path = local.resolve()
-    elif spec.startswith(("/", "./", "~")):
+    if spec.startswith(("/", "./", "~")) and not Path(spec).expanduser().exists():
         raise UserInputError(f"{spec} does not exist: check the path (is Drive connected?)")
-    else:
-        try:
-            from .models.fetch import get
-        except ImportError as err:
-            raise FastsdError(
-                f"downloading {spec!r} needs fastsd.models.fetch, which this fastsd lacks: "
-                "update fastsd, or give the path of a model on Drive"
-            ) from err
-        path = Path(get(spec, home=home))
-    if diffusers and path.is_file():
-        path = _as_diffusers(path, home)
-    return path
-
-
-def _as_diffusers(file: Path, home: str | os.PathLike[str] | None) -> Path:
-    if file.suffix.lower() not in MODEL_SUFFIXES:
-        raise UserInputError(f"{file} is not a model file: give a .safetensors/.ckpt file or a Diffusers folder")
-    dst = fastsd_home(home) / "models" / f"{file.stem}-diffusers"
-    if (dst / "model_index.json").is_file():
-        return dst
-    from .models.convert import convert
-
-    print(f"converting {file.name} to a Diffusers folder for training (once): {dst}")
-    return Path(convert(file, dst))
-
-
-def _as_single_file(folder: Path, home: str | os.PathLike[str] | None) -> Path:
-    """A Diffusers folder as the one ``.safetensors`` file A1111, Forge and ComfyUI load (converted once)."""
-    dst = fastsd_home(home) / "models" / f"{folder.name}.safetensors"
-    if dst.is_file():
-        return dst
-    from .models.convert import convert
-
-    print(f"converting {folder.name} to a single .safetensors file for the web UI (once): {dst}")
-    return Path(convert(folder, dst, half=True))
+    return local_model(spec, want="diffusers" if diffusers else "any", home=home)
 
 
 # ---------------------------------------------------------------- sessions
@@ -186,7 +150,7 @@ def open_session(
     name: str,
     *,
     base_model: str | os.PathLike[str] | None = None,
-    resolution: int = 512,
+    resolution: int | None = None,
     instance_token: str = "sks",
     class_word: str = "person",
     home: str | os.PathLike[str] | None = None,
@@ -205,7 +169,7 @@ def open_session(
     root = fastsd_home(home)
     wanted = {
         "base_model": str(base_model) if base_model else None,
-        "resolution": int(resolution),
+        "resolution": int(resolution) if resolution else None,  # 0/None: the base model's native size
         "instance_token": instance_token.strip() or "sks",
         "class_word": class_word.strip(),
     }
@@ -301,9 +265,9 @@ def _mkdir(path: Path) -> Path:
 
 def _colab_files() -> list[tuple[str, bytes]]:
     """Colab's upload dialog; Colab's own copies of the files in the working folder are removed."""
-    from google.colab import files  # type: ignore[import-not-found]
+    from .colab import upload_files
 
-    uploaded = files.upload()
+    uploaded = upload_files()
     for name, data in uploaded.items():
         copy = Path.cwd() / Path(name).name
         if copy.is_file() and copy.stat().st_size == len(data):
@@ -402,9 +366,7 @@ def thumbnail_bytes(image: str | os.PathLike[str] | Image.Image, size: int = 256
     img = _to_pil(image)
     img = img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB")
     img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(img)
 
 
 def images_html(
@@ -542,7 +504,7 @@ def train_config(
         steps: UNet steps (0: the method's default).
         text_encoder_steps: text-encoder steps (-1: the method's default; 0: frozen).
         learning_rate: UNet learning rate (0: the method's default).
-        resolution: training size (0: the session's).
+        resolution: training size (0: the session's, else the base model's native size).
         save_every: resumable checkpoint every N steps (on Drive).
         sample_every: sample images every N steps (0: none).
         sample_prompt: prompt for samples (blank: ``a photo of <token> <class>``).
@@ -557,7 +519,7 @@ def train_config(
         unet_steps=steps or None,
         te_steps=None if text_encoder_steps < 0 else text_encoder_steps,
         unet_lr=learning_rate or None,
-        resolution=resolution or session.info.get("resolution"),
+        resolution=resolution or None,  # None: the session's, else the base model's native size (resolve)
         save_every=save_every,
         sample_every=sample_every,
         sample_prompts=[sample_prompt.strip()] if sample_prompt.strip() else [],
@@ -654,7 +616,7 @@ def try_model(
     else:
         model = str(file)
     handle = _try_server(session.name, model, home)
-    size = int(size or session.info.get("resolution") or 512)
+    size = int(size or session.training_size())
     with contextlib.suppress(httpx.HTTPError):  # a reused server: list the LoRA a new run exported
         httpx.post(f"{handle.url}/sdapi/v1/refresh-loras", timeout=60)
     body = {
@@ -735,9 +697,9 @@ def exports(session: Session, *, download: bool = False) -> list[Path]:
     if download:
         newest = session.path / latest_model(session)["file"]
         if environment() == "colab":
-            from google.colab import files as colab_files  # type: ignore[import-not-found]
+            from .colab import download_file
 
-            colab_files.download(str(newest))
+            download_file(newest)
         else:
             print(f"download: not in Colab; the file is {newest}")
     return files
@@ -854,7 +816,7 @@ def webui(
     Args:
         backend: ``builtin``, ``a1111``, ``forge`` or ``comfyui``.
         model: a model file/folder to load first (see :func:`model_path`); A1111, Forge and ComfyUI
-            get a Diffusers folder converted (once) to a single file next to it in ``<home>/models``.
+            get a Diffusers folder converted once to a single file (:func:`fastsd.models.load.local_model`).
         tunnel: ``auto`` (Colab's proxy in Colab, else none), ``colab``, ``ngrok``, ``cloudflared``,
             ``localtunnel``, ``gradio`` (built-in only) or ``none``.
         user / password: a login for the UI; blank: none, or a generated one when the tunnel is public.
@@ -873,8 +835,6 @@ def webui(
 
     if bool(user.strip()) != bool(password):
         raise UserInputError("give both a username and a password for the login, or neither")
-    if model and backend != "builtin" and Path(model).is_dir():
-        model = _as_single_file(Path(model), home)
     if _WEBUI:
         stop_webui()
     opts = WebUIOptions(

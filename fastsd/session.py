@@ -34,6 +34,7 @@ from . import storage
 from .errors import UserInputError
 from .images import filename_caption  # noqa: F401 - re-exported: session.filename_caption is public
 from .locks import GUARD_FILE, LOCK_FILE, SessionLock, lock_state, read_lock
+from .models.registry import MAX_NATIVE, NATIVE_RESOLUTION, check_resolution
 from .paths import fastsd_home
 
 if TYPE_CHECKING:
@@ -242,17 +243,22 @@ class Session:
         home: str | os.PathLike[str] | None = None,
         *,
         base_model: str | None = None,
-        resolution: int = 512,
+        resolution: int | None = None,
         instance_token: str = "sks",
         class_word: str = "person",
         exist_ok: bool = False,
     ) -> Session:
         """Create a session folder with its subfolders and ``session.json``.
 
+        ``resolution`` None (the default) means the base model's native size, decided when it is
+        needed (:meth:`training_size`), so an SDXL session trains at 1024 unless told otherwise.
+
         Raises:
-            UserInputError: a bad name, or the session exists and ``exist_ok`` is False.
+            UserInputError: a bad name or size, or the session exists and ``exist_ok`` is False.
         """
         name = normalize_name(name)
+        if resolution is not None:
+            check_resolution(resolution)
         path = fastsd_home(home) / "sessions" / name
         if (path / SESSION_FILE).exists():
             if exist_ok:
@@ -275,6 +281,23 @@ class Session:
         session = cls(name, path, info)
         session.save()
         return session
+
+    def training_size(self) -> int:
+        """The size images are cropped to and training uses: the one set, else the base model's native size.
+
+        The base model's family decides (:func:`fastsd.models.detect.native_size`); while it is not
+        local yet (``hf:``, a URL), the largest native size, which the trainer scales down cleanly;
+        with no base model chosen, SD1's 512.
+        """
+        if self.info.get("resolution"):
+            return int(self.info["resolution"])
+        base = self.info.get("base_model")
+        if not base:
+            return NATIVE_RESOLUTION["sd1"]
+        from .models.detect import native_size  # reads configs or headers; torch is imported only here
+
+        known = native_size(base)
+        return known[1] if known else MAX_NATIVE
 
     @classmethod
     def open(cls, name: str, home: str | os.PathLike[str] | None = None, *, strict: bool = True) -> Session:
@@ -648,7 +671,8 @@ class Session:
             "created": self.info.get("created"),
             "base_model": self.info.get("base_model"),
             "family": self.info.get("family"),
-            "resolution": self.info.get("resolution"),
+            "resolution": self.training_size(),
+            "resolution_set": self.info.get("resolution") is not None,
             "instance_token": self.info.get("instance_token"),
             "class_word": self.info.get("class_word"),
             "default_prompt": self.default_prompt(),
@@ -672,7 +696,8 @@ class Session:
         s = self.summary(verify=verify)
         lines = [f"session {s['name']}  ({s['path']})"]
         family = f" ({s['family']})" if s["family"] else ""
-        lines.append(f"  base model   {s['base_model'] or 'not chosen yet'}{family}, training size {s['resolution']}")
+        size = f"{s['resolution']}" if s["resolution_set"] else f"{s['resolution']} (the base model's native size)"
+        lines.append(f"  base model   {s['base_model'] or 'not chosen yet'}{family}, training size {size}")
         lines.append(f'  subject      "{s["default_prompt"]}" (token {s["instance_token"]}, class {s["class_word"]})')
         if s["images"]:
             rest = s["images"] - s["own_captions"]

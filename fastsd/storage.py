@@ -289,6 +289,26 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> dict[str, Any]:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def png_bytes(image: Any, text: dict[str, str] | None = None, *, compress_level: int | None = None) -> bytes:
+    """The PNG encoding of a PIL ``image``, with ``text`` as PNG text chunks: the one PNG encoder.
+
+    Training images (their source hash), generated images (A1111's ``parameters`` infotext),
+    samples, thumbnails and OCR page images are all encoded here. ``compress_level`` None keeps
+    Pillow's default (6).
+    """
+    import io
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    extra = {} if compress_level is None else {"compress_level": compress_level}
+    image.save(buf, format="PNG", pnginfo=info, **extra)
+    return buf.getvalue()
+
+
 def copy_file(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, verify_sha256: bool = True
 ) -> dict[str, Any]:
@@ -456,10 +476,6 @@ def flush(*, unmount: bool = False) -> bool:
         os.sync()
     if not unmount:
         return False
-    try:
-        from google.colab import drive  # type: ignore[import-not-found]
-    except ImportError:
-        log.info("not running in Colab: nothing to unmount (files are already written)")
-        return False
-    drive.flush_and_unmount()
-    return True
+    from .colab import unmount_drive  # colab.py is the one module that talks to Colab
+
+    return unmount_drive()

@@ -101,11 +101,12 @@ print(f"base model: {model_dir}")
         """
 #@title 3. Session: start a new one, or continue one
 #@markdown The subject is called `instance_token class_word` in prompts (e.g. `sks dog`). An existing session
-#@markdown is opened as it is: it shows how far it got and whether training can resume.
+#@markdown is opened as it is: it shows how far it got and whether training can resume. `resolution` 0 trains at
+#@markdown the base model's native size (512 SD1.5, 768 SD2-768, 1024 SDXL).
 session_name = "my_subject"  #@param {type:"string"}
 instance_token = "sks"  #@param {type:"string"}
 class_word = "person"  #@param {type:"string"}
-resolution = 512  #@param [512, 768, 1024] {type:"raw"}
+resolution = 0  #@param [0, 512, 768, 1024] {type:"raw"}
 session = nb.open_session(
     session_name, base_model=model_dir, resolution=resolution, instance_token=instance_token, class_word=class_word
 )

@@ -55,3 +55,16 @@ def test_proxy_url(colab):
     from fastsd.colab import proxy_url
 
     assert proxy_url(7860) == "http://127.0.0.1:7860/"
+
+
+def test_colab_py_is_the_only_module_that_imports_google_colab():
+    import re
+
+    import fastsd
+
+    pattern = re.compile(r"^\s*(from google\.colab\b|import google\.colab\b|from google import colab\b)", re.M)
+    root = Path(fastsd.__file__).parent
+    offenders = [
+        str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "colab.py" and pattern.search(p.read_text())
+    ]
+    assert offenders == []

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from fastsd.doctor import advice
 from fastsd.errors import UserInputError
 from fastsd.paths import fastsd_home, resolve_home
-from fastsd.runtime import GPU, advice, environment, fingerprint
+from fastsd.runtime import GPU, environment, fingerprint
 
 
 def test_doctor_json_is_one_stable_object(cli, tmp_path):

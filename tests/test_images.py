@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from fastsd import images
 from fastsd.errors import UserInputError
-from fastsd.images import check_size, collect, crop_image, focal_point, open_image
+from fastsd.images import collect, crop_image, focal_point, open_image
+from fastsd.models.registry import check_resolution
 from fastsd.session import Session
 
 BACKGROUND = (118, 150, 96)  # a flat lawn
@@ -58,15 +59,17 @@ def session(home):
 # ---------------------------------------------------------------- sizes and decoding
 
 
-@pytest.mark.parametrize("size", [512, 576, 768, 1024])
+@pytest.mark.parametrize("size", [64, 448, 512, 576, 768, 1024])
 def test_good_sizes(size):
-    assert check_size(size) == size
+    assert check_resolution(size) == size
 
 
-@pytest.mark.parametrize("size", [448, 500, 1088, 2048, 0])
-def test_bad_sizes_are_refused(size):
-    with pytest.raises(UserInputError, match="multiple of 64 from 512 to 1024"):
-        check_size(size)
+@pytest.mark.parametrize(
+    ("size", "why"), [(500, "multiple of 64"), (0, "multiple of 64"), (1088, "above"), (2048, "above")]
+)
+def test_bad_sizes_are_refused(size, why):
+    with pytest.raises(UserInputError, match=why):
+        check_resolution(size)
 
 
 def test_exif_orientation_is_applied():

@@ -354,3 +354,12 @@ def test_crafted_single_files_are_refused_by_model_detect(tiny_sd1, tmp_path, cl
         assert r.returncode == 2, (bad, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr and reason in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_convert_reports_what_model_detect_says_of_the_result(cli, tiny_sd1, tmp_path, fmt):
+    out = tmp_path / f"half.{fmt}"
+    r = cli("convert", str(tiny_sd1), str(out), "--half", "--format", fmt)
+    assert r.returncode == 0, r.stderr
+    said = cli("model", "detect", str(out)).stdout.strip()
+    assert "fp16" in said and f"wrote {out} ({said})" in r.stderr  # not the source's "fp32, 64px"

@@ -237,7 +237,7 @@ def test_train_config_from_the_form(session):
     pytest.importorskip("fastsd.train")
     c = nb.train_config(session, method="lora", steps=0, text_encoder_steps=-1, learning_rate=0, sample_prompt=" ")
     assert (c.method, c.unet_steps, c.te_steps, c.unet_lr) == ("lora", None, None, None)  # the method's defaults
-    assert c.resolution == 512 and c.sample_prompts == [] and c.resume is True
+    assert c.resolution is None and c.sample_prompts == [] and c.resume is True  # resolve(): session's, else native
     c = nb.train_config(
         session,
         steps=10,
@@ -273,22 +273,24 @@ def test_upload_widget_outside_colab_adds_on_click(session, tmp_path, monkeypatc
     assert len(Session.open("rex").images()) == 3
 
 
-def test_backends_get_a_single_file_for_a_diffusers_folder(home, tiny_sd1, monkeypatch):
-    started = []
+def test_backends_get_a_single_file_for_a_diffusers_folder(home, tiny_sd1, monkeypatch, tmp_path):
+    from fastsd.models.detect import detect
 
-    def fake_start(opts, echo=print):
-        started.append(opts)
-        return types.SimpleNamespace(
-            url="http://127.0.0.1:1/", backend=opts.backend, log_path=None, detach=lambda: None, stop=lambda: None
-        )
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
+    installs = []
 
-    monkeypatch.setattr("fastsd.webui.launcher.start", fake_start)
-    nb.webui("a1111", model=tiny_sd1, tunnel="none")
-    single = home / "models" / f"{tiny_sd1.name}.safetensors"
-    assert started[-1].model == str(single) and single.stat().st_size > 0
+    def install_stops_here(backend, *a, **k):
+        installs.append(backend.name)
+        raise RuntimeError("installing stops the test here")
+
+    monkeypatch.setattr("fastsd.webui.backends.install_backend", install_stops_here)
+    with pytest.raises(RuntimeError, match="stops the test"):
+        nb.webui("a1111", model=tiny_sd1, tunnel="none")
+    [single] = (tmp_path / "cache" / "converted").glob("*.safetensors")
+    assert detect(single).precision == "fp16" and detect(single).family == "sd1"
     mtime = single.stat().st_mtime_ns
-    nb.webui("comfyui", model=tiny_sd1, tunnel="none")  # converted once, reused
-    assert single.stat().st_mtime_ns == mtime and started[-1].model == str(single)
-    nb.webui("builtin", model=tiny_sd1, tunnel="none")  # the built-in UI loads the folder itself
-    assert started[-1].model == str(tiny_sd1)
+    with pytest.raises(RuntimeError, match="stops the test"):
+        nb.webui("comfyui", model=tiny_sd1, tunnel="none")  # converted once, reused
+    assert list((tmp_path / "cache" / "converted").glob("*.safetensors")) == [single]
+    assert single.stat().st_mtime_ns == mtime and installs == ["a1111", "comfyui"]
     nb._WEBUI.clear()

@@ -186,3 +186,31 @@ def test_space_plan_for_full_sd15_states_on_free_drive():
     assert big["checkpoints_that_fit"] == 0 and "cannot hold a checkpoint save" in big["text"]
     small = space_plan([{"bytes": 4_000_000_000}], export)
     assert small["checkpoints_that_fit"] == 2 and "holds 2 checkpoint(s)" in small["text"]
+
+
+def test_an_sdxl_session_trains_and_crops_at_1024_unless_told(cli, tmp_path, tiny_sdxl, tiny_sd1):
+    """session new without --resolution: the base model's native size, for cropping and training alike."""
+    from fastsd.session import Session
+    from fastsd.train.config import TrainConfig, resolve
+
+    root = str(tmp_path / "home")
+    photo = tmp_path / "dog.png"
+    Image.new("RGB", (1200, 1200), (90, 60, 30)).save(photo)
+    assert cli("session", "new", "xl", "--base-model", str(tiny_sdxl), "--root", root).returncode == 0
+    assert cli("session", "add", "xl", str(photo), "--root", root).returncode == 0
+    r = cli("session", "show", "xl", "--root", root)
+    assert "training size 1024 (the base model's native size)" in r.stdout, r.stdout
+    assert json.loads(cli("session", "show", "xl", "--json", "--root", root).stdout)["resolution"] == 1024
+    with Image.open(next((tmp_path / "home" / "sessions" / "xl" / "instance_images").iterdir())) as img:
+        assert img.size == (1024, 1024)  # cropped at SDXL's size, not 512
+    c, _ = resolve(TrainConfig(method="lora"), session_info=Session.open("xl", root).info, gpu_list=[])
+    assert c.resolution == 1024  # what `fastsd train xl` trains at
+
+    # a size the user set is kept, and an SD1.5 session stays at 512
+    assert cli("session", "new", "sd", "--base-model", str(tiny_sd1), "--root", root).returncode == 0
+    assert "training size 512 (the base model's native size)" in cli("session", "show", "sd", "--root", root).stdout
+    assert (
+        cli("session", "new", "xl768", "--base-model", str(tiny_sdxl), "--resolution", "768", "--root", root).returncode
+        == 0
+    )
+    assert "training size 768\n" in cli("session", "show", "xl768", "--root", root).stdout

@@ -196,11 +196,11 @@ def test_single_file_base_model_is_converted_once_and_trains(home, tiny_sd1, tmp
 
     monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
     single = convert.diffusers_to_single_file(tiny_sd1, tmp_path / "base.safetensors")
-    folder = load.diffusers_folder(single, config=tiny_sd1)
+    folder = load.local_model(single, want="diffusers", config=tiny_sd1)
     assert (folder / "model_index.json").is_file() and folder.is_relative_to(tmp_path / "cache")
     calls = []
     monkeypatch.setattr(convert, "single_file_to_diffusers", lambda *a, **k: calls.append(a))
-    assert load.diffusers_folder(single, config=tiny_sd1) == folder and not calls  # cached
+    assert load.local_model(single, want="diffusers", config=tiny_sd1) == folder and not calls  # cached
     s = make_session(home, folder, name="from_file", n=1)
     assert train(s, TrainConfig(method="lora", unet_steps=1, export=False, **FAST)).steps == 1
 

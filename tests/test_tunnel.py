@@ -247,15 +247,6 @@ def test_colab_tier(monkeypatch):
     assert tunnel.colab_tier() == "paid"
 
 
-def test_cloudflared_binary_on_path_is_checked(tmp_path, monkeypatch):
-    fake = tmp_path / "cloudflared"
-    fake.write_text("#!/bin/sh\necho 'cloudflared version 2025.10.1 (built 2025-10-20-1200 UTC)'\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    assert tunnel.cloudflared_binary(fetch=False) == fake
-    assert subprocess.run([str(fake), "--version"], capture_output=True, text=True).stdout.startswith("cloudflared")
-
-
 # What a CLI run logs after fastsd's logging setup: pyngrok relays the agent's lines, uvicorn
 # configures its own handlers when it starts, a library logs an exception quoting a signed URL.
 _LOGGING_RUN = r"""

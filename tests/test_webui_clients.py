@@ -108,7 +108,7 @@ def test_schedules_diffusers_cannot_do_are_refused_with_the_supported_ones(clien
 
 
 def test_align_your_steps_uses_the_published_timesteps():
-    assert samplers.ays_timesteps("sd", 10) == [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+    assert samplers.ays_timesteps("sd1", 10) == [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
     many = samplers.ays_timesteps("sdxl", 25)
     assert (
         len(many) == 25

@@ -12,7 +12,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="convert between a Diffusers folder and a single-file checkpoint (direction from SRC)",
     )
-    p.add_argument("src", metavar="SRC", help="a Diffusers folder, or a .safetensors/.ckpt file")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="a Diffusers folder, a .safetensors/.ckpt file, or any model spec (sd15, hf:org/repo, URL)",
+    )
     p.add_argument("dst", metavar="DST", help="the .safetensors file, or the Diffusers folder to create")
     p.add_argument("--half", action="store_true", help="store weights as fp16 (single-file output)")
     p.add_argument(
@@ -28,6 +32,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.convert import convert
+    from ..models.load import local_model
 
-    print(convert(args.src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite))
+    src = local_model(args.src, home=args.root)  # sd15, hf:..., URLs are fetched like every --model
+    print(convert(src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite))
     return 0

@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from ..doctor import doctor_report
 from ..paths import resolve_home
-from ..runtime import doctor_report
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:

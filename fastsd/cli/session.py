@@ -23,7 +23,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="base model: a registry name (sd15, sd21-512, sd21-768, sdxl...), hf:org/repo, a URL, or a path",
     )
     new.add_argument(
-        "--resolution", type=int, default=512, help="training size: 512-1024, a multiple of 64 (default 512)"
+        "--resolution",
+        type=int,
+        help="training size: a multiple of 64 (default: the base model's native size, 512 SD1.5, 1024 SDXL)",
     )
     new.add_argument("--token", default="sks", help="instance token (default sks)")
     new.add_argument("--class", dest="class_word", default="person", help="class word (default person)")
@@ -72,11 +74,9 @@ def _usage(p: argparse.ArgumentParser) -> int:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    from ..images import check_size
     from ..models.fetch import check_spec
     from ..session import Session
 
-    check_size(args.resolution)
     # A typo is refused now, not when training starts; a relative path is stored absolute.
     base_model = check_spec(args.base_model) if args.base_model else None
     s = Session.create(

@@ -129,13 +129,13 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def _fetch_model_first(args: argparse.Namespace) -> None:
     """Get the base model before torch loads: a typo or an unreachable Hub fails in a second, not ten."""
-    from ..models.load import diffusers_folder
+    from ..models.load import local_model
     from ..session import Session
 
     session = Session.open(args.session, args.root)
     spec = args.model or session.info.get("base_model")
     if spec and session.images():  # without images, train refuses first (and says so)
-        diffusers_folder(spec, home=session.path.parent.parent)
+        local_model(spec, want="diffusers", home=session.path.parent.parent)
 
 
 def run(args: argparse.Namespace) -> int:

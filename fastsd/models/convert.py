@@ -331,7 +331,7 @@ def diffusers_to_single_file(
             s.close()
     if det.family == "sd2" and det.prediction_type == "v_prediction":
         write_text(dst.with_suffix(".yaml"), (CONFIGS / "a1111" / "v2-inference-v.yaml").read_text())
-    log.info("wrote %s (%s)", dst, det.summary())
+    log.info("wrote %s (%s)", dst, detect(dst).summary())  # what the file holds, as `model detect` says
     return dst
 
 
@@ -481,7 +481,7 @@ def single_file_to_diffusers(
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
-    log.info("wrote Diffusers folder %s (%s)", dst, det.summary())
+    log.info("wrote Diffusers folder %s (%s)", dst, detect(dst).summary())
     return dst
 
 
@@ -494,6 +494,8 @@ def convert(
     overwrite: bool = False,
 ) -> Path:
     """Convert in the direction ``src`` implies: a Diffusers folder -> single file, a file -> Diffusers.
+
+    ``fastsd convert`` makes any spec local first (:func:`fastsd.models.load.local_model`).
 
     Raises:
         UserInputError: ``src`` missing, a file -> file or folder -> folder request, or ``dst`` exists.

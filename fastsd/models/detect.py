@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelFormatError, UserInputError
+from .registry import BASE_MODELS, native_resolution
 from .tensorfile import PICKLE_SUFFIXES, TensorInfo, load_pickle_state_dict, read_header, read_tensor
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "other")
@@ -38,8 +39,6 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "other")
 #: cross-attention context width -> family, for UNets and LoRAs without a text encoder.
 CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
 
-#: Default generation resolution per family (SD2 depends on the prediction type).
-DEFAULT_RESOLUTION = {"sd1": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 V_PRED_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PRED_STD = 0.09
@@ -287,12 +286,7 @@ def _prediction(det: Detection, path: Path, infos: dict[str, TensorInfo], meta: 
     if det.prediction_type == "v_prediction":
         det.variants.append("v-prediction")
     res = meta.get("modelspec.resolution", "").split("x")[0]
-    if res.isdigit():
-        det.resolution = int(res)
-    elif det.family == "sd2":
-        det.resolution = 768 if det.prediction_type == "v_prediction" else 512
-    else:
-        det.resolution = DEFAULT_RESOLUTION[det.family]
+    det.resolution = int(res) if res.isdigit() else native_resolution(det.family, det.prediction_type)
 
 
 # --- Diffusers folders -----------------------------------------------------------------------
@@ -365,8 +359,8 @@ def _detect_folder(path: Path) -> Detection:
         if unet_cfg.get("sample_size") and (path / "vae" / "config.json").is_file():
             levels = len(_json(path / "vae" / "config.json").get("block_out_channels", [0, 0, 0, 0]))
             det.resolution = int(unet_cfg["sample_size"]) * 2 ** (levels - 1)
-    elif det.family in DEFAULT_RESOLUTION:
-        det.resolution = DEFAULT_RESOLUTION[det.family]
+    else:
+        det.resolution = native_resolution(det.family)
     return det
 
 
@@ -392,3 +386,57 @@ def detect(path: str | os.PathLike[str]) -> Detection:
     if not p.exists():
         raise UserInputError(f"{p} does not exist; check the path")
     return _detect_folder(p) if p.is_dir() else _detect_file(p)
+
+
+def diffusers_family(model: str | os.PathLike[str]) -> dict[str, Any]:
+    """Family facts of a Diffusers folder from its JSON configs alone (what the trainer plans with).
+
+    Returns:
+        ``{"family": "sd1"|"sd2"|"sdxl", "prediction_type": ..., "native_resolution": int}``.
+
+    Raises:
+        UserInputError: not a Diffusers folder with a UNet.
+    """
+    root = Path(model)
+    unet_cfg = root / "unet" / "config.json"
+    if not unet_cfg.is_file():
+        raise UserInputError(
+            f"base model {model} is not a Diffusers folder (no unet/config.json): "
+            "pass a Diffusers folder, or download/convert the model first"
+        )
+    unet = _json(unet_cfg)
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    sched = _json(sched_file) if sched_file.is_file() else {}
+    prediction = sched.get("prediction_type", "epsilon")
+    if unet.get("addition_embed_type") == "text_time":
+        family = "sdxl"
+    elif unet.get("use_linear_projection"):
+        family = "sd2"
+    else:
+        family = "sd1"
+    return {"family": family, "prediction_type": prediction, "native_resolution": native_resolution(family, prediction)}
+
+
+def native_size(spec: str | os.PathLike[str] | None) -> tuple[str, int] | None:
+    """``(family, native size)`` of a base model spec, without network; None until it is local.
+
+    A registry name answers from the registry, a local Diffusers folder from its configs, a local
+    single file from :func:`detect`; ``hf:``/URL specs not yet fetched are unknown.
+    """
+    if not spec:
+        return None
+    if str(spec) in BASE_MODELS:
+        entry = BASE_MODELS[str(spec)]
+        return entry.family, entry.resolution
+    path = Path(spec).expanduser()
+    try:
+        if (path / "unet" / "config.json").is_file():
+            facts = diffusers_family(path)
+            return facts["family"], facts["native_resolution"]
+        if path.is_file():
+            det = detect(path)
+            px = native_resolution(det.family, det.prediction_type)
+            return (det.family, px) if px else None
+    except (ModelFormatError, UserInputError):
+        return None
+    return None

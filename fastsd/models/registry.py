@@ -47,6 +47,46 @@ class BaseModel:
         return os.environ.get(override_variable(self.name)) or self.repos[0]
 
 
+#: Native square size per family ("sd2-v": SD2 768-v): the training and crop size unless the user sets one.
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+#: Sizes are multiples of this (the VAE's 8x downsampling times the UNet's three halvings).
+RESOLUTION_STEP = 64
+#: The largest native size of a family fastsd trains: the bound when the family is not known yet.
+MAX_NATIVE = 1024
+
+
+def native_resolution(family: str | None, prediction_type: str | None = None) -> int | None:
+    """The family's native size in pixels (SD2's depends on the prediction type), or None if unknown."""
+    key = "sd2-v" if family == "sd2" and prediction_type == "v_prediction" else family
+    return NATIVE_RESOLUTION.get(key or "")
+
+
+def check_resolution(
+    px: int, *, native: int | None = None, family: str | None = None, allow_above: bool = False
+) -> int:
+    """The one rule for a training/crop size: a multiple of 64, at most the native size unless allowed.
+
+    Session creation, image cropping and the trainer all check sizes here, so a size accepted by one
+    is accepted by all. ``native`` is the base model's native size (:data:`MAX_NATIVE` when unknown).
+
+    Raises:
+        UserInputError: not a positive multiple of 64, or above the native size without ``allow_above``.
+    """
+    if isinstance(px, bool) or not isinstance(px, int) or px < RESOLUTION_STEP or px % RESOLUTION_STEP:
+        raise UserInputError(
+            f"training size {px} is not supported: use a multiple of {RESOLUTION_STEP} "
+            "(512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL)"
+        )
+    limit = native or MAX_NATIVE
+    if px > limit and not allow_above:
+        whose = f"{family}'s native {limit} px" if family else f"{limit} px, the largest native size"
+        raise UserInputError(
+            f"{px} px is above {whose} and usually gives duplicated subjects: "
+            f"use --resolution {limit}, or pass --allow-resolution"
+        )
+    return px
+
+
 def override_variable(name: str) -> str:
     """The environment variable that overrides ``name``'s repo: ``sd21-768`` -> ``FASTSD_REPO_SD21_768``."""
     return "FASTSD_REPO_" + name.upper().replace("-", "_")

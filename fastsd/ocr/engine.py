@@ -11,7 +11,6 @@ many at once, which is how throughput scales past one GPU.
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -258,9 +257,9 @@ class TransformersEngine:
 
 def image_data_url(image: Any) -> str:
     """A PNG data URL of a PIL image (what chat-completions servers accept for local images)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    from ..storage import png_bytes
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 class OpenAIEngine:

@@ -10,12 +10,12 @@ happens.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
+from ..models.registry import check_resolution
 
 METHODS = ("full", "lora")
 SCHEDULES = ("sequential", "joint")
@@ -42,8 +42,6 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"unet_steps": 1000, "te_steps": 0, "unet_lr": 1e-4, "te_lr": 5e-5},
 }
 
-#: Native resolution per family; training far above it is refused unless ``allow_resolution``.
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 SDXL_FULL_MIN_VRAM_GB = 24.0
 
 
@@ -54,7 +52,7 @@ class TrainConfig:
     Attributes (the main ones):
         method: ``full`` (fine-tune the UNet and optionally the text encoder) or ``lora``.
         model: base model: a Diffusers folder, a single file, or any spec `fastsd model get` takes (fetched/converted once); default: the session's ``base_model``.
-        resolution: training size in pixels; default: the session's resolution.
+        resolution: training size in pixels; default: the session's, else the family's native size.
         unet_steps / te_steps: optimizer steps for the UNet and the text encoder (0: frozen).
         schedule: ``sequential`` (text-encoder steps first, then UNet steps, as the popular
             notebook) or ``joint`` (both from step 0; the text encoder freezes after ``te_steps``).
@@ -114,7 +112,6 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = "off"
     cuda_graph: str = "auto"
-    cache_latents: bool = True
     save_every: int = 500
     keep_checkpoints: int = 2
     export_every: int = 0
@@ -168,36 +165,6 @@ def detect_preset(gpu_list: list[Any] | None = None) -> str:
     return "a100" if gpu.vram_total_gb >= 38 else "l4"
 
 
-def model_family(model: str | Path) -> dict[str, Any]:
-    """Family facts from a Diffusers folder's JSON configs, without loading weights.
-
-    Returns:
-        ``{"family": "sd1"|"sd2"|"sdxl", "prediction_type": ..., "native_resolution": int}``.
-
-    Raises:
-        UserInputError: not a Diffusers folder with a UNet.
-    """
-    root = Path(model)
-    unet_cfg = root / "unet" / "config.json"
-    if not unet_cfg.is_file():
-        raise UserInputError(
-            f"base model {model} is not a Diffusers folder (no unet/config.json): "
-            "pass a Diffusers folder, or download/convert the model first"
-        )
-    unet = json.loads(unet_cfg.read_text())
-    sched_file = root / "scheduler" / "scheduler_config.json"
-    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
-    prediction = sched.get("prediction_type", "epsilon")
-    if unet.get("addition_embed_type") == "text_time":
-        family = "sdxl"
-    elif unet.get("use_linear_projection"):
-        family = "sd2"
-    else:
-        family = "sd1"
-    native = NATIVE_RESOLUTION["sd2-v" if family == "sd2" and prediction == "v_prediction" else family]
-    return {"family": family, "prediction_type": prediction, "native_resolution": native}
-
-
 def resolve(
     config: TrainConfig,
     *,
@@ -215,7 +182,7 @@ def resolve(
         gpu_list: GPUs to plan for (default: :func:`fastsd.runtime.gpus`).
 
     Returns:
-        ``(resolved config, model facts from model_family)``.
+        ``(resolved config, model facts from :func:`fastsd.models.detect.diffusers_family`)``.
 
     Raises:
         UserInputError: the reason a combination can't work, and what to change.
@@ -259,18 +226,21 @@ def resolve(
     if not c.model:
         raise UserInputError("no base model: pass --model or set the session's base_model")
     if not (Path(c.model) / "model_index.json").is_file():
-        from ..models.load import diffusers_folder
+        from ..models.load import local_model
 
-        c.model = str(diffusers_folder(c.model, home=home))  # fetch (sd15, hf:..., URL) or convert a single file
-    facts = model_family(c.model)
-    c.resolution = int(c.resolution or info.get("resolution") or facts["native_resolution"])
-    if c.resolution % 64 or c.resolution < 64:
-        raise UserInputError(f"resolution {c.resolution} must be a multiple of 64")
-    if c.resolution > facts["native_resolution"] and not c.allow_resolution:
-        raise UserInputError(
-            f"{c.resolution} px is above {facts['family']}'s native {facts['native_resolution']} px and usually "
-            f"gives duplicated subjects: use --resolution {facts['native_resolution']}, or pass --allow-resolution"
-        )
+        c.model = str(
+            local_model(c.model, want="diffusers", home=home)
+        )  # fetch (sd15, hf:..., URL) or convert a single file
+    from ..models.detect import diffusers_family  # torch: only once settings are checked
+
+    facts = diffusers_family(c.model)
+    # the user's size (flag, then session), else the family's native one; one rule checks it
+    c.resolution = check_resolution(
+        int(c.resolution or info.get("resolution") or facts["native_resolution"]),
+        native=facts["native_resolution"],
+        family=facts["family"],
+        allow_above=c.allow_resolution,
+    )
 
     preset_name = detect_preset(gpu_list) if c.gpu == "auto" else c.gpu
     if preset_name not in PRESETS:

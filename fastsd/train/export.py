@@ -12,22 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import FastsdError
 from . import lora
 
 
 def export_full(pipeline: Any, dst: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``pipeline`` as one fp16 single-file checkpoint at ``dst``.
+    """Write ``pipeline`` as one fp16 single-file checkpoint at ``dst``."""
+    from ..models.convert import diffusers_to_single_file  # torch-heavy: only when exporting
 
-    Raises:
-        FastsdError: the converter module is not installed in this checkout.
-    """
-    try:
-        from ..models.convert import diffusers_to_single_file
-    except ImportError as err:
-        raise FastsdError(
-            "single-file export needs fastsd.models.convert, which this installation lacks: update fastsd"
-        ) from err
     scratch = Path(tempfile.mkdtemp(prefix="fastsd-export-"))
     try:
         pipeline.save_pretrained(scratch, safe_serialization=True)

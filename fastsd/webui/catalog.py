@@ -1,8 +1,8 @@
 """What the web UI can load: checkpoints, LoRAs and VAEs found in the fastsd home.
 
 Looks in ``<home>/models/**`` (downloaded models), ``<home>/sessions/*/models/*`` (models exported
-by training sessions), any extra folders, and an explicit ``--model SPEC`` (a local path, or a
-Hugging Face repo id resolved by diffusers). A ``.safetensors`` file is sorted into checkpoint,
+by training sessions), any extra folders, and an explicit ``--model`` (made a local path by
+:func:`fastsd.models.load.local_model` before it gets here). A ``.safetensors`` file is sorted into checkpoint,
 LoRA or VAE from its tensor names (read from the header only, never loading weights); a folder
 with ``model_index.json`` is a Diffusers pipeline; a folder with a VAE ``config.json`` is a VAE.
 """
@@ -136,15 +136,14 @@ def scan(home: Path, models_dirs: list[str | Path] | None = None, model: str | N
     Args:
         home: the fastsd home.
         models_dirs: extra folders to search (titled by their path relative to that folder).
-        model: an explicit model spec (``--model``): a local file/folder or a Hub repo id.
+        model: an explicit model (``--model``) as a local file/folder.
     """
     found: list[Entry] = []
-    if model:
+    if model:  # a spec is made local by the caller (fastsd.models.load.local_model), never here
         p = Path(model).expanduser()
-        if p.exists():
-            found.append(Entry(p.name, str(p.resolve()), "checkpoint"))
-        else:
-            found.append(Entry(model, model, "checkpoint"))
+        if not p.exists():
+            raise UserInputError(f"model {model} does not exist: check the path")
+        found.append(Entry(p.name, str(p.resolve()), "checkpoint"))
     _walk(home / "models", "", found)
     sessions = home / "sessions"
     if sessions.is_dir():

@@ -25,45 +25,31 @@ from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
 from ..errors import ModelFormatError, UserInputError
+from ..models.detect import detect
+from ..models.load import PIPELINES, load_pipeline
 from . import catalog, infotext, samplers
 from .worker import JobState
 
 log = logging.getLogger(__name__)
 
-#: Pipeline class per model family and task. Built with ``from_pipe`` so they share weights.
-TASK_PIPELINES: dict[str, dict[str, str]] = {
-    "sd": {
-        "txt2img": "StableDiffusionPipeline",
-        "img2img": "StableDiffusionImg2ImgPipeline",
-        "inpaint": "StableDiffusionInpaintPipeline",
-    },
-    "sdxl": {
-        "txt2img": "StableDiffusionXLPipeline",
-        "img2img": "StableDiffusionXLImg2ImgPipeline",
-        "inpaint": "StableDiffusionXLInpaintPipeline",
-    },
-    "sd3": {
-        "txt2img": "StableDiffusion3Pipeline",
-        "img2img": "StableDiffusion3Img2ImgPipeline",
-        "inpaint": "StableDiffusion3InpaintPipeline",
-    },
-}
-
-#: Memory settings by free-VRAM class: (up to GiB, family or None for any, settings). First match wins.
-MEMORY_PRESETS: tuple[tuple[float, str | None, dict[str, bool]], ...] = (
-    (0, None, {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),  # CPU
-    (6.5, None, {"attention_slicing": True, "vae_tiling": True, "cpu_offload": True}),
-    (12.5, "sd", {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
-    (12.5, None, {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),
-    (20, "sd3", {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),  # T4: T5 + MMDiT
-    (20, "sdxl", {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
-    (float("inf"), None, {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),
+#: Memory settings by free-VRAM class: (up to GiB, families or () for any, settings). First match wins.
+#: Families are :mod:`fastsd.models.detect`'s names.
+MEMORY_PRESETS: tuple[tuple[float, tuple[str, ...], dict[str, bool]], ...] = (
+    (0, (), {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),  # CPU
+    (6.5, (), {"attention_slicing": True, "vae_tiling": True, "cpu_offload": True}),
+    (12.5, ("sd1", "sd2"), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
+    (12.5, (), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),
+    (20, ("sd3",), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),  # T4: T5 + MMDiT
+    (20, ("sdxl",), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
+    (float("inf"), (), {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),
 )
 MEMORY_KEYS = ("attention_slicing", "vae_tiling", "cpu_offload")
 
 #: Latent -> RGB factors for the cheap live preview (A1111's "Approx cheap"), per family.
+_SD_LATENT_RGB = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
 LATENT_RGB: dict[str, list[list[float]]] = {
-    "sd": [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
+    "sd1": _SD_LATENT_RGB,
+    "sd2": _SD_LATENT_RGB,
     "sdxl": [
         [0.3448, 0.4168, 0.4395],
         [-0.1953, -0.0290, 0.0250],
@@ -125,58 +111,6 @@ class GenerationResult:
     interrupted: bool = False
 
 
-def load_model(spec: str, torch_dtype: Any) -> Any:
-    """Load a pipeline from a Diffusers folder, a single-file checkpoint or a Hub id.
-
-    Uses ``fastsd.models.load.load_pipeline`` when the models package provides it (offline
-    single-file loading with bundled configs), else diffusers directly.
-
-    Raises:
-        ModelFormatError: the path is not a loadable model.
-    """
-    try:
-        from fastsd.models.load import load_pipeline  # type: ignore[import-not-found]
-    except ImportError:
-        load_pipeline = None
-    if load_pipeline is not None and Path(spec).exists():
-        return load_pipeline(spec, torch_dtype=torch_dtype)
-
-    import diffusers
-
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir():
-            extra = {}
-            index = path / "model_index.json"
-            if index.is_file() and '"safety_checker"' in index.read_text():
-                extra = {"safety_checker": None, "requires_safety_checker": False}
-            return diffusers.DiffusionPipeline.from_pretrained(
-                path, torch_dtype=torch_dtype, local_files_only=True, **extra
-            )
-        if path.is_file():
-            keys = catalog.safetensors_header(path) if path.suffix == ".safetensors" else {}
-            if any(k.startswith("conditioner.embedders.1") for k in keys):
-                cls = diffusers.StableDiffusionXLPipeline
-            elif any(k.startswith("model.diffusion_model.joint_blocks") for k in keys):
-                cls = diffusers.StableDiffusion3Pipeline
-            else:
-                cls = diffusers.StableDiffusionPipeline
-            return cls.from_single_file(str(path), torch_dtype=torch_dtype)
-        return diffusers.DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype)  # a Hub id
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelFormatError(f"cannot load model {spec}: {err}") from err
-
-
-def family_of(pipe: Any) -> str:
-    """``"sd"`` (SD1.x/SD2.x), ``"sdxl"`` or ``"sd3"`` from the pipeline's class."""
-    name = type(pipe).__name__
-    if "StableDiffusion3" in name:
-        return "sd3"
-    if "XL" in name:
-        return "sdxl"
-    return "sd"
-
-
 def _vram_gib() -> float:
     import torch
 
@@ -193,7 +127,7 @@ def memory_settings(family: str, vram_gib: float, overrides: dict[str, Any] | No
     """
     chosen: dict[str, bool] = {}
     for limit, fam, settings in MEMORY_PRESETS:
-        if vram_gib <= limit and fam in (None, family):
+        if vram_gib <= limit and (not fam or family in fam):
             chosen = dict(settings)
             break
     for key, value in (overrides or {}).items():
@@ -338,7 +272,8 @@ class PipelineManager:
 
     Args:
         home: the fastsd home (models are listed from it, outputs saved under it).
-        model: an explicit model spec (path or Hub id) added to the list and used first.
+        model: an explicit local model file/folder (see :func:`fastsd.models.load.local_model`)
+            added to the list and used first.
         models_dirs: extra folders to list models from.
         memory: memory-setting overrides (``attention_slicing``/``vae_tiling``/``cpu_offload``).
         device: torch device; default CUDA when available.
@@ -381,7 +316,7 @@ class PipelineManager:
             self.options[f"fastsd_{key}"] = value
         self.pipe: Any = None
         self.loaded: catalog.Entry | None = None
-        self.family = "sd"
+        self.family = "sd1"  # fastsd.models.detect's family names
         self._task_pipes: dict[str, Any] = {}
         self._scheduler_config: dict[str, Any] = {}
         self._original_vae: Any = None
@@ -468,13 +403,14 @@ class PipelineManager:
         self.state.textinfo = f"Loading {entry.title}"
         log.info("loading model %s", entry.path)
         started = time.time()
-        pipe = load_model(entry.path, self.dtype)
+        family = detect(entry.path).family  # headers and configs only; the loader reads the same
+        pipe = load_pipeline(entry.path, torch_dtype=self.dtype)
         if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
             raise ModelFormatError(f"{entry.title} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
         if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # A1111 has none; it also costs VRAM and time
         pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.loaded, self.family = pipe, entry, family_of(pipe)
+        self.pipe, self.loaded, self.family = pipe, entry, family
         self._scheduler_config = dict(pipe.scheduler.config)
         self._original_vae = pipe.vae
         self._apply_memory_settings()
@@ -538,7 +474,7 @@ class PipelineManager:
         import diffusers
 
         pipe = self.pipe
-        name = TASK_PIPELINES[self.family][task]
+        name = PIPELINES[(self.family, task)]
         if type(pipe).__name__ == name:
             target = pipe
         else:
@@ -688,7 +624,7 @@ class PipelineManager:
                 "callback_on_step_end": on_step,
                 "output_type": "latent",  # decoded below, one image at a time
             }
-            if clip_skip > 1 and self.family == "sd":
+            if clip_skip > 1 and self.family in ("sd1", "sd2"):
                 # Encoded here: diffusers' SD clip_skip path breaks on transformers 5, and it skips
                 # layers for the prompt only, where A1111 skips them for the negative prompt too.
                 kwargs["prompt_embeds"] = encode_clip_skip(pipe, kwargs.pop("prompt"), clip_skip)
@@ -791,7 +727,7 @@ class PipelineManager:
         Raises:
             UserInputError: the sampler's scheduler cannot take explicit timesteps.
         """
-        if schedule != samplers.AYS or self.family not in ("sd", "sdxl"):
+        if schedule != samplers.AYS or self.family not in ("sd1", "sd2", "sdxl"):
             return None
         if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
             able = [

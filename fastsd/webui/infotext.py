@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from .. import storage
 
@@ -121,12 +121,9 @@ def parse_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 def png_bytes(image: Image.Image, infotext: str | None, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """PNG bytes of ``image`` with the infotext in the ``parameters`` text chunk (as A1111 writes it)."""
-    info = PngImagePlugin.PngInfo()
-    if infotext:
-        info.add_text("parameters", infotext)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
-    return buf.getvalue()
+    from ..storage import png_bytes as encode
+
+    return encode(image, {"parameters": infotext} if infotext else None, compress_level=compress_level)
 
 
 def png_base64(image: Image.Image, infotext: str | None) -> str:

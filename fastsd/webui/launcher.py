@@ -275,15 +275,10 @@ def _start_backend(opts: WebUIOptions, name: str, kind: str, home: Path, echo: C
     controlnets = cn.resolve(opts.controlnet, family)
     ckpt = None
     if opts.model:
-        from ..models.fetch import get
+        from ..models.load import local_model
 
-        path = get(opts.model, home=home)  # a local file as it is; sd15, hf:..., URLs are downloaded
-        if not path.is_file():
-            raise UserInputError(
-                f"--model {opts.model!r} is a Diffusers folder: {name} loads single files; convert it with "
-                f"'fastsd convert {path} {path.name}.safetensors --half' and pass that"
-            )
-        ckpt = path.resolve()
+        # the backends load single files: sd15, hf:..., URLs are fetched and Diffusers folders converted once
+        ckpt = local_model(opts.model, want="file", home=home).resolve()
 
     inst = install_backend(
         backend,

@@ -137,7 +137,7 @@ def schedule_id(label: str) -> str:
     return label.strip().lower().replace(" ", "_")
 
 
-def ays_timesteps(family: str, steps: int) -> list[int]:
+def ays_timesteps(family: str, steps: int) -> list[int]:  # family: sd1, sd2 or sdxl (models.detect's names)
     """Align Your Steps timesteps for ``steps`` steps (SD1/SD2 or SDXL table), as A1111 interpolates them.
 
     The published tables have 10 steps; other counts are interpolated log-linearly, then made

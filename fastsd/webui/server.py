@@ -119,17 +119,15 @@ class ServerHandle:
 
     def show(self, height: int = 900) -> Any:
         """Display the UI in a notebook output (Colab: through its port proxy)."""
-        try:
-            from google.colab import output  # type: ignore[import-not-found]
+        from ..colab import show_port
 
-            output.serve_kernel_port_as_iframe(self.port, height=str(height))
+        if show_port(self.port, height):
             return None
-        except ImportError:
-            from IPython.display import IFrame, display
+        from IPython.display import IFrame, display  # not in Colab: a plain iframe
 
-            frame = IFrame(self.url + "/", width="100%", height=height)
-            display(frame)
-            return frame
+        frame = IFrame(self.url + "/", width="100%", height=height)
+        display(frame)
+        return frame
 
     def _repr_html_(self) -> str:
         return f'<a href="{self.url}/" target="_blank">fastsd web UI at {self.url}</a> · <a href="{self.url}/docs" target="_blank">API docs</a>'
@@ -220,8 +218,8 @@ def start(
     """Start the web UI + A1111 API in the background and return once it answers HTTP.
 
     Args:
-        model: a model to offer first and load at start: a local file/folder or a Hub repo id.
-            Without it, the first model found under ``<home>/models`` or in sessions is used.
+        model: a model to offer first and load at start: any spec (a local file/folder, ``sd15``,
+            ``hf:org/repo``, a URL), fetched first through :func:`fastsd.models.load.local_model`. Without it, the first model found under ``<home>/models`` or in sessions is used.
         host: interface to listen on; ``0.0.0.0`` to accept other machines (``--listen``).
         port: TCP port; 0 picks a free one.
         auth: ``"user:password"`` (or a tuple) required by the API (HTTP Basic) and the UI (login).
@@ -268,6 +266,10 @@ def start(
             f"fastsd web UI is public: log in as user {credentials[0]!r} with password {credentials[1]!r}", flush=True
         )
     root = fastsd_home(home)
+    if model:
+        from ..models.load import local_model
+
+        model = str(local_model(model, home=root))  # sd15, hf:..., URLs: fetched; a local path as it is
     port = _check_port(host, port)
     worker = Worker()
     manager = PipelineManager(

@@ -38,7 +38,7 @@ class JobState:
         self.started_at: float | None = None
         self.job_timestamp = "0"
         self.latents: Any = None  # last step's latents, for the live preview (converted on request)
-        self.family = "sd"
+        self.family = "sd1"  # fastsd.models.detect's family names
         self.textinfo: str | None = None
 
     def begin(self, name: str, job_id: int) -> None:
