@@ -119,9 +119,9 @@ def prepare(tour: Tour) -> str:
         tour.model = cached_pipeline("sd1")
         model_note = "tiny SD1 (random weights)"
     else:
-        from ..models.load import diffusers_folder
+        from ..models.load import local_model
 
-        tour.model = diffusers_folder(tour.model_spec, home=tour.root)
+        tour.model = local_model(tour.model_spec, want="diffusers", home=tour.root)
         model_note = (
             str(tour.model) if Path(str(tour.model_spec)) == tour.model else f"{tour.model_spec} ({tour.model})"
         )
@@ -148,7 +148,8 @@ def make_session(tour: Tour) -> str:
     if report.failed or not tour.session.images():
         raise FastsdError(f"adding the generated photos failed: {report.failed}")
     tour.files["session"] = tour.session.path
-    return f"session {SESSION!r} with {len(tour.session.images())} generated photos, cropped to 512 px"
+    size = tour.session.training_size()
+    return f"session {SESSION!r} with {len(tour.session.images())} generated photos, cropped to {size} px"
 
 
 def train_lora(tour: Tour) -> str:
@@ -178,11 +179,11 @@ def start_server(tour: Tour) -> str:
 def txt2img(tour: Tour) -> str:
     """POST /sdapi/v1/txt2img with the LoRA tag in the prompt, as any A1111 client would."""
     from .. import storage
-    from ..train.config import model_family
+    from ..models.detect import diffusers_family
 
     assert tour.lora is not None and tour.server is not None
     lora = tour.lora.stem
-    size = TINY_SIZE if tour.tiny else model_family(tour.model)["native_resolution"]
+    size = TINY_SIZE if tour.tiny else diffusers_family(tour.model)["native_resolution"]
     payload = {
         "prompt": f"{PROMPT} <lora:{lora}:1>",
         "negative_prompt": "blurry",
