@@ -680,11 +680,6 @@ def _train(session: Any, config: TrainConfig | None, on_sample: Any, on_log: Any
         stem = f"{session.name}-{'lora-' if not full else ''}step-{step}"
         dst = session.models_dir / f"{stem}.safetensors"
         if full:
-            try:
-                import fastsd.models.convert  # noqa: F401 - written alongside; exports wait for it
-            except ImportError:
-                log.warning("single-file export skipped: this fastsd has no fastsd.models.convert yet")
-                return
             for te in models.text_encoders:
                 te.to(device)
             models.vae.to(device)
