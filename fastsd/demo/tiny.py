@@ -159,10 +159,14 @@ def tiny_vae(scaling_factor: float = 0.18215):
     )
 
 
-def tiny_sd1_unet(in_channels: int = 4):
-    """SD1.x UNet: 3 cross-attention down blocks + 1 plain, conv projections, 8 heads."""
+def tiny_sd1_unet(in_channels: int = 4, **sd2: object):
+    """SD1.x UNet: 3 cross-attention down blocks + 1 plain, conv projections, 8 heads.
+
+    ``sd2`` overrides the few settings in which SD2.x differs (see :func:`tiny_sd2_unet`).
+    """
     from diffusers import UNet2DConditionModel
 
+    settings = {"attention_head_dim": 8, **sd2}
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=in_channels,
@@ -172,28 +176,15 @@ def tiny_sd1_unet(in_channels: int = 4):
         block_out_channels=(32, 64, 64, 64),
         layers_per_block=2,
         cross_attention_dim=TINY_WIDTH,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **settings,
     )
 
 
 def tiny_sd2_unet(in_channels: int = 4):
     """SD2.x UNet: SD1's blocks with linear projections, per-level head dims, upcast attention."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=2,
-        cross_attention_dim=TINY_WIDTH,
-        attention_head_dim=(2, 4, 4, 4),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=8,
+    return tiny_sd1_unet(
+        in_channels, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True
     )
 
 
