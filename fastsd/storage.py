@@ -180,14 +180,19 @@ def reclaimable(folder: str | os.PathLike[str], *, older_than: float | None = No
 
 
 def _temp_candidates(root: Path, *, recursive: bool = True) -> list[Path]:
-    """Outermost ``.fastsd-tmp-*`` entries under ``root`` (not those inside a temp folder)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for tmp in sorted(root.rglob(f"{TEMP_PREFIX}*") if recursive else root.glob(f"{TEMP_PREFIX}*")):
-        if not any(part.startswith(TEMP_PREFIX) for part in tmp.relative_to(root).parts[:-1]):
-            found.append(tmp)
-    return found
+    """Outermost ``.fastsd-tmp-*`` entries under ``root`` (not those inside a temp folder).
+
+    Other processes create and remove folders while this looks (a shared temp folder, a
+    session being written): a folder that vanishes mid-walk is skipped, never an error.
+    """
+    found: list[Path] = []
+    for here, dirs, files in os.walk(root, onerror=lambda err: None):
+        base = Path(here)
+        found += [base / f for f in files if f.startswith(TEMP_PREFIX)]
+        temps = [d for d in dirs if d.startswith(TEMP_PREFIX)]
+        found += [base / d for d in temps]
+        dirs[:] = [d for d in dirs if d not in temps] if recursive else []  # never inside a temp
+    return sorted(found)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -344,7 +349,7 @@ def clean_temp_files(
             time as stale; a caller holding the lock passes the time it took it (or now).
     """
     removed = []
-    for tmp in _temp_candidates(Path(folder)):
+    for tmp in _temp_candidates(Path(folder), recursive=recursive):
         if is_stale_temp(tmp, older_than=older_than):
             _remove_temp(tmp)
             removed.append(tmp)

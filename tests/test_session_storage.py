@@ -195,3 +195,33 @@ def test_real_full_disk(small_tmpfs, tmp_path):
     assert _temp_files(again.path) == []
     again.update(progress={"step": 100, "total_steps": 1000})  # space was given back
     assert Session.open("tiny", small_tmpfs / "home").info["progress"]["step"] == 100
+
+
+def test_temp_cleanup_of_a_shared_folder_stays_at_its_top(tmp_path, monkeypatch):
+    """The trainer cleans the machine's temp folder before each checkpoint: only its top level
+    (other programs' folders are not walked), and a leftover there is removed."""
+    dead = f"{storage.TEMP_PREFIX}{storage._host_tag()}-999999999-00000000-ckpt-2"
+    (tmp_path / dead).mkdir()
+    nested = tmp_path / "other-program" / dead
+    nested.mkdir(parents=True)
+    assert storage.clean_temp_files(tmp_path, recursive=False) == [tmp_path / dead]
+    assert nested.exists()
+
+
+def test_temp_cleanup_survives_a_folder_removed_while_it_looks(tmp_path, monkeypatch):
+    """Another process (a second training rank, a session writer) removes a folder mid-walk."""
+    dead = tmp_path / "a" / f"{storage.TEMP_PREFIX}{storage._host_tag()}-999999999-00000000-x"
+    dead.mkdir(parents=True)
+    vanishing = tmp_path / "b"
+    (vanishing / "deep").mkdir(parents=True)
+    real_walk = os.walk
+
+    def walk(top, *a, **kw):
+        for i, entry in enumerate(real_walk(top, *a, **kw)):
+            yield entry
+            if i == 0:
+                (vanishing / "deep").rmdir()
+                vanishing.rmdir()  # listed at the top, gone before it is entered
+
+    monkeypatch.setattr(storage.os, "walk", walk)
+    assert storage.clean_temp_files(tmp_path) == [dead]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import storage
 from ..errors import FastsdError, UserInputError
 from . import checkpoint, data, memory, optim
 from .config import TrainConfig, resolve
@@ -463,7 +464,11 @@ def _train(session: Any, config: TrainConfig | None, on_sample: Any, on_log: Any
         session.update(progress={"step": start, "total_steps": total})
 
     # ---- 6. the loop
-    logdir = Path(tempfile.mkdtemp(prefix="fastsd-tb-"))
+    # TensorBoard appends to its event files, which Drive must never see: they are written to a
+    # local scratch folder named by its owner (a killed run's is cleaned up by the next one) and
+    # copied into the session with every checkpoint.
+    logdir = storage.temp_name(Path(tempfile.gettempdir()) / "tensorboard", "train")
+    logdir.mkdir(mode=0o700)
     writer = None
     if main:
         try:
@@ -952,8 +957,6 @@ def _eager():
 
 def _sync_logs(writer: Any, local: Path, dest: Path) -> None:
     """Copy TensorBoard event files into the session (safe writes; Drive never sees an append)."""
-    from .. import storage
-
     writer.flush()
     for f in local.rglob("*"):
         if f.is_file():
