@@ -1,16 +1,19 @@
 """Per-image time of the built-in web UI's generation path vs calling diffusers directly.
 
-Builds a full-size SD1.5 with random weights from its real config (nothing is downloaded),
-saves it as a Diffusers folder, then times the same job three ways, interleaved so clock and
-thermal drift hit all three alike:
+Builds a full-size SD1.5 or SDXL with random weights from its real config (nothing is
+downloaded), saves it as a Diffusers folder, then times the same job four ways, interleaved so
+clock and thermal drift hit all alike:
 
-* ``direct``: ``StableDiffusionPipeline`` called by hand (same scheduler, seed generator, size);
-* ``manager``: :class:`fastsd.webui.generate.PipelineManager` (what the API and UI run);
+* ``direct``: the diffusers pipeline called by hand (same scheduler, seed generator, size);
+* ``eager``: :class:`fastsd.webui.generate.PipelineManager` with ``fastsd_cuda_graph`` off;
+* ``manager``: the same with its default, the denoiser replayed from CUDA graphs;
 * ``api``: ``POST /sdapi/v1/txt2img`` on a real server (adds HTTP + base64 PNG encoding).
 
-Prints one JSON line per measurement and a summary line with the overheads (target: < 3 %).
+Prints one JSON line per measurement (median and fastest per image, speed-up over ``direct``,
+the first image's extra cost, the largest pixel difference to ``direct`` for the same seed) and a
+summary line. Targets (issue 16): ``manager`` >= 1.3x ``direct``; ``api`` within 3 % of ``manager``.
 
-GPU:    PYTHONPATH=. python benchmarks/webui.py
+GPU:    PYTHONPATH=. python benchmarks/webui.py [--model sdxl]
 CPU smoke run (tiny model, 64 px, 4 steps):  PYTHONPATH=. python benchmarks/webui.py --small
 """
 
@@ -24,53 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from full_configs import CLIP_L, SD15_UNET, VAE  # noqa: E402
+from train import build_model  # noqa: E402  (the one builder of full-size random models)
 
 PROMPT = "a photo of a dog on the beach, high quality, detailed"
 NEGATIVE = "blurry, lowres, ugly"
-
-
-def build_sd15(folder: Path, small: bool) -> Path:
-    """Save a random-weight SD1.5 (or the tiny test model) as a Diffusers folder."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from fastsd.demo.tiny import build_sd1, tiny_tokenizer
-
-    torch.manual_seed(0)
-    if small:
-        pipe = build_sd1(folder)
-    else:
-        tok = tiny_tokenizer(folder / "_tokenizer")  # any CLIP BPE works for timing; ids < 49408
-        te = CLIPTextModel(
-            CLIPTextConfig(
-                **CLIP_L, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-            )
-        )
-        scheduler = PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-        )
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**VAE, scaling_factor=0.18215),
-            text_encoder=te,
-            tokenizer=tok,
-            unet=UNet2DConditionModel(**SD15_UNET),
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.to(torch.float16)
-    out = folder / "sd15-random"
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def sync() -> None:
@@ -80,19 +47,23 @@ def sync() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU: a quick smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="timed images per path (default 10, --small 3)")
+    parser.add_argument("--steps", type=int, default=None, help="default 20 (--small 4)")
     parser.add_argument("--sampler", default="Euler a")
     parser.add_argument("--no-api", action="store_true", help="skip the HTTP measurement")
+    parser.add_argument("--cache", type=Path, default=None, help="keep the built model here between runs")
     args = parser.parse_args()
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from fastsd.webui import samplers
     from fastsd.webui.generate import GenerationRequest, PipelineManager
 
     small = args.small
-    steps, size = (4, 64) if small else (20, 512)
+    steps = args.steps or (4 if small else 20)
+    size = 64 if small else (1024 if args.model == "sdxl" else 512)
     repeats = args.repeats or (3 if small else 10)
     device = "cuda" if torch.cuda.is_available() and not small else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -100,18 +71,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fastsd-bench-") as tmp:
         tmp_path = Path(tmp)
-        model = build_sd15(tmp_path, small)
+        model = build_model(
+            args.model, (args.cache or tmp_path) / f"{args.model}-random{'-small' if small else ''}", small
+        )
         home = tmp_path / "home"
 
         # 1. diffusers by hand, with exactly the settings the web UI uses.
-        direct = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True).to(device)
+        direct = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True).to(device)
         direct.set_progress_bar_config(disable=True)
         sampler = samplers.find_sampler(args.sampler)
         base_config = dict(direct.scheduler.config)
 
-        def run_direct(seed: int) -> None:
+        def run_direct(seed: int) -> np.ndarray:
             direct.scheduler = samplers.make_scheduler(base_config, sampler)
-            direct(
+            out = direct(
                 prompt=[PROMPT],
                 negative_prompt=[NEGATIVE],
                 num_inference_steps=steps,
@@ -121,18 +94,25 @@ def main() -> None:
                 generator=[torch.Generator(device).manual_seed(seed)],
                 output_type="pil",
             )
+            return np.asarray(out.images[0])
 
-        # 2. the web UI's generation path.
-        manager = PipelineManager(home, model=str(model), device=device)
+        # 2./3. the web UI's generation path, eager and with its default CUDA graphs.
         req = GenerationRequest(
             prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size, height=size, sampler_name=args.sampler
         )
+        managers = {
+            "eager": PipelineManager(home, model=str(model), device=device, memory={"cuda_graph": False}),
+            "manager": PipelineManager(home, model=str(model), device=device),
+        }
 
-        def run_manager(seed: int) -> None:
-            req.seed = seed
-            manager.generate(req)
+        def run_with(manager: PipelineManager):
+            def run(seed: int) -> np.ndarray:
+                req.seed = seed
+                return np.asarray(manager.generate(req).images[0])
 
-        # 3. the HTTP API (optional: needs fastapi, uvicorn, httpx).
+            return run
+
+        # 4. the HTTP API (optional: needs fastapi, uvicorn, httpx).
         server = client = None
         if not args.no_api:
             try:
@@ -150,12 +130,18 @@ def main() -> None:
             r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": args.sampler, "seed": seed})
             r.raise_for_status()
 
-        paths = {"direct": run_direct, "manager": run_manager}
+        paths = {"direct": run_direct, **{name: run_with(m) for name, m in managers.items()}}
         if client is not None:
             paths["api"] = run_api
-        for fn in paths.values():  # warm-up: cudnn autotune, allocator, first-call setup
+        first: dict[str, float] = {}
+        reference: dict[str, np.ndarray] = {}
+        for name, fn in paths.items():  # first image (loading, autotuning, capture), then a warm one
+            sync()
+            t0 = time.perf_counter()
             fn(0)
-            fn(1)
+            sync()
+            first[name] = time.perf_counter() - t0
+            reference[name] = fn(1)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for i in range(repeats):
             for name, fn in paths.items():
@@ -165,24 +151,34 @@ def main() -> None:
                 sync()
                 times[name].append(time.perf_counter() - t0)
 
-        summary = {"measure": "summary", "machine": machine, "steps": steps, "size": size, "sampler": args.sampler}
+        direct_med = statistics.median(times["direct"])
+        summary = {"measure": "summary", "machine": machine, "model": args.model, "steps": steps, "size": size}
+        summary.update(sampler=args.sampler, torch=torch.__version__)
         for name, values in times.items():
             med = statistics.median(values)
             line = {
                 "measure": name,
-                "machine": machine,
                 "s_per_image": round(med, 4),
                 "it_per_s": round(steps / med, 2),
                 "min_s": round(min(values), 4),
-                "overhead_pct": round((med / statistics.median(times["direct"]) - 1) * 100, 2),
-                "overhead_pct_of_min": round((min(values) / min(times["direct"]) - 1) * 100, 2),
+                "speedup_vs_direct": round(direct_med / med, 3),
+                "first_image_s": round(first[name], 3),
                 "repeats": repeats,
             }
+            if isinstance(reference.get(name), np.ndarray) and name != "direct":
+                diff = np.abs(reference[name].astype(int) - reference["direct"].astype(int))
+                line.update(max_pixel_diff=int(diff.max()), mean_pixel_diff=round(float(diff.mean()), 3))
             print(json.dumps(line), flush=True)
-            if name != "direct":
-                pct = (med / statistics.median(times["direct"]) - 1) * 100
-                summary[f"{name}_overhead_pct"] = round(pct, 2)
-        summary["within_3pct"] = all(v < 3 for k, v in summary.items() if k.endswith("_overhead_pct"))
+            summary[f"{name}_speedup"] = line["speedup_vs_direct"]
+        graphs = managers["manager"].pipe.unet.__dict__.get("forward")
+        summary["captures"] = getattr(graphs, "captures", None)
+        summary["capture_failed"] = getattr(graphs, "failed", None)
+        if "api" in times:
+            summary["api_overhead_pct"] = round(
+                (statistics.median(times["api"]) / statistics.median(times["manager"]) - 1) * 100, 2
+            )
+        if device == "cuda":
+            summary["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(json.dumps(summary), flush=True)
         if server is not None:
             client.close()

@@ -176,3 +176,27 @@ def test_capped_memory_lora_run_stays_under_its_budget(home, tiny_sd1):
     assert r.stopped is None
     assert set(r.memory) >= {"load", "cache", "first_step", "steps", "sample", "export", "process"}
     assert r.memory["process"]["reserved_gb"] <= 2.0
+
+
+def test_builtin_ui_denoiser_graph_matches_eager_and_follows_loras(home, tiny_sdxl, deterministic):
+    """The built-in UI replays the UNet from CUDA graphs by default: same images as eager, one
+    capture per shape, and a LoRA change drops the graphs (they baked in the old adapters)."""
+    import numpy as np
+
+    from fastsd.webui.generate import GenerationRequest, PipelineManager
+
+    eager = PipelineManager(home, model=str(tiny_sdxl), device="cuda", memory={"cuda_graph": False})
+    graphed = PipelineManager(home, model=str(tiny_sdxl), device="cuda")
+    req = GenerationRequest(prompt="a dog", steps=6, width=128, height=128, seed=3, batch_size=2)
+    want = [np.asarray(i, dtype=int) for i in eager.generate(req).images]
+    got = [np.asarray(i, dtype=int) for i in graphed.generate(req).images]
+    capturer = graphed.pipe.unet.__dict__["forward"]
+    assert capturer.failed is None and capturer.captures == 1 and capturer.replays == 6
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(want, got, strict=True))
+    again = [np.asarray(i, dtype=int) for i in graphed.generate(req).images]
+    assert capturer.captures == 1 and all(np.array_equal(a, b) for a, b in zip(got, again, strict=True))
+    graphed.generate(GenerationRequest(prompt="a dog", steps=2, width=64, height=128, seed=3))
+    assert capturer.captures == 2  # a new size is a new graph
+    graphed._graph_lora_state = ("stale",)  # as after a LoRA was loaded or reweighted
+    graphed.generate(req)
+    assert capturer.captures == 3 and len(capturer.graphs) == 1

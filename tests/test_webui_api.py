@@ -402,6 +402,8 @@ def test_unknown_and_path_like_loras_are_reported_not_resolved(client, server, t
 def test_bad_options_and_server_keeps_serving(client):
     assert client.post(f"{API}/options", json={"sd_model_checkpoint": "missing"}).status_code == 422
     assert client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": 0}).status_code == 422
+    assert client.post(f"{API}/options", json={"fastsd_cuda_graph": "fast"}).status_code == 422
+    assert client.get(f"{API}/options").json()["fastsd_cuda_graph"] == "auto"
     assert (
         client.post(f"{API}/options", content=b"{not json", headers={"content-type": "application/json"}).status_code
         == 422

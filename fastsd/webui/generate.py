@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import ModelFormatError, UserInputError
 from ..models.detect import detect
 from ..models.load import PIPELINES, load_pipeline
-from . import catalog, infotext, samplers
+from . import catalog, fastpath, infotext, samplers
 from .worker import JobState
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,7 @@ class PipelineManager:
             "fastsd_attention_slicing": "auto",
             "fastsd_vae_tiling": "auto",
             "fastsd_cpu_offload": "auto",
+            "fastsd_cuda_graph": "auto",  # replay the denoiser from CUDA graphs (see fastpath)
         }
         for key, value in (memory or {}).items():
             self.options[f"fastsd_{key}"] = value
@@ -324,6 +325,7 @@ class PipelineManager:
         self._loras: dict[str, str] = {}  # adapter name -> path
         self._offload_owner: Any = None
         self.memory: dict[str, bool] = {}
+        self._graph_lora_state: Any = None  # the LoRA set the captured denoiser graphs were made with
 
     # ----- catalog -------------------------------------------------------------------------
     def refresh(self) -> list[catalog.Entry]:
@@ -342,7 +344,7 @@ class PipelineManager:
             UserInputError: an unknown checkpoint or VAE, or a bad value.
         """
         values = dict(values)
-        for key in ("fastsd_attention_slicing", "fastsd_vae_tiling", "fastsd_cpu_offload"):
+        for key in ("fastsd_attention_slicing", "fastsd_vae_tiling", "fastsd_cpu_offload", "fastsd_cuda_graph"):
             if key in values and values[key] not in ("auto", True, False):
                 raise UserInputError(f'option {key} must be true, false or "auto", not {values[key]!r}')
         if "CLIP_stop_at_last_layers" in values:
@@ -368,6 +370,7 @@ class PipelineManager:
         """Release the loaded model and its GPU memory."""
         if self.pipe is None:
             return
+        fastpath.uninstall(self.pipe)  # its graphs' memory goes back with the model's
         with contextlib.suppress(AttributeError, RuntimeError):
             self.pipe.remove_all_hooks()
         self.pipe = None
@@ -434,6 +437,16 @@ class PipelineManager:
         self._offload_owner = None
         if not self.memory["cpu_offload"]:
             pipe.to(self.device)
+        self._apply_fast_path()
+
+    def _apply_fast_path(self) -> None:
+        """Replay the denoiser from CUDA graphs unless turned off or offloaded (see :mod:`.fastpath`)."""
+        wanted = self.options.get("fastsd_cuda_graph", "auto") is not False
+        if wanted and self.device.startswith("cuda") and not self.memory.get("cpu_offload"):
+            fastpath.install(self.pipe)
+        else:
+            fastpath.uninstall(self.pipe)
+        self._graph_lora_state = None
 
     def _vae_entry(self, name: Any) -> catalog.Entry | None:
         if name in (None, "", "Automatic", "None"):
@@ -559,6 +572,10 @@ class PipelineManager:
         vae_name = self._apply_vae(req.vae if req.vae is not None else self.options["sd_vae"])
         warnings: list[str] = []
         loras = self._apply_loras(tag_loras + list(req.loras), warnings)
+        lora_state = (tuple(self._loras), tuple(loras))
+        if lora_state != self._graph_lora_state:  # graphs bake in the adapters and their weights
+            fastpath.reset(self.pipe)
+            self._graph_lora_state = lora_state
         clip_skip = req.clip_skip or int(self.options["CLIP_stop_at_last_layers"])
         task = req.task
         is_inpaint_model = getattr(getattr(self.pipe, "unet", None), "config", None) is not None and (
