@@ -167,6 +167,20 @@ def test_stale_ngrok_agents_are_killed_only_when_ours():
 def local_server():
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/")
+                self.end_headers()
+                return
+            if self.path == "/login" and self.headers.get("Authorization") != "Basic dTpw":  # u:p
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="x"')
+                self.end_headers()
+                return
+            if self.path == "/broken":
+                self.send_response(502)
+                self.end_headers()
+                return
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"ok")
@@ -184,6 +198,17 @@ def test_health_check_and_none_tunnel(local_server):
     assert tunnel.health_check(f"http://127.0.0.1:{local_server}/", timeout=5) == 200
     t = tunnel.open_tunnel("none", local_server)
     assert t.url == f"http://127.0.0.1:{local_server}" and t.kind == "none"
+
+
+def test_health_check_follows_redirects_and_knows_a_login_page(local_server):
+    base = f"http://127.0.0.1:{local_server}"
+    assert tunnel.health_check(f"{base}/moved", timeout=5) == 200  # followed to /
+    assert tunnel.health_check(f"{base}/login", timeout=5) == 401  # a login page answers: the tunnel works
+    assert tunnel.health_check(f"{base}/login", auth="u:p", timeout=5) == 200  # the credentials are sent
+    with pytest.raises(tunnel.TunnelError, match=r"HTTP 401"):
+        tunnel.health_check(f"{base}/login", auth="u:wrong", timeout=0.5, interval=0.1)
+    with pytest.raises(tunnel.TunnelError, match=r"HTTP 502"):
+        tunnel.health_check(f"{base}/broken", timeout=0.5, interval=0.1)
 
 
 def test_health_check_failure_says_what_to_do():
