@@ -272,6 +272,34 @@ def test_colab_tier(monkeypatch):
     assert tunnel.colab_tier() == "paid"
 
 
+def test_cached_cloudflared_must_run_or_is_removed(tmp_path, monkeypatch):
+    """A cached binary is kept only when it runs and says it is cloudflared; a damaged one is deleted."""
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty-bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # none on PATH: the cache is what counts
+    monkeypatch.setattr(tunnel.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(tunnel.platform, "machine", lambda: "x86_64")
+    with pytest.raises(tunnel.TunnelError, match="not installed"):
+        tunnel.cloudflared_binary(fetch=False)
+    cached = tmp_path / "cache" / "bin" / "cloudflared"
+    cached.parent.mkdir(parents=True)
+
+    cached.write_text("#!/bin/sh\necho 'cloudflared version 2025.10.1 (built 2025-10-20-1200 UTC)'\n")
+    cached.chmod(0o755)
+    assert tunnel.cloudflared_binary(fetch=False) == cached
+
+    cached.write_text("#!/bin/sh\necho 'Segmentation fault' >&2\nexit 139\n")  # e.g. a truncated download
+    with pytest.raises(tunnel.TunnelError, match="does not run here"):
+        tunnel.cloudflared_binary(fetch=False)
+    assert not cached.exists()  # fetched again next time
+
+    cached.write_text("#!/bin/sh\necho 'some other tool 1.0'\n")  # runs, but is not cloudflared
+    cached.chmod(0o755)
+    with pytest.raises(tunnel.TunnelError, match="does not run here"):
+        tunnel.cloudflared_binary(fetch=False)
+    assert not cached.exists()
+
+
 # What a CLI run logs after fastsd's logging setup: pyngrok relays the agent's lines, uvicorn
 # configures its own handlers when it starts, a library logs an exception quoting a signed URL.
 _LOGGING_RUN = r"""
