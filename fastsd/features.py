@@ -119,11 +119,6 @@ IMPORTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def feature_names() -> list[str]:
-    """The feature names ``fastsd install --features`` accepts (besides ``all``)."""
-    return list(FEATURES)
-
-
 def requirements_for(features: list[str] | tuple[str, ...]) -> list[str]:
     """Requirement strings for ``features`` in table order, without duplicates.
 

@@ -436,26 +436,18 @@ class Session:
         if not sources:
             raise UserInputError(f"checkpoint source {src} is empty: nothing to record")
         dest = self.checkpoints_dir / f"step-{step:06d}"
-        staging = storage.temp_name(dest)
+        rel_dest = dest.relative_to(self.path).as_posix()
         files, sizes = {}, {}
-        try:
+        with storage.building_folder(dest) as staging:
             for f in sources:
                 rel = f.relative_to(src).as_posix()
                 result = storage.copy_file(f, staging / rel, verify_sha256=True)
                 files[rel], sizes[rel] = result["sha256"], result["size"]
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        rel_dest = dest.relative_to(self.path).as_posix()
-        if dest.exists():
-            # Unlist first, then delete: a crash in between leaves an unlisted folder, never a
-            # listed half-deleted one.
-            if any(c["path"] == rel_dest for c in self.info.get("checkpoints", [])):
+            if dest.exists() and any(c["path"] == rel_dest for c in self.info.get("checkpoints", [])):
+                # Unlist first, then swap: a crash in between leaves an unlisted folder, never a
+                # listed one whose files are not those of its entry.
                 self.info["checkpoints"] = [c for c in self.info["checkpoints"] if c["path"] != rel_dest]
                 self.save()
-            shutil.rmtree(dest)
-        os.rename(staging, dest)
-        storage.fsync_dir(self.checkpoints_dir)
         entry = {"step": step, "path": rel_dest, "files": files, "sizes": sizes, "time": time.time()}
         self.info["checkpoints"] = [c for c in self.info.get("checkpoints", []) if c["step"] != step] + [entry]
         self.info["checkpoints"].sort(key=lambda c: c["step"])
@@ -833,10 +825,9 @@ def remove_session(name: str, home: str | os.PathLike[str] | None = None, *, for
         SessionLockedError: the session is in use (``force=True`` breaks the lock).
     """
     session = Session.open(name, home, strict=False)  # a damaged session.json can still be removed
-    aside = storage.temp_name(session.path, "rm")
     # no heartbeat thread: it could re-create the folder by refreshing the lock after the rename
     with session.lock(force=force, command="fastsd session rm", heartbeat=0, clean=False):
-        os.rename(session.path, aside)
+        aside = storage.move_aside(session.path, "rm")
     shutil.rmtree(aside, ignore_errors=True)
     return session.path
 
@@ -940,55 +931,52 @@ def _import_entries(
     staging_root = fastsd_home(home) / "sessions"
     staging_root.mkdir(parents=True, exist_ok=True)
     storage.clean_temp_files(staging_root, recursive=False)  # earlier imports and removals that were killed
-    staging = storage.temp_name(staging_root / "session", "import")
+    meta = storage.temp_name(staging_root / SESSION_FILE, "import")
     try:
-        meta = staging / ".incoming-session.json"
         storage.write_stream(meta, entries[SESSION_FILE])
         try:
             text = meta.read_text(encoding="utf-8")
         except (OSError, ValueError) as err:
             raise UserInputError(f"cannot import {src}: its session.json is unreadable ({err})") from err
-        # The same checks as opening a session: every path it names must lie inside it, before
-        # any of them is used (an incomplete checkpoint is deleted below by its path).
-        info = load_info(staging, text, label=f"cannot import {src}")
-        meta.unlink()
-        new_name = normalize_name(name or str(info.get("name") or fallback))
-        final = staging_root / new_name
-        if final.exists():
-            raise UserInputError(f"a session named {new_name} already exists: import with another name (--name NEW)")
-        hashes: dict[str, str | None] = {}
-        skipped = []
-        for rel, produce in sorted(entries.items()):
-            if rel == SESSION_FILE:
-                continue
-            if not _importable(rel):
-                skipped.append(rel)
-                continue
-            hashes[rel] = storage.write_stream(staging / rel, produce, verify_sha256=True)["sha256"]
-        if skipped:
-            log.info("import skipped %d internal or unsafe entr(ies): %s", len(skipped), ", ".join(skipped[:5]))
-        info["name"] = new_name
-        kept = []
-        for c in info.get("checkpoints", []):
-            files = c["files"]
-            good = bool(files) and all(hashes.get(f"{c['path']}/{rel}") == sha for rel, sha in files.items())
-            if good:
-                kept.append(c)
-            else:
-                log.warning("import: checkpoint step %s is incomplete in %s; it is not listed", c["step"], src)
-                _remove_entry(staging, c["path"], "checkpoint")
-        info["checkpoints"] = kept
-        info["models"] = [m for m in info.get("models", []) if hashes.get(m["file"]) == m.get("sha256")]
-        storage.write_json(staging / SESSION_FILE, info)
-        for sub in SUBDIRS:
-            (staging / sub).mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(staging, final)
-        except OSError as err:  # another import of the same name won the race
-            raise UserInputError(f"a session named {new_name} already exists: import with another name") from err
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        meta.unlink(missing_ok=True)
+    # The same checks as opening a session: every path it names must lie inside it, before any
+    # of them is used (an incomplete checkpoint is deleted below by its path, checked again).
+    info = load_info(storage.temp_name(staging_root / "session", "import"), text, label=f"cannot import {src}")
+    new_name = normalize_name(name or str(info.get("name") or fallback))
+    final = staging_root / new_name
+    if final.exists():
+        raise UserInputError(f"a session named {new_name} already exists: import with another name (--name NEW)")
+    try:
+        with storage.building_folder(final, "import", replace=False) as staging:
+            hashes: dict[str, str | None] = {}
+            skipped = []
+            for rel, produce in sorted(entries.items()):
+                if rel == SESSION_FILE:
+                    continue
+                if not _importable(rel):
+                    skipped.append(rel)
+                    continue
+                hashes[rel] = storage.write_stream(staging / rel, produce, verify_sha256=True)["sha256"]
+            if skipped:
+                log.info("import skipped %d internal or unsafe entr(ies): %s", len(skipped), ", ".join(skipped[:5]))
+            info["name"] = new_name
+            kept = []
+            for c in info.get("checkpoints", []):
+                files = c["files"]
+                good = bool(files) and all(hashes.get(f"{c['path']}/{rel}") == sha for rel, sha in files.items())
+                if good:
+                    kept.append(c)
+                else:
+                    log.warning("import: checkpoint step %s is incomplete in %s; it is not listed", c["step"], src)
+                    _remove_entry(staging, c["path"], "checkpoint")
+            info["checkpoints"] = kept
+            info["models"] = [m for m in info.get("models", []) if hashes.get(m["file"]) == m.get("sha256")]
+            storage.write_json(staging / SESSION_FILE, info)
+            for sub in SUBDIRS:
+                (staging / sub).mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:  # another import of the same name won the race
+        raise UserInputError(f"a session named {new_name} already exists: import with another name") from err
     session = Session.open(new_name, home)
     with session.lock(command="fastsd session import", heartbeat=0):
         pass  # taking the lock cleans what came along unlisted (checkpoint folders of no manifest entry)

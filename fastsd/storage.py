@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -260,6 +260,114 @@ def write_stream(
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+def fsync_tree(folder: str | os.PathLike[str]) -> None:
+    """fsync every file and folder under ``folder`` (best effort), so a rename of it publishes complete data."""
+    root = Path(folder)
+    for here, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(here) / name
+            if path.is_symlink():
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        fsync_dir(Path(here))
+
+
+def move_aside(path: str | os.PathLike[str], tag: str = "old") -> Path:
+    """Rename ``path`` to an owner-named temp beside it in one atomic step; returns the new name.
+
+    What is moved aside no longer looks like the thing it was (a session, a model folder), and
+    :func:`clean_temp_files` removes it if the process dies before deleting it.
+    """
+    path = Path(path)
+    aside = temp_name(path, tag)
+    os.rename(path, aside)
+    fsync_dir(path.parent)
+    return aside
+
+
+def remove_folder(path: str | os.PathLike[str], tag: str = "rm") -> None:
+    """Delete a folder so that it never exists half-deleted under its name: move aside, then delete."""
+    _remove_temp(move_aside(path, tag))
+
+
+@contextlib.contextmanager
+def building_folder(final: str | os.PathLike[str], tag: str = "", *, replace: bool = True) -> Iterator[Path]:
+    """Build a folder under an owner-named temp name, then swap it in as ``final``: the one folder builder.
+
+    ``with building_folder(dest) as tmp:`` yields the empty temp folder (beside ``final``, so the
+    swap is a rename on one file system). When the block ends normally every file in it is
+    fsynced and it is renamed to ``final``; when it raises, the temp folder is removed and
+    ``final`` is untouched. A crash at any point leaves ``final`` as it was (or, for the instant
+    between the two renames of a replacement, absent with the old folder still complete under a
+    temp name) and at most a ``.fastsd-tmp-*`` leftover for :func:`clean_temp_files`.
+
+    Args:
+        final: the folder to create or replace.
+        tag: a word kept in the temp name (``import``, ``ckpt``...).
+        replace: an existing ``final`` is moved aside, and deleted only after the new folder is in
+            place. False: an existing ``final`` is kept and :class:`FileExistsError` raised (e.g.
+            another process made it first).
+
+    Raises:
+        FileExistsError: ``replace`` is False and ``final`` exists when the build ends.
+        StorageError: the build could not be renamed into place (disk or permission problem).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps_beside(final)
+    tmp = temp_name(final, tag)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if not replace and final.exists():
+            raise FileExistsError(f"{final} already exists")
+        old = move_aside(final, "old") if replace and (final.exists() or final.is_symlink()) else None
+        try:
+            os.rename(tmp, final)
+        except OSError as err:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.rename(old, final)  # put the old folder back: nothing lost
+            if not replace and final.exists():
+                raise FileExistsError(f"{final} already exists") from err
+            raise _storage_error(final, err) from err
+        fsync_dir(final.parent)
+        if old is not None:
+            _remove_temp(old)
+    except BaseException:
+        _remove_temp(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def scratch_folder(name: str, tag: str = "") -> Iterator[Path]:
+    """A private owner-named folder on local temp disk for the block, removed after it.
+
+    Leftovers of killed runs in the temp folder (this host's dead pids, old ones of others) are
+    removed first, so scratch saves never fill a runtime's disk over restarts.
+    """
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    clean_temp_files(root, recursive=False)
+    scratch = temp_name(root / name, tag)
+    scratch.mkdir(mode=0o700)
+    try:
+        yield scratch
+    finally:
+        _remove_temp(scratch)
 
 
 class _HashingWriter:

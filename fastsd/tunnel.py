@@ -33,8 +33,6 @@ import stat
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,21 +192,24 @@ def health_check(
     Raises:
         TunnelError: no good answer within ``timeout`` seconds.
     """
+    import httpx  # the webui feature's HTTP client (features.py)
+
+    sent = {"User-Agent": "fastsd-healthcheck", **(headers or {})}
+    if auth:
+        sent["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:
-        request = urllib.request.Request(url, headers={"User-Agent": "fastsd-healthcheck", **(headers or {})})
-        if auth:
-            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - URL we were given
-                return response.status
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403) and not auth:
-                return err.code  # a login page answers: the tunnel works
-            last = f"HTTP {err.code}"
-        except (urllib.error.URLError, OSError) as err:
-            last = str(getattr(err, "reason", err))
+            response = httpx.get(url, headers=sent, timeout=10, follow_redirects=True)
+        except (httpx.HTTPError, OSError) as err:
+            last = str(err) or type(err).__name__
+        else:
+            if response.status_code < 400:
+                return response.status_code
+            if response.status_code in (401, 403) and not auth:
+                return response.status_code  # a login page answers: the tunnel works
+            last = f"HTTP {response.status_code}"
         if time.monotonic() > deadline:
             raise TunnelError(
                 f"{mask(url)} did not answer within {timeout:.0f} s ({last}): the tunnel is up but not "
@@ -458,11 +459,10 @@ def open_cloudflared(port: int, *, echo: Callable[[str], None], timeout: float =
 
 def localtunnel_password(timeout: float = 10.0) -> str | None:
     """The password localtunnel visitors must enter: this runtime's public IP, as loca.lt reports it."""
-    with (
-        contextlib.suppress(Exception),
-        urllib.request.urlopen("https://loca.lt/mytunnelpassword", timeout=timeout) as r,  # noqa: S310
-    ):
-        text = r.read().decode().strip()
+    import httpx
+
+    with contextlib.suppress(Exception):
+        text = httpx.get("https://loca.lt/mytunnelpassword", timeout=timeout, follow_redirects=True).text.strip()
         if re.fullmatch(r"[0-9a-fA-F.:]+", text):
             return text
     return None

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastsd import redact
+from fastsd import redact, storage
 from fastsd.errors import InstallError, UserInputError
 from fastsd.session import Session
 from fastsd.webui import backends, controlnet, launcher, modelfolders, pyenv
@@ -252,7 +252,7 @@ def test_clone_pin_and_update(bare_repo, tmp_path):
     dest = tmp_path / "home" / "webui" / "a1111"
     assert backends.clone_or_update(url, dest, first, echo=lambda s: None) == first
     assert (dest / "launch.py").read_text() == "print('v1')\n"
-    assert not list(dest.parent.glob(".a1111.partial-*"))
+    assert not list(dest.parent.glob(f"{storage.TEMP_PREFIX}*"))  # the clone was built aside, then renamed
     assert backends.clone_or_update(url, dest, second, echo=lambda s: None) == second
     with pytest.raises(UserInputError, match="is not a commit, tag or branch"):
         backends.clone_or_update(url, dest, "no-such-ref", echo=lambda s: None)

@@ -204,6 +204,31 @@ def test_truncated_and_non_model_files_are_refused_cleanly(tiny_sd1, tmp_path, c
     _no_leftovers(tmp_path)
 
 
+def test_overwrite_swaps_the_whole_folder_and_a_failed_conversion_keeps_the_old(tiny_sd1, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    single = diffusers_to_single_file(tiny_sd1, tmp_path / "m.safetensors")
+    out = tmp_path / "out"
+    single_file_to_diffusers(single, out, config=tiny_sd1)
+    (out / "stale.txt").write_text("left by an older conversion")
+    unet = out / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet.read_bytes()
+
+    def disk_full(self, folder, **kwargs):
+        (Path(folder) / "model_index.json").write_text("{}")  # half a folder, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        single_file_to_diffusers(single, out, overwrite=True, config=tiny_sd1)
+    assert unet.read_bytes() == before and (out / "stale.txt").is_file()  # the old folder, untouched
+    _no_leftovers(tmp_path)
+    monkeypatch.undo()
+    single_file_to_diffusers(single, out, overwrite=True, config=tiny_sd1)
+    assert not (out / "stale.txt").exists() and unet.read_bytes() == before  # replaced as a whole
+    _no_leftovers(tmp_path)
+
+
 def test_lora_vae_and_unknown_architecture_are_refused(tiny_sd1, tmp_path):
     lora = tmp_path / "lora.safetensors"
     save_file(

@@ -167,6 +167,20 @@ def test_stale_ngrok_agents_are_killed_only_when_ours():
 def local_server():
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/")
+                self.end_headers()
+                return
+            if self.path == "/login" and self.headers.get("Authorization") != "Basic dTpw":  # u:p
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="x"')
+                self.end_headers()
+                return
+            if self.path == "/broken":
+                self.send_response(502)
+                self.end_headers()
+                return
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"ok")
@@ -184,6 +198,17 @@ def test_health_check_and_none_tunnel(local_server):
     assert tunnel.health_check(f"http://127.0.0.1:{local_server}/", timeout=5) == 200
     t = tunnel.open_tunnel("none", local_server)
     assert t.url == f"http://127.0.0.1:{local_server}" and t.kind == "none"
+
+
+def test_health_check_follows_redirects_and_knows_a_login_page(local_server):
+    base = f"http://127.0.0.1:{local_server}"
+    assert tunnel.health_check(f"{base}/moved", timeout=5) == 200  # followed to /
+    assert tunnel.health_check(f"{base}/login", timeout=5) == 401  # a login page answers: the tunnel works
+    assert tunnel.health_check(f"{base}/login", auth="u:p", timeout=5) == 200  # the credentials are sent
+    with pytest.raises(tunnel.TunnelError, match=r"HTTP 401"):
+        tunnel.health_check(f"{base}/login", auth="u:wrong", timeout=0.5, interval=0.1)
+    with pytest.raises(tunnel.TunnelError, match=r"HTTP 502"):
+        tunnel.health_check(f"{base}/broken", timeout=0.5, interval=0.1)
 
 
 def test_health_check_failure_says_what_to_do():
@@ -245,6 +270,34 @@ def test_colab_tier(monkeypatch):
     monkeypatch.setattr(runtime, "gpus", lambda: [t4])
     monkeypatch.setattr(runtime, "ram_gb", lambda: {"total_gb": 51.0, "available_gb": 50.0})
     assert tunnel.colab_tier() == "paid"
+
+
+def test_cached_cloudflared_must_run_or_is_removed(tmp_path, monkeypatch):
+    """A cached binary is kept only when it runs and says it is cloudflared; a damaged one is deleted."""
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty-bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # none on PATH: the cache is what counts
+    monkeypatch.setattr(tunnel.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(tunnel.platform, "machine", lambda: "x86_64")
+    with pytest.raises(tunnel.TunnelError, match="not installed"):
+        tunnel.cloudflared_binary(fetch=False)
+    cached = tmp_path / "cache" / "bin" / "cloudflared"
+    cached.parent.mkdir(parents=True)
+
+    cached.write_text("#!/bin/sh\necho 'cloudflared version 2025.10.1 (built 2025-10-20-1200 UTC)'\n")
+    cached.chmod(0o755)
+    assert tunnel.cloudflared_binary(fetch=False) == cached
+
+    cached.write_text("#!/bin/sh\necho 'Segmentation fault' >&2\nexit 139\n")  # e.g. a truncated download
+    with pytest.raises(tunnel.TunnelError, match="does not run here"):
+        tunnel.cloudflared_binary(fetch=False)
+    assert not cached.exists()  # fetched again next time
+
+    cached.write_text("#!/bin/sh\necho 'some other tool 1.0'\n")  # runs, but is not cloudflared
+    cached.chmod(0o755)
+    with pytest.raises(tunnel.TunnelError, match="does not run here"):
+        tunnel.cloudflared_binary(fetch=False)
+    assert not cached.exists()
 
 
 # What a CLI run logs after fastsd's logging setup: pyngrok relays the agent's lines, uvicorn

@@ -38,10 +38,8 @@ def write_photos(folder: Path, count: int = 4, size: tuple[int, int] = (576, 640
         cx, cy = int(rng.integers(width // 4, 3 * width // 4)), int(rng.integers(height // 3, 2 * height // 3))
         r = int(rng.integers(width // 8, width // 4))
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=subject, outline=(0, 0, 0), width=4)
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
         path = folder / f"photo-{i + 1}.png"
-        storage.write_bytes(path, buf.getvalue())
+        storage.write_bytes(path, storage.png_bytes(image))
         paths.append(path)
     return paths
 

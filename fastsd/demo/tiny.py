@@ -14,8 +14,8 @@ The weights are random: images made with them are noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -302,11 +302,12 @@ BUILDERS = {
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path) -> Path:
-    """Build the tiny ``kind`` pipeline (see :data:`BUILDERS`) and save it as a Diffusers folder."""
+    """Build the tiny ``kind`` pipeline (see :data:`BUILDERS`) and save it as a Diffusers folder in ``folder``."""
     folder = Path(folder)
     pipe = BUILDERS[kind](folder)
-    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
-    return folder / "pipeline"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_tokenizer", ignore_errors=True)  # the builders' scratch, not part of the model
+    return folder
 
 
 def cached_pipeline(kind: str = "sd1") -> Path:
@@ -322,12 +323,12 @@ def cached_pipeline(kind: str = "sd1") -> Path:
     return build_cached(f"{kind}-v{BUILD_VERSION}", "model_index.json", lambda tmp: save_tiny_pipeline(kind, tmp))
 
 
-def build_cached(name: str, marker: str, build: Callable[[Path], Path]) -> Path:
-    """``<cache>/tiny/<name>``, made by ``build(tmp)`` (returns the built folder inside ``tmp``) if missing.
+def build_cached(name: str, marker: str, build: Callable[[Path], object]) -> Path:
+    """``<cache>/tiny/<name>``, made by ``build(folder)`` (fills the empty ``folder``) if missing.
 
-    The folder is built under a temp name and renamed into place, so a killed build never leaves
-    a half folder that a later run would trust (``marker`` is the file a complete one has), and
-    two runs building at once both end with a complete one.
+    The folder is built by :func:`fastsd.storage.building_folder` (temp name, then one rename), so
+    a killed build never leaves a half folder that a later run would trust (``marker`` is the file
+    a complete one has), and two runs building at once both end with a complete one.
     """
     from .. import storage
     from ..paths import cache_dir
@@ -335,20 +336,14 @@ def build_cached(name: str, marker: str, build: Callable[[Path], Path]) -> Path:
     target = cache_dir() / "tiny" / name
     if (target / marker).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    storage.clean_stale_temps_beside(target)
-    tmp = storage.temp_name(target)
+    if target.exists() or target.is_symlink():
+        with contextlib.suppress(FileNotFoundError):  # another run may be removing it too
+            storage.remove_folder(target)  # an incomplete folder that no build of ours made: replace it
     try:
-        tmp.mkdir()
-        built = build(tmp)
-        if target.exists() and not (target / marker).is_file():
-            shutil.rmtree(target)  # an incomplete folder that no build of ours made: replace it
-        try:
-            os.replace(built, target)
-        except OSError:
-            if not (target / marker).is_file():
-                raise
-            # another run finished first: its folder is as good as ours
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with storage.building_folder(target, replace=False) as tmp:
+            build(tmp)
+    except FileExistsError:
+        if not (target / marker).is_file():
+            raise
+        # another run finished first: its folder is as good as ours
     return target

@@ -219,4 +219,4 @@ def cached_glm_ocr() -> Path:
     """The tiny GLM-OCR folder in the local cache (``<cache>/tiny/glm-ocr-v<N>``), built on first use."""
     from .tiny import build_cached
 
-    return build_cached(f"glm-ocr-v{BUILD_VERSION}", "model.safetensors", lambda tmp: save_tiny_glm_ocr(tmp / "out"))
+    return build_cached(f"glm-ocr-v{BUILD_VERSION}", "model.safetensors", save_tiny_glm_ocr)

@@ -22,7 +22,6 @@ import os
 import queue
 import shutil
 import threading
-import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,7 +29,7 @@ import torch
 
 from ..errors import ModelFormatError, UserInputError
 from ..paths import cache_dir
-from ..storage import TEMP_PREFIX, write_stream, write_text
+from ..storage import building_folder, write_stream, write_text
 from . import keymap
 from .detect import Detection, detect, weight_files
 from .tensorfile import TensorInfo, TensorSource, map_flat, safetensors_header, tensor_bytes
@@ -389,25 +388,20 @@ def shipped_config(name: str) -> Path:
     target = cache_dir() / "configs" / f"{name}-{stamp:x}"
     if (target / "model_index.json").is_file():
         return target
-    tmp = target.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
-    shutil.copytree(shipped, tmp)
     index = json.loads((shipped / "model_index.json").read_text())
-    for tok in ("tokenizer", "tokenizer_2"):
-        if isinstance(index.get(tok), list) and index[tok][0]:
-            pad = (
-                json.loads((shipped / f"{tok}.pad.json").read_text())["pad"]
-                if (shipped / f"{tok}.pad.json").is_file()
-                else "<|endoftext|>"
-            )
-            _clip_tokenizer_files(tmp / tok, pad)
-    for f in tmp.glob("*.pad.json"):
-        f.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    with contextlib.suppress(FileExistsError), building_folder(target, replace=False) as tmp:
+        shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+        for tok in ("tokenizer", "tokenizer_2"):
+            if isinstance(index.get(tok), list) and index[tok][0]:
+                pad = (
+                    json.loads((shipped / f"{tok}.pad.json").read_text())["pad"]
+                    if (shipped / f"{tok}.pad.json").is_file()
+                    else "<|endoftext|>"
+                )
+                _clip_tokenizer_files(tmp / tok, pad)
+        for f in tmp.glob("*.pad.json"):
+            f.unlink()
+    return target  # built here, or by another process that made it first
 
 
 def config_for(det: Detection) -> tuple[str, str]:
@@ -468,19 +462,8 @@ def single_file_to_diffusers(
         pipe = cls.from_single_file(str(src), **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise ModelFormatError(f"diffusers could not load {src} as {det.summary()}: {err}") from err
-    tmp = dst.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{dst.name}")
-    try:
+    with building_folder(dst) as tmp:  # an existing dst (overwrite) is replaced in one swap
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if dst.exists():
-            old = dst.with_name(f"{TEMP_PREFIX}old-{uuid.uuid4().hex[:8]}-{dst.name}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
     log.info("wrote Diffusers folder %s (%s)", dst, detect(dst).summary())
     return dst
 

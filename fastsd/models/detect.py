@@ -77,10 +77,6 @@ class Detection:
     resolution: int | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def is_full_model(self) -> bool:
-        return self.kind == "full"
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

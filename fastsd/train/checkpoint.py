@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +109,10 @@ def save_to_session(session: Any, step: int, keep: int, **parts: Any) -> dict[st
     from .. import storage
 
     # The scratch folder is named by its owner (host, pid), so the leftovers of killed runs are
-    # recognised and removed here, before they fill the runtime's disk.
-    tmp_root = Path(tempfile.gettempdir())
-    storage.clean_temp_files(tmp_root, recursive=False)
-    scratch = storage.temp_name(tmp_root / f"ckpt-{step}", "train")
-    scratch.mkdir(mode=0o700)
-    try:
+    # recognised and removed, before they fill the runtime's disk.
+    with storage.scratch_folder(f"ckpt-{step}", "train") as scratch:
         save_local(scratch, **parts)
         entry = session.record_checkpoint(step, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     session.prune_checkpoints(keep)
     return entry
 

@@ -7,11 +7,10 @@ one A1111/ComfyUI ``.safetensors`` by :func:`fastsd.models.convert.diffusers_to_
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from . import lora
 
 
@@ -19,12 +18,9 @@ def export_full(pipeline: Any, dst: Path, metadata: dict[str, str] | None = None
     """Write ``pipeline`` as one fp16 single-file checkpoint at ``dst``."""
     from ..models.convert import diffusers_to_single_file  # torch-heavy: only when exporting
 
-    scratch = Path(tempfile.mkdtemp(prefix="fastsd-export-"))
-    try:
+    with storage.scratch_folder("export", "train") as scratch:  # owner-named: a killed export's is cleaned
         pipeline.save_pretrained(scratch, safe_serialization=True)
         return Path(diffusers_to_single_file(scratch, dst, half=True, overwrite=True, metadata=metadata))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def export_lora(modules: dict[str, Any], dst: Path, *, rank: int, alpha: float, family: str) -> Path:

@@ -225,8 +225,3 @@ def _update_8bit(
     m_scale.copy_(ms)
     r_q.copy_(rq)
     r_scale.copy_(rs)
-
-
-def state_bytes_per_param() -> float:
-    """Optimizer state bytes per (large) parameter, for the memory planner."""
-    return 2 + 2 * 4 / BLOCK

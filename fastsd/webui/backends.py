@@ -23,14 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
+from .. import storage
 from ..errors import FastsdError, InstallError, NetworkError, UserInputError
 from ..redact import child_environment, mask, mask_command
 from . import pyenv
@@ -314,16 +313,11 @@ def clone_or_update(url: str, dest: Path, ref: str | None, *, echo: Callable[[st
             f"{dest} exists and is not a git checkout: move it away or pass --temp to install on local disk"
         )
     else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
         echo(f"cloning {url} into {dest}")
-        proc = _git(["clone", "--quiet", url, str(partial)])
-        if proc.returncode != 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise _git_error(f"could not clone {url}", proc, url)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(partial, dest)
+        with storage.building_folder(dest, "clone") as partial:  # an existing empty dest is replaced
+            proc = _git(["clone", "--quiet", url, str(partial)])
+            if proc.returncode != 0:
+                raise _git_error(f"could not clone {url}", proc, url)
     if ref:
         proc = _git(["-c", "advice.detachedHead=false", "checkout", "--quiet", ref], cwd=dest)
         if proc.returncode != 0:

@@ -26,8 +26,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -221,15 +219,17 @@ class Supervisor:
     # ---- readiness
 
     def _probe(self) -> bool:
-        request = urllib.request.Request(self.ready_url)
+        import httpx  # the webui feature's HTTP client (features.py)
+
+        headers = {}
         if self.auth:
-            token = base64.b64encode(self.auth.encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
+            headers["Authorization"] = "Basic " + base64.b64encode(self.auth.encode()).decode()
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback URL we built
-                return response.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
+            # trust_env=False: the server is on loopback, a proxy from the environment cannot reach it
+            response = httpx.get(self.ready_url, headers=headers, timeout=5, follow_redirects=True, trust_env=False)
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError):
             return False
+        return response.status_code == 200
 
     def wait_ready(self) -> str:
         """Poll until the server answers 200; restart it if it dies meanwhile (within the bound).
