@@ -89,14 +89,13 @@ def test_empty_session_and_missing_model(tiny_sd1, tmp_path):
         resolve(TrainConfig(), session_info={}, gpu_list=[])
 
 
-def test_empty_session_fails_before_loading(home, tiny_sd1, monkeypatch):
+def test_empty_session_fails_before_loading(home, tiny_sd1):
     from fastsd.session import Session
-    from fastsd.train import loop, train
+    from fastsd.train import train
 
-    monkeypatch.setattr(loop, "_Models", lambda *a, **k: pytest.fail("model loaded before validation"))
     Session.create("empty", home, base_model=str(tiny_sd1))
     with pytest.raises(UserInputError, match="no instance images"):
-        train("empty", home=home)
+        train("empty", home=home, on_models=lambda m: pytest.fail("model loaded before validation"))
 
 
 def test_buckets_and_order():

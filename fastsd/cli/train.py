@@ -148,9 +148,7 @@ def run(args: argparse.Namespace) -> int:
         fields["min_snr_gamma"] = None
     result = train(args.session, TrainConfig(**fields), home=args.root, force=args.force)
     if args.json:
-        out = {k: (str(v) if k == "samples" else v) for k, v in vars(result).items()}
-        out["samples"] = [str(s) for s in result.samples]
-        print(json.dumps(out))
+        print(json.dumps(result.to_json()))
     else:
         print(result.summary())
     return 130 if result.stopped == "interrupted" else 0
