@@ -114,6 +114,13 @@ def test_the_loss_is_the_denoising_mse_with_min_snr_weights(tiny_sd1, prediction
     assert expected[0] < 1  # low noise (high SNR) is down-weighted
 
 
+def test_min_snr_gamma_zero_is_off_in_one_place(tiny_sd1):
+    c, _ = resolve(TrainConfig(model=str(tiny_sd1), min_snr_gamma=0, max_grad_norm=0), gpu_list=[])
+    assert c.min_snr_gamma is None and c.max_grad_norm is None
+    c, _ = resolve(TrainConfig(model=str(tiny_sd1)), gpu_list=[])
+    assert c.min_snr_gamma == 5.0
+
+
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
