@@ -258,8 +258,9 @@ def cap_child(spec: dict) -> None:
     try:
         r = train(spec["session"], TrainConfig(**cfg), home=spec["home"])
         out.update(steps=r.steps, timings=r.timings, memory=r.memory, it_per_s=round(r.it_per_s, 2))
-        out["plan"] = {k: r.plan.get(k) for k in ("optimizer", "checkpoint_fraction", "fused_backward", "cuda_graph",
-                                                  "cuda_graph_captured", "cuda_graph_failed")}  # fmt: skip
+        plan = r.plan.to_dict()
+        out["plan"] = {k: plan.get(k) for k in ("optimizer", "checkpoint_fraction", "fused_backward", "cuda_graph",
+                                                "cuda_graph_captured", "cuda_graph_failed")}  # fmt: skip
         proc = r.memory.get("process", {})
         out["within_cap"] = proc.get("reserved_gb", 0) <= spec["cap"]
         out["within_budget"] = proc.get("reserved_gb", 0) <= spec["cfg"]["vram_budget_gb"]

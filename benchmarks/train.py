@@ -231,7 +231,7 @@ def run_variant(name: str, model: Path, home: Path, args: argparse.Namespace) ->
         "peak_vram_gib": round(peak, 2) if peak is not None else None,
         "peak_steady_gib": steady,
         "steps": result.steps,
-        "plan": result.plan,
+        "plan": result.plan.to_dict(),
         "wall_s": round(time.perf_counter() - t0, 1),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,

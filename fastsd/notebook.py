@@ -39,6 +39,7 @@ from .redact import install_logging
 from .runtime import environment
 from .session import human_size
 from .storage import png_bytes
+from .train.config import TrainConfig
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -489,11 +490,11 @@ def train_config(
     text_encoder_steps: int = -1,
     learning_rate: float = 0.0,
     resolution: int = 0,
-    save_every: int = 500,
+    save_every: int = TrainConfig.save_every,
     sample_every: int = 0,
     sample_prompt: str = "",
     prior_preservation: bool = False,
-    class_images: int = 100,
+    class_images: int = TrainConfig.num_class_images,
     resume: bool = True,
     **extra: Any,
 ) -> Any:
@@ -512,8 +513,6 @@ def train_config(
         resume: continue from the latest complete checkpoint when there is one.
         extra: any other :class:`~fastsd.train.TrainConfig` field.
     """
-    from .train import TrainConfig
-
     return TrainConfig(
         method=method,
         unet_steps=steps or None,

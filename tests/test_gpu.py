@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from train_helpers import capture_models, square_session
+from train_helpers import ModelsBox, square_session
 
 from fastsd.train import TrainConfig, train
 
@@ -39,10 +39,12 @@ def deterministic():
 
 
 def _train(monkeypatch, home, model, name, graph: str, **cfg):
-    with capture_models() as box:
-        r = train(
-            _session(home, model, name), TrainConfig(cuda_graph=graph, gpu="h100", precision="fp32", **cfg, **FAST)
-        )
+    box = ModelsBox()
+    r = train(
+        _session(home, model, name),
+        TrainConfig(cuda_graph=graph, gpu="h100", precision="fp32", **cfg, **FAST),
+        on_models=box,
+    )
     return {k: v.detach().float().cpu() for k, v in box["models"].unet.named_parameters()}, r
 
 
@@ -67,8 +69,8 @@ def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg, det
     eager2, _ = _train(monkeypatch, home, tiny_sd1, "eager2", "off", **cfg)
     graphed, r_graph = _train(monkeypatch, home, tiny_sd1, "graph", "on", **cfg)
     failed = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
-    assert r_graph.plan.get("cuda_graph_captured") is True, (r_graph.plan, failed)
-    assert r_eager.plan["cuda_graph"] is False
+    assert r_graph.plan.cuda_graph_captured is True, (r_graph.plan, failed)
+    assert r_eager.plan.cuda_graph is False
 
     def update_cosines(other: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
         out = {}

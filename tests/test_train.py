@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import capture_models
+from train_helpers import ModelsBox
 
 from fastsd.errors import FastsdError
 from fastsd.session import Session
-from fastsd.train import TrainConfig, loop, train
+from fastsd.train import TrainConfig, train
+from fastsd.train.parts import BaseModel
 
 FAST = {"resolution": 64, "allow_resolution": True, "log_every": 1, "save_every": 0, "min_snr_gamma": 5.0}
 
@@ -42,9 +43,8 @@ def make_session(home, model, name="dog", n=3, **kw):
 
 @pytest.fixture
 def captured():
-    """The _Models instance a run used, to inspect its modules afterwards."""
-    with capture_models() as box:
-        yield box
+    """Pass as ``on_models=``: ``captured["models"]`` is the run's BaseModel, to inspect its modules afterwards."""
+    return ModelsBox()
 
 
 def _base(model, sub, cls):
@@ -61,7 +61,7 @@ def test_full_sd1_sequential_trains_te_then_unet(home, tiny_sd1, captured):
     from transformers import CLIPTextModel
 
     s = make_session(home, tiny_sd1)
-    r = train(s, TrainConfig(method="full", te_steps=2, unet_steps=2, offset_noise=0.05, **FAST))
+    r = train(s, TrainConfig(method="full", te_steps=2, unet_steps=2, offset_noise=0.05, **FAST), on_models=captured)
     assert r.steps == 4 and r.stopped is None and np.isfinite(r.final_loss)
     m = captured["models"]
     unet0 = dict(_base(tiny_sd1, "unet", UNet2DConditionModel).named_parameters())
@@ -79,7 +79,7 @@ def test_full_sd2_v_prediction_unet_only_keeps_te_frozen(home, tiny_sd2, capture
     from transformers import CLIPTextModel
 
     s = make_session(home, tiny_sd2)
-    r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=2, **FAST))
+    r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=2, **FAST), on_models=captured)
     assert r.steps == 2
     te0 = dict(_base(tiny_sd2, "text_encoder", CLIPTextModel).named_parameters())
     assert not _changed(te0, captured["models"].text_encoders[0])
@@ -92,7 +92,9 @@ def test_lora_sdxl_joint_exports_loadable_kohya_file(home, tiny_sdxl, captured):
 
     s = make_session(home, tiny_sdxl)
     r = train(
-        s, TrainConfig(method="lora", te_steps=2, unet_steps=2, schedule="joint", unet_lr=1e-2, te_lr=1e-2, **FAST)
+        s,
+        TrainConfig(method="lora", te_steps=2, unet_steps=2, schedule="joint", unet_lr=1e-2, te_lr=1e-2, **FAST),
+        on_models=captured,
     )
     assert r.steps == 2 and len(r.models) == 1
     m = captured["models"]
@@ -127,7 +129,7 @@ def test_prior_preservation_generates_then_reuses(home, tiny_sd1, monkeypatch):
     made = sorted(folder.glob("*.png"))
     assert len(made) == 2
     stamps = [p.stat().st_mtime_ns for p in made]
-    monkeypatch.setattr(loop._Models, "pipeline", lambda *a, **k: pytest.fail("class images regenerated"))
+    monkeypatch.setattr(BaseModel, "pipeline", lambda *a, **k: pytest.fail("class images regenerated"))
     train(s, TrainConfig(**{**cfg.to_dict(), "export": False}))
     assert [p.stat().st_mtime_ns for p in sorted(folder.glob("*.png"))] == stamps
 
@@ -158,7 +160,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd1):
 
 def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):
     s = make_session(home, tiny_sd1, n=1)
-    monkeypatch.setattr(loop.F, "mse_loss", lambda a, b, reduction: (a - b) * float("nan"))
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b, reduction: (a - b) * float("nan"))
     with pytest.raises(FastsdError, match="NaN"):
         train(s, TrainConfig(method="lora", unet_steps=2, **FAST))
     assert s.models() == []
@@ -176,7 +178,7 @@ def test_full_export_loads_with_from_single_file(home, tiny_sd1, captured):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     s = make_session(home, tiny_sd1, n=1)
-    r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=1, **FAST))
+    r = train(s, TrainConfig(method="full", te_steps=0, unet_steps=1, **FAST), on_models=captured)
     path = s.path / r.models[0]
     assert path.suffix == ".safetensors" and any(m["file"] == r.models[0] for m in s.models())
     pipe = StableDiffusionPipeline.from_single_file(

@@ -89,14 +89,13 @@ def test_empty_session_and_missing_model(tiny_sd1, tmp_path):
         resolve(TrainConfig(), session_info={}, gpu_list=[])
 
 
-def test_empty_session_fails_before_loading(home, tiny_sd1, monkeypatch):
+def test_empty_session_fails_before_loading(home, tiny_sd1):
     from fastsd.session import Session
-    from fastsd.train import loop, train
+    from fastsd.train import train
 
-    monkeypatch.setattr(loop, "_Models", lambda *a, **k: pytest.fail("model loaded before validation"))
     Session.create("empty", home, base_model=str(tiny_sd1))
     with pytest.raises(UserInputError, match="no instance images"):
-        train("empty", home=home)
+        train("empty", home=home, on_models=lambda m: pytest.fail("model loaded before validation"))
 
 
 def test_buckets_and_order():
@@ -109,3 +108,35 @@ def test_buckets_and_order():
     assert seq == [b.batch(i) for i in range(12)]
     assert all(len({sizes[i] for i in batch}) == 1 and len(batch) == 2 for batch in seq)  # one bucket per batch
     assert seq[: a.per_epoch] != [BatchOrder(sizes, 2, seed=8).batch(i) for i in range(a.per_epoch)]
+
+
+def _train_parser():
+    from fastsd.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def test_train_flags_come_from_trainconfig_and_say_their_defaults():
+    import dataclasses
+
+    from fastsd.cli.train import config_from_args
+
+    parser = _train_parser()
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        assert (f.name in by_dest) == f.metadata["cli"], f.name  # every CLI setting is a field, and back
+    help_text = parser.format_help()
+    for a in by_dest.values():
+        if a.nargs != 0:  # a flag that takes a value says what it is without it
+            assert "default" in parser._get_formatter()._get_help_string(a), a.option_strings
+    assert "--lr UNET_LR" in help_text and "(default full: 2e-6, lora: 1e-4)" in " ".join(help_text.split())
+
+    # nothing given: exactly the dataclass's defaults (resolve fills the rest)
+    assert config_from_args(parser.parse_args(["s"])) == TrainConfig()
+    c = config_from_args(parser.parse_args(
+        ["s", "--steps", "7", "--no-export", "--channels-last", "off", "--prior", "--sample-seed", "9",
+         "--sample-prompt", "a", "--sample-prompt", "b", "--min-snr-gamma", "0", "--rank", "8"]
+    ))  # fmt: skip
+    assert (c.unet_steps, c.export, c.channels_last, c.prior_preservation) == (7, False, False, True)
+    assert c.sample_seeds == [9] and c.sample_prompts == ["a", "b"] and c.lora_rank == 8
+    assert c.min_snr_gamma == 0  # resolve() turns 0 into None (off): test_min_snr_gamma_zero_is_off_in_one_place

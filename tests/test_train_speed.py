@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import capture_models, square_session
+from train_helpers import ModelsBox, square_session
 
 from fastsd.train import TrainConfig, graph, memory, train
 from fastsd.train.lowmem import BLOCK, LowMemAdamW, dequantize, dynamic_map, quantize
@@ -152,10 +152,12 @@ def _session(home, model, name):
 
 def _trained(monkeypatch, home, model, name, cfg, force_graph):
     """Train and return (UNet params, TE params, plan); ``force_graph`` takes the graph path on the CPU."""
-    with capture_models() as box, monkeypatch.context() as mp:
+    box = ModelsBox()
+    with monkeypatch.context() as mp:
         if force_graph:
             mp.setattr(graph, "blockers", lambda **kw: [])
-        r = train(_session(home, model, name), TrainConfig(**cfg, cuda_graph="on" if force_graph else "off", **FAST))
+        cfg = TrainConfig(**cfg, cuda_graph="on" if force_graph else "off", **FAST)
+        r = train(_session(home, model, name), cfg, on_models=box)
     m = box["models"]
     return (
         {k: v.detach().clone() for k, v in m.unet.named_parameters()},
@@ -177,7 +179,7 @@ def _trained(monkeypatch, home, model, name, cfg, force_graph):
 def test_graph_step_path_gives_the_eager_weights(home, tiny_sd1, monkeypatch, cfg):
     base_unet, base_te, _ = _trained(monkeypatch, home, tiny_sd1, "eager", cfg, force_graph=False)
     unet, te, plan = _trained(monkeypatch, home, tiny_sd1, "graph", cfg, force_graph=True)
-    assert plan["cuda_graph"] is True
+    assert plan.cuda_graph is True
     for k in base_unet:
         torch.testing.assert_close(unet[k], base_unet[k], rtol=1e-5, atol=1e-6)
     for k in base_te:
@@ -188,7 +190,7 @@ def test_cuda_graph_is_a_no_op_on_the_cpu(home, tiny_sd1, monkeypatch):
     _, _, plan = _trained(
         monkeypatch, home, tiny_sd1, "cpu", {"method": "lora", "te_steps": 0, "unet_steps": 1}, force_graph=False
     )
-    assert plan["cuda_graph"] is False
+    assert plan.cuda_graph is False
 
 
 def test_planner_matches_h100_measurements():
@@ -243,14 +245,14 @@ def test_checkpointing_without_rng_stash_gives_the_same_gradients(tiny_sd1):
 
 def test_cudnn_autotuning_only_where_it_pays(monkeypatch):
     """Autotuning cost 12 s of a cold first step on an H200 and gave the graphed steps nothing."""
-    from fastsd.train.loop import _autotune
+    from fastsd.train.plan import autotune
 
     monkeypatch.delenv("FASTSD_CUDNN_BENCHMARK", raising=False)
-    assert _autotune(1000, graphed=True) is False
-    assert _autotune(1000, graphed=False) is True
-    assert _autotune(50, graphed=False) is False
+    assert autotune(1000, graphed=True) is False
+    assert autotune(1000, graphed=False) is True
+    assert autotune(50, graphed=False) is False
     monkeypatch.setenv("FASTSD_CUDNN_BENCHMARK", "1")
-    assert _autotune(50, graphed=True) is True
+    assert autotune(50, graphed=True) is True
 
 
 def test_latent_caching_encodes_sdxl_sized_images_one_at_a_time():

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 
-@contextlib.contextmanager
-def capture_models() -> Iterator[dict[str, Any]]:
-    """Record the models object (UNet, text encoders...) of the training runs inside the block.
+class ModelsBox(dict):
+    """Pass as ``train(..., on_models=box)``: ``box["models"]`` is then the run's
+    :class:`fastsd.train.parts.BaseModel`, whose modules are the trained ones after the run."""
 
-    ``box["models"]`` is the last run's ``fastsd.train.loop._Models``, to inspect trained weights.
-    """
-    from fastsd.train import loop
-
-    box: dict[str, Any] = {}
-    real = loop._Models
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        box["models"] = real(*args, **kwargs)
-        return box["models"]
-
-    loop._Models = spy
-    try:
-        yield box
-    finally:
-        loop._Models = real
+    def __call__(self, models: Any) -> None:
+        self["models"] = models
 
 
 def square_session(home: Any, model: Any, name: str, *, size: int = 64, images: int = 2) -> Any:

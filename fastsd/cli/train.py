@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
-from ..train.config import (
-    COMPILE,
-    CUDA_GRAPH,
-    GRAD_CHECKPOINTING,
-    LR_SCHEDULES,
-    OPTIMIZERS,
-    PRECISIONS,
-    PRESETS,
-    TrainConfig,
-)
+from ..train.config import METHOD_DEFAULTS, TrainConfig
 
 
 def _onoff(value: str) -> bool:
@@ -23,16 +15,66 @@ def _onoff(value: str) -> bool:
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
-    """Adds "(default: X)" to every flag that has a default worth saying (not None/False, not in the text)."""
+    """Adds "(default: X)" to every flag that takes a value and whose text does not say its default.
+
+    A switch (``--prior``, ``--no-export``) has none to say: leaving it out is the default.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        unsaid = default is None or default is False or default is argparse.SUPPRESS or default == []
+        unsaid = default is None or default is argparse.SUPPRESS or default == [] or action.nargs == 0
         if "default" in text or unsaid or not action.option_strings:
             return text
         shown = ("on" if default else "off") if isinstance(default, bool) else default
         return f"{text} (default: {shown})"
+
+
+def _number(value: Any) -> str:
+    """``2e-6`` as people write it (not ``2e-06`` or ``0.0001``)."""
+    if not isinstance(value, float) or value == 0 or abs(value) >= 0.1:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _by_method(name: str) -> str:
+    """``full: 1500, lora: 1000``: a setting's per-method defaults, from :data:`METHOD_DEFAULTS`."""
+    return ", ".join(f"{method}: {_number(values[name])}" for method, values in METHOD_DEFAULTS.items())
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`TrainConfig` field (its metadata: flag, help, metavar, choices).
+
+    A field left at ``None`` (or a repeatable flag not given) is not passed on, so
+    :class:`TrainConfig` and :func:`fastsd.train.resolve` decide its default (see :func:`config_from_args`).
+    """
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli", False):
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        text = meta["help"]
+        if "{by_method}" in text:
+            text = text.replace("{by_method}", _by_method(f.name))
+        kw: dict[str, Any] = {"dest": f.name, "help": text}
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool" and meta["metavar"]:
+            kw.update(type=_onoff, default=f.default, metavar=meta["metavar"])
+        elif kind == "bool":
+            kw.update(action="store_false" if f.default else "store_true")
+        elif kind.startswith("list["):
+            kw.update(action="append", type={"list[int]": int}.get(kind, str), default=None, metavar=meta["metavar"])
+        else:
+            kw.update(type={"int": int, "float": float}.get(kind, str), default=f.default)
+            kw.update({k: meta[k] for k in ("metavar", "choices") if meta[k]})
+        p.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed options (those left unset keep the dataclass's defaults)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -46,82 +88,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "'auto' settings come from the GPU preset (--gpu).",
     )
     p.add_argument("session", help="session name")
-    p.add_argument("--method", choices=("full", "lora"), default="full", help="train all weights, or a LoRA")
-    p.add_argument(
-        "--model", metavar="SPEC", help="base model (name, hf:org/repo, URL or path; default: the session's)"
-    )
-    p.add_argument(
-        "--steps", type=int, dest="unet_steps", metavar="N", help="UNet steps (default full: 1500, lora: 1000)"
-    )
-    p.add_argument("--te-steps", type=int, metavar="N", help="text-encoder steps (default full: 350, lora: 0 = frozen)")
-    p.add_argument(
-        "--schedule",
-        choices=("sequential", "joint"),
-        default="sequential",
-        help="text encoder first then UNet, or both at once",
-    )
-    p.add_argument("--lr", type=float, dest="unet_lr", help="UNet learning rate (default full: 2e-6, lora: 1e-4)")
-    p.add_argument("--te-lr", type=float, help="text-encoder learning rate (default full: 1e-6, lora: 5e-5)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="learning-rate curve")
-    p.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="steps of linear LR warm-up")
-    p.add_argument("--scale-lr", action="store_true", help="multiply LRs by batch x accumulation x processes")
-    p.add_argument("--resolution", type=int, metavar="PX", help="training size in px (default: the session's)")
-    p.add_argument("--allow-resolution", action="store_true", help="allow a size above the model's native one")
-    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per step and GPU")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="steps whose gradients add up to one update")
-    p.add_argument("--rank", type=int, dest="lora_rank", default=4, metavar="N", help="LoRA rank")
-    p.add_argument(
-        "--prior", action="store_true", dest="prior_preservation", help="prior preservation with class images"
-    )
-    p.add_argument("--class-prompt", metavar="TEXT", help="class prompt (default: 'a photo of <class word>')")
-    p.add_argument(
-        "--class-images", type=int, dest="num_class_images", default=100, metavar="N", help="class images for --prior"
-    )
-    p.add_argument("--offset-noise", type=float, default=0.0, metavar="X", help="offset noise strength (0: off)")
-    p.add_argument(
-        "--min-snr-gamma", type=float, default=5.0, metavar="G", help="Min-SNR loss weighting; 0 disables it"
-    )
-    p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same run)")
-    p.add_argument("--gpu", choices=("auto", *PRESETS), default="auto", help="settings preset (auto: from the GPU)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="mixed precision")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="auto", help="AdamW flavour")
-    p.add_argument(
-        "--gradient-checkpointing",
-        choices=GRAD_CHECKPOINTING,
-        default="auto",
-        help="recompute activations to save VRAM (auto: as the VRAM budget needs)",
-    )
-    p.add_argument(
-        "--vram-budget",
-        type=float,
-        dest="vram_budget_gb",
-        metavar="GB",
-        help="VRAM to plan for (default: the preset's)",
-    )
-    p.add_argument("--compile", choices=COMPILE, default="off", help="torch.compile the UNet blocks or all of it")
-    p.add_argument(
-        "--cuda-graph", choices=CUDA_GRAPH, default="auto", help="replay the whole step as a CUDA graph (bf16 GPUs)"
-    )
-    p.add_argument("--channels-last", type=_onoff, default=True, metavar="on|off", help="channels-last memory layout")
-    p.add_argument("--save-every", type=int, default=500, metavar="N", help="save a resumable checkpoint every N steps")
-    p.add_argument("--keep", type=int, dest="keep_checkpoints", default=2, metavar="N", help="checkpoints kept")
-    p.add_argument(
-        "--export-every", type=int, default=0, metavar="N", help="export a model every N steps (0: at the end only)"
-    )
-    p.add_argument("--no-export", action="store_false", dest="export", help="do not export a model at the end")
-    p.add_argument("--sample-every", type=int, default=0, metavar="N", help="sample images every N steps (0: never)")
-    p.add_argument(
-        "--sample-prompt",
-        action="append",
-        dest="sample_prompts",
-        default=[],
-        metavar="TEXT",
-        help="prompt for samples; repeatable (default: 'a photo of <token> <class>')",
-    )
-    p.add_argument("--sample-steps", type=int, default=25, metavar="N", help="denoising steps per sample")
-    p.add_argument("--log-every", type=int, default=10, metavar="N", help="log loss and speed every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the session's latest checkpoint")
-    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK, else cpu)")
+    add_config_arguments(p)
+    # the command's own flags (not training settings)
     p.add_argument("--force", action="store_true", help="break the session's lock if another process holds it")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -142,15 +110,9 @@ def run(args: argparse.Namespace) -> int:
     _fetch_model_first(args)
     from ..train import train
 
-    skip = {"session", "root", "debug", "func", "command", "json", "force"}
-    fields = {k: v for k, v in vars(args).items() if k not in skip}
-    if fields.get("min_snr_gamma") == 0:
-        fields["min_snr_gamma"] = None
-    result = train(args.session, TrainConfig(**fields), home=args.root, force=args.force)
+    result = train(args.session, config_from_args(args), home=args.root, force=args.force)
     if args.json:
-        out = {k: (str(v) if k == "samples" else v) for k, v in vars(result).items()}
-        out["samples"] = [str(s) for s in result.samples]
-        print(json.dumps(out))
+        print(json.dumps(result.to_json()))
     else:
         print(result.summary())
     return 130 if result.stopped == "interrupted" else 0

@@ -45,86 +45,110 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 SDXL_FULL_MIN_VRAM_GB = 24.0
 
 
+def _opt(default: Any = None, help: str = "", *, flag: str | None = None, metavar: str | None = None,
+         choices: tuple[str, ...] | None = None, factory: Any = None, cli: bool = True) -> Any:  # fmt: skip
+    """A :class:`TrainConfig` field and how ``fastsd train`` shows it (``fastsd.cli.train`` builds the flags).
+
+    Args:
+        help: the flag's help line; ``{by_method}`` becomes the per-method defaults of
+            :data:`METHOD_DEFAULTS`. A flag that takes a value shows ``(default: X)`` unless the
+            text already says its default.
+        flag: the option's name (default: ``--`` + the field name with dashes).
+        metavar / choices: as in argparse.
+        cli: ``False`` for settings only the Python API and notebooks set.
+    """
+    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Everything a DreamBooth run needs. ``None``/``"auto"`` fields are filled by :func:`resolve`.
 
-    Attributes (the main ones):
-        method: ``full`` (fine-tune the UNet and optionally the text encoder) or ``lora``.
-        model: base model: a Diffusers folder, a single file, or any spec `fastsd model get` takes (fetched/converted once); default: the session's ``base_model``.
-        resolution: training size in pixels; default: the session's, else the family's native size.
-        unet_steps / te_steps: optimizer steps for the UNet and the text encoder (0: frozen).
-        schedule: ``sequential`` (text-encoder steps first, then UNet steps, as the popular
-            notebook) or ``joint`` (both from step 0; the text encoder freezes after ``te_steps``).
-        unet_lr / te_lr: learning rates.
-        prior_preservation: generate ``num_class_images`` images of ``class_prompt`` with the
-            base model (kept in the session and reused) and add their loss times ``prior_weight``.
-        offset_noise: strength of per-channel offset noise (0 disables).
-        min_snr_gamma: Min-SNR loss weighting gamma (None disables).
-        precision: ``fp16`` (GradScaler), ``bf16``, ``fp32``; ``auto`` from the GPU.
-        optimizer: ``adamw8bit`` (bitsandbytes), ``adamw_lowmem`` (8-bit moments in plain torch, CUDA-graph
-            capturable: the same 2 bytes per parameter as bitsandbytes), ``adamw_fused``, ``adamw``;
-            ``auto`` from the GPU.
-        gradient_checkpointing: ``on``/``off``/``auto`` (only as much as the VRAM budget needs).
-        fused_backward: step the optimizer inside backward so gradients never all exist at once
-            (``None``: when the VRAM budget needs it; bf16/fp32, one process, no accumulation).
-        compile: ``off``, ``blocks`` (torch.compile each repeated block) or ``full`` (the UNet).
-        cuda_graph: capture the whole training step (forward, backward, optimizer) in a CUDA graph
-            and replay it (``auto``: when possible: CUDA, bf16/fp32, no accumulation, one process,
-            no buckets, a capturable optimizer; see :mod:`fastsd.train.graph`).
-        save_every / keep_checkpoints: resumable states every N steps, keep the newest K.
-        export_every: also export a model every M steps (0: only at the end).
-        sample_every: sample images every N steps from ``sample_prompts`` x ``sample_seeds``.
-        resume: continue from the session's latest complete checkpoint.
+    Each field's help line (the one ``fastsd train --help`` shows) is in its metadata. In short:
+    ``method`` full or LoRA; steps, rates and schedule (``sequential``: text-encoder steps first,
+    then UNet steps, as the popular notebook; ``joint``: both from step 0, the text encoder freezes
+    after ``te_steps``); prior preservation (class images made once with the base model, kept in
+    the session); loss options (offset noise, Min-SNR); memory and speed (precision, optimizer,
+    gradient checkpointing, in-backward optimizer step, ``torch.compile``, CUDA-graph step: see
+    :mod:`fastsd.train.plan`); checkpoints, exports and samples.
+
+    Off switches: ``min_snr_gamma`` and ``max_grad_norm`` are off when ``None`` or 0 (:func:`resolve`
+    stores 0 as ``None``); ``offset_noise`` 0 adds none.
     """
 
-    method: str = "full"
-    model: str | None = None
-    resolution: int | None = None
-    allow_resolution: bool = False
-    unet_steps: int | None = None
-    te_steps: int | None = None
-    schedule: str = "sequential"
-    unet_lr: float | None = None
-    te_lr: float | None = None
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    scale_lr: bool = False
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    prior_preservation: bool = False
-    class_prompt: str | None = None
-    num_class_images: int = 100
-    prior_weight: float = 1.0
-    offset_noise: float = 0.0
-    min_snr_gamma: float | None = 5.0
-    buckets: str = "auto"  # auto | on | off
-    seed: int = 42
-    gpu: str = "auto"
-    precision: str = "auto"
-    optimizer: str = "auto"
-    gradient_checkpointing: str = "auto"
-    fused_backward: bool | None = None
-    vram_budget_gb: float | None = None
-    channels_last: bool = True
-    compile: str = "off"
-    cuda_graph: str = "auto"
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    export_every: int = 0
-    export: bool = True
-    save_final: bool = True
-    sample_every: int = 0
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_seeds: list[int] = field(default_factory=lambda: [1, 2])
-    sample_steps: int = 25
-    log_every: int = 10
-    resume: bool = False
-    device: str | None = None
-    progress: bool = True
+    method: str = _opt("full", "train all weights, or a LoRA", choices=METHODS)
+    model: str | None = _opt(
+        None,
+        "base model: a Diffusers folder, a single file, a registry name, hf:org/repo or URL (fetched/converted "
+        "once; default: the session's)",
+        metavar="SPEC",
+    )
+    resolution: int | None = _opt(
+        None, "training size in px (default: the session's, else the model family's native size)", metavar="PX"
+    )
+    allow_resolution: bool = _opt(False, "allow a size above the model's native one")
+    unet_steps: int | None = _opt(None, "UNet steps (default {by_method})", flag="--steps", metavar="N")
+    te_steps: int | None = _opt(None, "text-encoder steps; 0 keeps it frozen (default {by_method})", metavar="N")
+    schedule: str = _opt("sequential", "text encoder first then UNet, or both at once", choices=SCHEDULES)
+    unet_lr: float | None = _opt(None, "UNet learning rate (default {by_method})", flag="--lr")
+    te_lr: float | None = _opt(None, "text-encoder learning rate (default {by_method})")
+    lr_schedule: str = _opt("constant", "learning-rate curve", choices=LR_SCHEDULES)
+    warmup_steps: int = _opt(0, "steps of linear LR warm-up", metavar="N")
+    scale_lr: bool = _opt(False, "multiply LRs by batch x accumulation x processes")
+    batch_size: int = _opt(1, "images per step and GPU", metavar="N")
+    grad_accum: int = _opt(1, "steps whose gradients add up to one update", metavar="N")
+    max_grad_norm: float | None = _opt(1.0, "clip the gradients' norm to this; 0 turns clipping off", metavar="X")
+    lora_rank: int = _opt(4, "LoRA rank", flag="--rank", metavar="N")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, a scale of 1)", metavar="X")
+    prior_preservation: bool = _opt(False, "prior preservation with class images", flag="--prior")
+    class_prompt: str | None = _opt(None, "class prompt (default: 'a photo of <class word>')", metavar="TEXT")
+    num_class_images: int = _opt(100, "class images for --prior", flag="--class-images", metavar="N")
+    prior_weight: float = _opt(1.0, "weight of the class images' loss with --prior", metavar="X")
+    offset_noise: float = _opt(0.0, "offset noise strength (0: off)", metavar="X")
+    min_snr_gamma: float | None = _opt(5.0, "Min-SNR loss weighting gamma; 0 turns the weighting off", metavar="G")
+    buckets: str = _opt(
+        "auto", "aspect-ratio buckets (auto: when an image is not square)", choices=("auto", "on", "off")
+    )
+    seed: int = _opt(42, "random seed (same seed, same run)")
+    gpu: str = _opt("auto", "settings preset (auto: from the GPU)", choices=("auto", *PRESETS))
+    precision: str = _opt("auto", "mixed precision", choices=PRECISIONS)
+    optimizer: str = _opt("auto", "AdamW flavour", choices=OPTIMIZERS)
+    gradient_checkpointing: str = _opt(
+        "auto", "recompute activations to save VRAM (auto: as the VRAM budget needs)", choices=GRAD_CHECKPOINTING
+    )
+    fused_backward: bool | None = _opt(
+        None,
+        "step the optimizer inside backward so gradients never all exist at once (None: when the VRAM budget "
+        "needs it; bf16/fp32, one process, no accumulation)",
+        cli=False,
+    )
+    vram_budget_gb: float | None = _opt(None, "VRAM to plan for (default: the preset's)", flag="--vram-budget",
+                                        metavar="GB")  # fmt: skip
+    channels_last: bool = _opt(True, "channels-last memory layout", metavar="on|off")
+    compile: str = _opt("off", "torch.compile the UNet blocks or all of it", choices=COMPILE)
+    cuda_graph: str = _opt("auto", "replay the whole step as a CUDA graph (bf16 GPUs)", choices=CUDA_GRAPH)
+    save_every: int = _opt(500, "save a resumable checkpoint every N steps", metavar="N")
+    keep_checkpoints: int = _opt(2, "checkpoints kept", flag="--keep", metavar="N")
+    export_every: int = _opt(0, "export a model every N steps (0: at the end only)", metavar="N")
+    export: bool = _opt(True, "do not export a model at the end", flag="--no-export")
+    save_final: bool = _opt(True, "save a resumable state at the end too", cli=False)
+    sample_every: int = _opt(0, "sample images every N steps (0: never)", metavar="N")
+    sample_prompts: list[str] = _opt(
+        help="prompt for samples; repeatable (default: 'a photo of <token> <class>')",
+        flag="--sample-prompt",
+        metavar="TEXT",
+        factory=list,
+    )
+    sample_seeds: list[int] = _opt(help="seed of each sample image; repeatable (default: 1 and 2)",
+                                   flag="--sample-seed", metavar="N", factory=lambda: [1, 2])  # fmt: skip
+    sample_steps: int = _opt(25, "denoising steps per sample (and per class image)", metavar="N")
+    log_every: int = _opt(10, "log loss and speed every N steps", metavar="N")
+    resume: bool = _opt(False, "continue from the session's latest checkpoint")
+    device: str | None = _opt(None, "torch device (default: cuda:LOCAL_RANK, else cpu)")
+    progress: bool = _opt(True, "show a progress bar", cli=False)
 
     # ---- derived
 
@@ -266,4 +290,6 @@ def resolve(
         c.sample_prompts = [f"a photo of {token}"]
     if c.lora_alpha is None:
         c.lora_alpha = float(c.lora_rank)
+    c.min_snr_gamma = c.min_snr_gamma or None  # 0 is off, stored as None (the class docstring)
+    c.max_grad_norm = c.max_grad_norm or None
     return c, facts

@@ -27,3 +27,29 @@ def export_lora(modules: dict[str, Any], dst: Path, *, rank: int, alpha: float, 
     """Write the LoRA adapters of ``modules`` (component -> model) as a kohya LoRA file at ``dst``."""
     tensors = lora.kohya_state_dict(modules, alpha, family)
     return lora.save_kohya(dst, tensors, rank=rank, alpha=alpha, family=family)
+
+
+def export_step(session: Any, models: Any, c: Any, step: int, device: Any, *, te_trained: bool, te_frozen: bool) -> str:
+    """The model of ``step`` in the session's ``models/``: one fp16 single file, or a kohya LoRA; its recorded file.
+
+    Args:
+        te_trained: the run trains the text encoders (a LoRA then carries their adapters).
+        te_frozen: the text encoders are offloaded for good (they go back to the CPU after a full export).
+    """
+    from .sampling import eager
+
+    full = c.method == "full"
+    dst = session.models_dir / f"{session.name}-{'lora-' if not full else ''}step-{step}.safetensors"
+    if full:
+        models.text_encoders_to(device)
+        models.vae.to(device)
+        with eager():
+            export_full(models.pipeline(), dst, metadata={"fastsd_session": session.name, "step": str(step)})
+        models.vae.to("cpu")
+        if te_frozen:
+            models.text_encoders_to("cpu")
+        return str(session.record_model(dst, kind="full", step=step)["file"])
+    comps = models.components()
+    parts = {n: comps[n] for n in ["unet", *(models.te_names if te_trained else [])]}
+    export_lora(parts, dst, rank=c.lora_rank, alpha=c.lora_alpha, family=models.family)
+    return str(session.record_model(dst, kind="lora", step=step)["file"])

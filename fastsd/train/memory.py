@@ -197,3 +197,26 @@ class PhaseMeter:
             for k, v in p.items():
                 out[k] = max(v, out.get(k, 0.0))
         return out
+
+
+def oom_error(c: Any, step: int, device: torch.device, save: Any) -> Exception:
+    """After CUDA out of memory: save what can be saved (``save(step)``, or None) and say which setting to lower."""
+    from ..errors import FastsdError
+
+    peak = peak_gb(device)
+    torch.cuda.empty_cache()
+    saved = ""
+    if save is not None and step > 0:
+        save(step)
+        saved = f"; state saved at step {step} (continue with --resume)"
+    tips = []
+    if c.batch_size > 1:
+        tips.append("--batch-size 1")
+    if c.gradient_checkpointing != "on":
+        tips.append("--gradient-checkpointing on")
+    if c.optimizer != "adamw8bit":
+        tips.append("--optimizer adamw8bit")
+    if c.method == "full":
+        tips.append("--method lora")
+    tips.append(f"a lower --resolution than {c.resolution}")
+    return FastsdError(f"CUDA out of memory at step {step} (peak {peak} GiB){saved}: try {', or '.join(tips)}")

@@ -1,0 +1,166 @@
+"""The base model's parts as training uses them: what loads, what trains, and what each phase trains.
+
+:class:`BaseModel` loads a Diffusers folder (trained parts as fp32 masters, frozen parts in the
+compute dtype). :class:`TrainedParts` says which parameters train (LoRA adapters, or every weight
+of a full fine-tune), which components a run has trained so far, and the weights a checkpoint
+keeps. :func:`mark_phase` switches ``requires_grad`` for a phase and gives its optimizer groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a resolved ``precision`` setting."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+class BaseModel:
+    """The base model's parts (UNet, VAE, tokenizers, text encoders, noise scheduler), all frozen when loaded.
+
+    ``train(..., on_models=callback)`` hands the loaded instance to the caller, which is how tests
+    read the trained modules after a run.
+    """
+
+    def __init__(self, folder: str, family: str, dtype: torch.dtype, full: bool):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.family = family
+        self.folder = folder
+        # trained parts keep fp32 masters; frozen parts are loaded straight in the compute dtype (RAM on Colab)
+        self.unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", torch_dtype=torch.float32 if full else dtype
+        )
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
+        self.text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)]
+        if family == "sdxl":
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
+            self.text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype)
+            )
+        self.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        for m in [self.unet, self.vae, *self.text_encoders]:
+            m.requires_grad_(False)
+
+    @property
+    def te_names(self) -> list[str]:
+        return ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+
+    def components(self) -> dict[str, Any]:
+        """Name -> trainable-capable module, as in a Diffusers folder."""
+        return {"unet": self.unet, **dict(zip(self.te_names, self.text_encoders, strict=True))}
+
+    def text_encoders_to(self, device: torch.device | str) -> None:
+        for te in self.text_encoders:
+            te.to(device)
+
+    def pipeline(self, with_text_encoders: bool = True) -> Any:
+        """A Diffusers pipeline over these modules (text encoders left out when they are offloaded)."""
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        sched = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+        tes = self.text_encoders if with_text_encoders else [None] * len(self.text_encoders)
+        if self.family == "sdxl":
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=tes[0],
+                text_encoder_2=tes[1],
+                tokenizer=self.tokenizers[0],
+                tokenizer_2=self.tokenizers[1],
+                unet=self.unet,
+                scheduler=sched,
+            )
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=tes[0],
+            tokenizer=self.tokenizers[0],
+            unet=self.unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+@dataclass
+class TrainedParts:
+    """Which parameters train: LoRA adapters (``lora``) or every weight of a full fine-tune.
+
+    ``trained`` grows as phases run (a component that trained once is kept in every later
+    checkpoint and export); a resumed run starts from the checkpoint's set.
+    """
+
+    models: BaseModel
+    full: bool
+    te_train: bool  # the run has text-encoder steps
+    lora: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
+    trained: set[str] = field(default_factory=set)
+
+    def params_of(self, name: str) -> list[torch.nn.Parameter]:
+        return list(self.models.components()[name].parameters()) if self.full else self.lora.get(name, [])
+
+    def te_params(self) -> list[torch.nn.Parameter]:
+        return [p for n in self.models.te_names for p in self.params_of(n)]
+
+    def count(self) -> int:
+        """Trainable parameters of the whole run (the memory plan's input)."""
+        unet = sum(p.numel() for p in self.params_of("unet"))
+        return unet + (sum(p.numel() for p in self.te_params()) if self.te_train else 0)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``component.parameter`` -> tensor of what has trained so far: a checkpoint's weights."""
+        comps = self.models.components()
+        out = {}
+        for name in sorted(self.trained):
+            for n, p in comps[name].named_parameters():
+                if self.full or "lora_" in n:
+                    out[f"{name}.{n}"] = p
+        return out
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's weights into the modules (in place: optimizers keep their tensors)."""
+        for name, module in self.models.components().items():
+            part = {k[len(name) + 1 :]: v for k, v in weights.items() if k.split(".", 1)[0] == name}
+            if part:
+                with torch.no_grad():
+                    own = dict(module.named_parameters())
+                    for k, v in part.items():
+                        own[k].copy_(v)
+
+
+def make_trainable(models: BaseModel, c: Any) -> TrainedParts:
+    """LoRA adapters on the UNet (and the text encoders when they train), or fp32 masters for a full run."""
+    parts = TrainedParts(models, full=c.method == "full", te_train=c.te_steps > 0)
+    if not parts.full:
+        from .lora import add_lora
+
+        parts.lora["unet"] = add_lora(models.unet, c.lora_rank, c.lora_alpha, "unet", seed=c.seed)
+        if parts.te_train:
+            for k, (name, te) in enumerate(zip(models.te_names, models.text_encoders, strict=True)):
+                parts.lora[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text", seed=c.seed + 1 + k)
+    elif parts.te_train:
+        models.text_encoders[0].float()  # fp32 master
+    return parts
+
+
+def mark_phase(parts: TrainedParts, phase: str, unet_lr: float, te_lr: float) -> list[tuple[list[Any], float]]:
+    """Switch ``requires_grad`` for ``phase`` (``te``, ``unet``, ``joint``); its optimizer's (params, lr) groups."""
+    train_unet = phase in ("unet", "joint")
+    train_te = phase in ("te", "joint")
+    for comp in parts.models.components():
+        is_te = comp != "unet"
+        on = train_te if is_te else train_unet
+        for p in parts.params_of(comp) if (is_te and parts.te_train) or not is_te else []:
+            p.requires_grad_(on)
+        if on:
+            parts.trained.add(comp)
+    groups = [(parts.params_of("unet"), unet_lr)] if train_unet else []
+    if train_te:
+        groups.append((parts.te_params(), te_lr))
+    return groups

@@ -1,0 +1,135 @@
+"""The run's memory and speed plan: what the loop turns on, decided once before the first step.
+
+:func:`make_plan` asks :func:`fastsd.train.memory.plan` for gradient checkpointing and the
+in-backward optimizer step under the VRAM budget, applies the checkpointing, resolves the
+optimizer, decides the CUDA-graph step (:mod:`.graph`) and the memory layout. The result is a
+:class:`TrainPlan`; ``TrainResult.plan`` keeps it and ``fastsd train --json`` prints
+:meth:`TrainPlan.to_dict` (keys read by ``benchmarks/e2e.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import graph, memory, optim
+
+log = logging.getLogger(__name__)
+
+#: below this many eager steps the autotuning's cold-start cost is not repaid
+AUTOTUNE_MIN_STEPS = 200
+
+
+@dataclass
+class TrainPlan:
+    """What the run does to fit and to go fast (the JSON keys of ``fastsd train --json``'s ``plan``)."""
+
+    checkpoint_fraction: float  # share of UNet blocks recomputed in backward (0..1)
+    fused_backward: bool  # optimizer step inside backward
+    estimate_gb: float  # the planner's VRAM estimate
+    checkpointed_blocks: int = 0
+    optimizer: str = "adamw"  # the optimizer kind actually used
+    precision: str = "fp32"
+    bucketed: bool = False  # aspect-ratio buckets
+    cuda_graph: bool = False  # the step is a CUDA graph replay
+    channels_last: bool = False
+    cuda_graph_captured: bool | None = None  # after the run, when cuda_graph: whether capture happened
+    cuda_graph_failed: str | None = None  # why capture failed (the run went on eagerly)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready keys; the two capture keys only once a graphed run has ended."""
+        out = asdict(self)
+        for key in ("cuda_graph_captured", "cuda_graph_failed"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    def in_words(self, c: Any, device: str) -> str:
+        """The plan as one sentence a person reads."""
+        what = f"LoRA rank {c.lora_rank}" if c.method == "lora" else "full fine-tune"
+        parts = [f"plan: {what} on {device} in {self.precision} with the {self.optimizer} optimizer"]
+        blocks = self.checkpointed_blocks
+        parts.append(f"gradient checkpointing on {blocks} UNet block(s)" if blocks else "no gradient checkpointing")
+        if self.fused_backward:
+            parts.append("optimizer step inside backward (saves the gradients' memory)")
+        if self.cuda_graph:
+            parts.append("the whole step replayed as a CUDA graph")
+        if self.bucketed:
+            parts.append("aspect-ratio buckets")
+        if self.channels_last:
+            parts.append("channels-last layout")
+        if device == "cuda" and self.estimate_gb:
+            parts.append(f"about {self.estimate_gb:.1f} GiB of VRAM")
+        return "; ".join(parts)
+
+
+def make_plan(
+    c: Any,
+    facts: dict[str, Any],
+    unet: Any,
+    *,
+    trainable: int,
+    device: torch.device,
+    world: int,
+    bucketed: bool,
+    scaler: Any,
+) -> TrainPlan:
+    """Plan the run and apply its gradient checkpointing to ``unet`` (LoRA already added: its size counts)."""
+    full = c.method == "full"
+    frozen_bytes = sum(p.numel() * p.element_size() for p in unet.parameters() if not full)
+    family_key = "sd2-v" if facts["native_resolution"] == 768 else facts["family"]
+    estimate = memory.plan(
+        budget_gb=c.vram_budget_gb if device.type == "cuda" else None,
+        family_key=family_key,
+        pixels_ratio=(c.resolution / facts["native_resolution"]) ** 2,
+        batch=c.batch_size * (2 if c.prior_preservation else 1),
+        trainable=trainable,
+        frozen_bytes=frozen_bytes,
+        optimizer=c.optimizer,
+        low_precision=c.precision != "fp32",
+        allow_in_backward=scaler is None and c.grad_accum == 1 and world == 1,
+        checkpointing=c.gradient_checkpointing,
+        fused_backward=c.fused_backward,
+    )
+    p = TrainPlan(**estimate)
+    p.checkpointed_blocks = memory.apply_checkpointing(unet, p.checkpoint_fraction)
+    p.optimizer = optim.resolve_kind(c.optimizer, device)
+    p.precision = c.precision
+    p.bucketed = bucketed
+    p.cuda_graph = graph.decide(
+        c.cuda_graph,
+        graph.blockers(
+            device=device,
+            precision=c.precision,
+            grad_accum=c.grad_accum,
+            world=world,
+            bucketed=bucketed,
+            optimizer=p.optimizer,
+        ),
+    )
+    p.channels_last = c.channels_last
+    if p.channels_last and c.compile == "blocks":
+        # compiled blocks + channels_last weights crashed on the H100 (inductor's stride asserts
+        # saw contiguous weights); compiling the whole UNet handles the layout, blocks do not
+        p.channels_last = False
+        log.info("channels_last is off with compile=blocks")
+    return p
+
+
+def autotune(steps: int, graphed: bool) -> bool:
+    """Whether to let cuDNN autotune the loop's convolutions (``FASTSD_CUDNN_BENCHMARK=0/1`` overrides).
+
+    Autotuning tries every algorithm for each of the UNet's convolution shapes on the first step
+    (forward and both backward passes). Measured on an H200 (SD1.5 UNet, bf16, CUDA graph): the
+    first step took 14.5 s with it and 2.5 s without, and the replayed steps ran at the same
+    26.5 it/s, so a graphed run never autotunes. An eager run (T4 fp16) autotunes only when its
+    steps are many enough to repay a cold start.
+    """
+    env = os.environ.get("FASTSD_CUDNN_BENCHMARK")
+    if env in ("0", "1"):
+        return env == "1"
+    return not graphed and steps >= AUTOTUNE_MIN_STEPS
