@@ -50,19 +50,25 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
-def layout_config(tiny: bool = True):
+def layout_config(tiny: bool = True, overrides: dict[str, Any] | None = None):
     """A ``PPDocLayoutV3Config`` with the checkpoint's 25 labels (tiny widths, or the full sizes)."""
     from transformers import PPDocLayoutV3Config
 
     from ..ocr.layout import LABELS
 
     id2label = dict(enumerate(LABELS))
-    extra = TINY_OVERRIDES if tiny else {}
+    extra = {**(TINY_OVERRIDES if tiny else {}), **(overrides or {})}
     return PPDocLayoutV3Config(id2label=id2label, label2id={v: k for k, v in id2label.items()}, **extra)
 
 
 def save_pp_doclayout(
-    folder: str | Path, *, tiny: bool = True, seed: int = 0, bias: dict[str, float] | None = None, anchors: bool = False
+    folder: str | Path,
+    *,
+    tiny: bool = True,
+    seed: int = 0,
+    bias: dict[str, float] | None = None,
+    anchors: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight PP-DocLayoutV3 to ``folder`` (config.json + model.safetensors); returns it.
 
@@ -78,7 +84,7 @@ def save_pp_doclayout(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = PPDocLayoutV3ForObjectDetection(layout_config(tiny)).eval()
+    model = PPDocLayoutV3ForObjectDetection(layout_config(tiny, overrides)).eval()
     if bias:
         with torch.no_grad():
             for head in (model.model.enc_score_head, model.model.decoder.class_embed):
