@@ -141,7 +141,7 @@ def main() -> int:
         lambda: [stock.run([PageJob(i, fitted[i], "Text Recognition:")])[0] for i in range(args.stock_pages)], device
     )
     stock_rate = row("stock transformers", "batch 1", args.stock_pages, secs, sum(g.tokens for g in gens), peak)
-    del stock
+    stock = None  # free its memory before the fast engine loads
     reset(device)
 
     # fastsd in-process, batched
