@@ -174,8 +174,10 @@ def test_image_urls_are_fetched_on_a_loopback_server(server, engine, tmp_path):
         files.shutdown()
 
 
-def test_glmocr_sdk_self_hosted_mode_runs_against_the_server(server, tmp_path, tiny_glm_ocr):
+def test_glmocr_sdk_self_hosted_mode_runs_against_the_server(server, tmp_path, tiny_glm_ocr, monkeypatch):
     """The official SDK, unchanged, in self-hosted mode: its page loader, region crops, OCR client and formatter."""
+    # the SDK turns PIL's decompression-bomb limit off for the whole process when imported: put it back after
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     glmocr = pytest.importorskip("glmocr")
     from glmocr.config import load_config
     from glmocr.layout import BaseLayoutDetector, PPDocLayoutDetector
