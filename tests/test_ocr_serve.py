@@ -235,3 +235,46 @@ def test_glmocr_sdk_self_hosted_mode_runs_against_the_server(server, tmp_path, t
     for rec in pages[0]:
         assert {"index", "label", "content", "bbox_2d"} <= set(rec)
     assert glmocr is not None
+
+
+def test_cli_serve_answers_with_a_key_and_refuses_inputs(tmp_path, home, cli, tiny_glm_ocr):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    r = cli("ocr", "serve", "scan.pdf")
+    assert r.returncode == 2 and "./serve" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FASTSD_HOME": str(home), "FASTSD_OCR_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsd", "ocr", "serve", "--model", str(tiny_glm_ocr), "--device", "cpu",
+         "--port", str(port), "--max-new-tokens", "6"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.post(base + "/v1/chat/completions", json=body(data_uri(noise(8)))).status_code == 401
+        r = httpx.post(
+            base + "/v1/chat/completions", json=body(data_uri(noise(8)), max_tokens=6), headers=auth, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 6
+        r = httpx.post(base + "/v1/chat/completions", json=body(data_uri(noise(8)), max_tokens=7), headers=auth)
+        assert r.status_code == 400  # over --max-new-tokens
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert KEY not in out  # the key from the environment is never printed
