@@ -336,7 +336,8 @@ class Batcher:
                 tokens, finish = tokens[: p.max_tokens], "length"
             text, _, cut = _guarded(eng.processor.decode(tokens))
             finish = "stop" if cut or finish in ("eos", "stopped") else "length"
-            prompt_tokens = eng.grid.image_tokens(*p.image.size) + 16
+            template = eng.processor.tokenizer(eng.processor.prompt_text(p.prompt), add_special_tokens=False)
+            prompt_tokens = len(template["input_ids"]) - 1 + eng.grid.image_tokens(*p.image.size)  # <|image|> expanded
             out.append((text.strip(), len(tokens), prompt_tokens, finish))
         return out
 
