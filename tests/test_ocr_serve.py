@@ -278,3 +278,19 @@ def test_cli_serve_answers_with_a_key_and_refuses_inputs(tmp_path, home, cli, ti
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert KEY not in out  # the key from the environment is never printed
+
+
+def test_layout_mode_through_fastsd_openai_engine_and_the_server(server, tmp_path):
+    from fastsd.demo.tiny_layout import save_pp_doclayout
+    from fastsd.ocr import ocr
+    from fastsd.ocr.layout import LayoutDetector, LayoutSettings
+
+    layout = save_pp_doclayout(tmp_path / "layout", bias={"text": 4.0, "table": 4.0}, anchors=True)
+    detector = LayoutDetector(str(layout), device="cpu", settings=LayoutSettings(input_size=320), local_files_only=True)
+    noise(9, (300, 400)).save(tmp_path / "page.png")
+    before = server.batcher.batches
+    results = list(ocr([str(tmp_path / "page.png")], out=tmp_path / "out", engine="openai", base_url=server.url,
+                       max_new_tokens=6, layout=True, layout_obj=detector, progress=False))  # fmt: skip
+    assert len(results) == 1 and results[0].regions
+    assert not [w for w in results[0].warnings if "could not be read" in w or "server said" in w], results[0].warnings
+    assert server.batcher.batches > before  # the regions were read by the server

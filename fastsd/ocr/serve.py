@@ -568,7 +568,10 @@ def start(
         engine_obj = TransformersEngine(
             model, device=device, quantize=quantize, max_new_tokens=limits.max_tokens, local_files_only=local_files_only
         )
-    names = tuple(dict.fromkeys([served_name, getattr(engine_obj, "model_id", model)]))
+    from .engine import DEFAULT_MODEL
+
+    # the SDK sends "glm-ocr", fastsd's openai engine "zai-org/GLM-OCR"; the loaded id works too
+    names = tuple(dict.fromkeys([served_name, DEFAULT_MODEL, getattr(engine_obj, "model_id", model)]))
     batcher = Batcher(engine_obj, limits)
     app = build_app(batcher, names=names, api_key=api_key, limits=limits)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
