@@ -6,7 +6,8 @@ data URI or an http(s) URL, a text part with the prompt, ``max_tokens``, ``tempe
 GLM-OCR SDK in self-hosted mode and fastsd's own ``--engine openai`` talk to it unchanged.
 
 Requests are not run one by one: a :class:`Batcher` thread takes the first waiting request,
-gathers whatever else arrives within ``batch_wait_ms`` (up to the batch limit), and decodes them
+gathers whatever else arrives within ``batch_wait_ms`` - and, up to ``max_wait_ms``, whatever is
+still being received and decoded by the HTTP side (up to the batch limit), and decodes them
 together with fastsd's fast decoder (static KV cache, CUDA-graph decode), each row stopping at its
 own ``max_tokens``. Under many clients the GPU runs batches as large as in-process OCR does.
 
@@ -61,6 +62,8 @@ class ServeLimits:
         max_queue: requests waiting at once; more get 429 (retry later).
         max_batch: requests decoded together (None: the engine's batch size for the page size).
         batch_wait_ms: how long the first request of a batch waits for company.
+        max_wait_ms: how long it waits at most while more requests are still being received
+            (after a batch, every client sends its next page at once; their images take a while to decode).
         allow_urls: fetch ``http(s)://`` image URLs (off by default on a public server).
         url_timeout_s: time allowed for fetching one image URL.
     """
@@ -71,6 +74,7 @@ class ServeLimits:
     max_queue: int = 512
     max_batch: int | None = None
     batch_wait_ms: float = 15.0
+    max_wait_ms: float = 250.0
     allow_urls: bool = True
     url_timeout_s: float = 20.0
 
@@ -245,6 +249,8 @@ class Batcher:
         self.queue: queue.Queue[Pending | None] = queue.Queue(maxsize=limits.max_queue)
         self.batches = 0
         self.largest_batch = 0
+        self._preparing = 0  # requests the HTTP side has accepted and not yet queued (images decoding)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fastsd-ocr-batcher", daemon=True)
         self._thread.start()
 
@@ -259,6 +265,11 @@ class Batcher:
         except queue.Full:
             raise ApiError(429, "the server is busy (request queue full); retry shortly", "rate_limit_error") from None
         return item.future
+
+    def preparing(self, delta: int) -> None:
+        """The HTTP side counts requests it is still reading/decoding (+1), then queued or refused (-1)."""
+        with self._lock:
+            self._preparing += delta
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -277,12 +288,18 @@ class Batcher:
                 return
             batch = [first]
             limit = self._limit(first)
-            deadline = time.perf_counter() + self.limits.batch_wait_ms / 1000
+            start = time.perf_counter()
+            deadline = start + self.limits.batch_wait_ms / 1000
+            cap = start + max(self.limits.batch_wait_ms, self.limits.max_wait_ms) / 1000
             while len(batch) < limit:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
+                now = time.perf_counter()
+                coming = self._preparing > 0 and now < cap
+                if now >= deadline and not coming:
                     break
+                try:
+                    item = self.queue.get(timeout=0.002 if coming else max(0.0, deadline - now))
+                except queue.Empty:
+                    continue
                 if item is None:
                     self.queue.put(None)
                     break
@@ -429,12 +446,16 @@ def build_app(batcher: Batcher, *, names: tuple[str, ...], api_key: str | None, 
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request) -> Any:
-        body = await _read_body(request, limits.max_body_bytes)
-        url, prompt, max_tokens, stream = parse_request(body, limits, names)
-        image = None
-        if url is not None:
-            image = await run_in_threadpool(_fitted, url, limits, batcher.engine.grid)
-        future = batcher.submit(Pending(image, prompt, max_tokens))
+        batcher.preparing(+1)
+        try:
+            body = await _read_body(request, limits.max_body_bytes)
+            url, prompt, max_tokens, stream = parse_request(body, limits, names)
+            image = None
+            if url is not None:
+                image = await run_in_threadpool(_fitted, url, limits, batcher.engine.grid)
+            future = batcher.submit(Pending(image, prompt, max_tokens))
+        finally:
+            batcher.preparing(-1)
         text, completion, prompt_tokens, finish = await asyncio.wrap_future(future)
         rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.get("model") or names[0]
         usage = {
