@@ -136,15 +136,16 @@ def test_region_formatting_and_page_assembly():
         Region(1, "text", "text", 0.9, (0, 10, 10, 20), [0, 12, 16, 25]),
         Region(2, "image", "skip", 0.9, (0, 20, 10, 30), [0, 25, 16, 37]),
         Region(3, "inline_formula", "formula", 0.9, (0, 30, 10, 40), [0, 37, 16, 50]),
+        Region(4, "formula_number", "text", 0.9, (10, 30, 12, 40), [16, 37, 20, 50]),
     ]
-    records, md = assemble(regions, {0: "Title", 1: "   ", 3: "E=mc^2"}, {2: "imgs/p.png"})
+    records, md = assemble(regions, {0: "Title", 1: "   ", 3: "E=mc^2", 4: "(1)"}, {2: "imgs/p.png"})
     assert [(r["index"], r["label"], r["native_label"]) for r in records] == [
         (0, "text", "doc_title"),
         (1, "image", "image"),
         (2, "formula", "inline_formula"),
-    ]  # the empty text region is left out, as the SDK does
+    ]  # the empty text region is left out, and the formula number merged into its formula, as the SDK does
     assert set(records[0]) == {"index", "label", "native_label", "content", "bbox_2d"}
-    assert md == "# Title\n\n![image](imgs/p.png)\n\n$$\nE=mc^2\n$$"
+    assert md == "# Title\n\n![image](imgs/p.png)\n\n$$\nE=mc^2 \\tag{1}\n$$"
 
 
 def test_a_misread_region_is_refused_by_crop():

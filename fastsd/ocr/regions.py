@@ -81,6 +81,44 @@ def format_content(content: str, label: str, native_label: str) -> str:
     return content
 
 
+def _number(text: str) -> str:
+    text = text.strip()
+    for left, right in (("(", ")"), ("（", "）")):
+        if text.startswith(left) and text.endswith(right):
+            return text[1:-1].strip()
+    return text
+
+
+def merge_formula_numbers(records: list[dict]) -> list[dict]:
+    """A ``formula_number`` next to a formula becomes its ``\\tag{n}``; a lone one is dropped (the SDK's rule)."""
+    out: list[dict] = []
+    i = 0
+    while i < len(records):
+        rec = records[i]
+        nxt = records[i + 1] if i + 1 < len(records) else None
+        if rec["native_label"] == "formula_number":
+            if nxt is not None and nxt["label"] == "formula":
+                out.append(_tagged(nxt, rec["content"]))
+                i += 2
+            else:
+                i += 1
+            continue
+        if rec["label"] == "formula" and nxt is not None and nxt["native_label"] == "formula_number":
+            out.append(_tagged(rec, nxt["content"]))
+            i += 2
+            continue
+        out.append(rec)
+        i += 1
+    return out
+
+
+def _tagged(formula: dict, number: str) -> dict:
+    rec = dict(formula)
+    if rec["content"].endswith("\n$$"):
+        rec["content"] = rec["content"][:-3] + f" \\tag{{{_number(number)}}}\n$$"
+    return rec
+
+
 def assemble(
     regions: list[Region], texts: dict[int, str], image_links: dict[int, str] | None = None
 ) -> tuple[list[dict], str]:
@@ -92,10 +130,10 @@ def assemble(
 
     Returns:
         ``(records, markdown)``: records in reading order with fresh indices; regions whose text
-        came out empty are left out, as the SDK does (pictures stay).
+        came out empty are left out, as the SDK does (pictures stay), and formula numbers are
+        merged into their formulas.
     """
     records: list[dict] = []
-    parts: list[str] = []
     links = image_links or {}
     for region in regions:
         label = kind(region.label, region.task)
@@ -103,7 +141,7 @@ def assemble(
         if label != "image" and not content:
             continue
         rec = {
-            "index": len(records),
+            "index": 0,
             "label": label,
             "native_label": region.label,
             "content": content,
@@ -111,10 +149,16 @@ def assemble(
         }
         if label == "image" and region.index in links:
             rec["image_path"] = links[region.index]
-            parts.append(f"![{region.label}]({links[region.index]})")
-        elif content:
-            parts.append(content)
         records.append(rec)
+    records = merge_formula_numbers(records)
+    parts: list[str] = []
+    for n, rec in enumerate(records):
+        rec["index"] = n
+        if rec["label"] == "image":
+            if "image_path" in rec:
+                parts.append(f"![{rec['native_label']}]({rec['image_path']})")
+        elif rec["content"]:
+            parts.append(rec["content"])
     return records, "\n\n".join(parts)
 
 
