@@ -75,13 +75,15 @@ FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "ocr": (
-        "document OCR with GLM-OCR",
+        "document OCR with GLM-OCR, PP-DocLayoutV3 layout, and the OpenAI-compatible OCR server",
         (
             "transformers>=5.1",
             "accelerate>=1.0",
             "pypdfium2>=4.30",
             "bitsandbytes>=0.45",
             "httpx>=0.27",
+            "fastapi>=0.110",  # fastsd ocr serve
+            "uvicorn>=0.29",
         ),
     ),
 }
@@ -97,6 +99,9 @@ TEST: tuple[str, ...] = (
     "playwright>=1.45",
     "uv>=0.4",
     "cryptography>=42",  # tests write an encrypted PDF (pypdfium2 must refuse it by name)
+    "openai>=1.40",  # tests drive fastsd ocr serve with the OpenAI client
+    "glmocr>=0.1.5",  # tests run the official GLM-OCR SDK (self-hosted mode) against fastsd ocr serve
+    "pymupdf>=1.24,<2",  # glmocr imports it; 2.x drags in onnxruntime and pymupdf4llm
 )
 
 #: Per feature, the imports that must work together for it to run (``fastsd doctor`` tries them in
@@ -113,8 +118,8 @@ IMPORTS: dict[str, tuple[str, ...]] = {
         "from diffusers import StableDiffusionPipeline, LMSDiscreteScheduler",
     ),
     "ocr": (
-        "import transformers, pypdfium2",
-        "from transformers import AutoProcessor",
+        "import transformers, pypdfium2, fastapi, uvicorn",
+        "from transformers import AutoProcessor, PPDocLayoutV3ForObjectDetection",
     ),
 }
 

@@ -292,6 +292,8 @@ def test_cli_reports_failures_and_exit_codes(tmp_path, cli, home, tiny_glm_ocr):
         "cpu",
         "--max-new-tokens",
         "8",
+        "--layout",
+        "off",
         "--out",
         str(tmp_path / "out"),
     )
@@ -318,7 +320,7 @@ def test_cli_image_bomb_fails_its_document_only(tmp_path, cli, home, tiny_glm_oc
     png_claiming(tmp_path / "bomb.png", 20_000, 20_000)  # 400 MP: PIL raises DecompressionBombError
     r = cli(
         "ocr", str(tmp_path), "--model", str(tiny_glm_ocr), "--device", "cpu", "--max-new-tokens", "4",
-        "--out", str(tmp_path / "out"),
+        "--layout", "off", "--out", str(tmp_path / "out"),
     )  # fmt: skip
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr and "DecompressionBomb" not in r.stderr

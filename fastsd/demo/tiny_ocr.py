@@ -112,8 +112,30 @@ def _tokenizer(folder: Path):
     return fast
 
 
-def tiny_glm_ocr_config(tokenizer):
-    """A GlmOcrConfig with the real structure at tiny widths, token ids taken from ``tokenizer``."""
+#: zai-org/GLM-OCR's sizes (config.json), for full-size random-weight benchmarks.
+FULL_TEXT = {
+    "vocab_size": 59392,
+    "hidden_size": 1536,
+    "intermediate_size": 4608,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [16, 24, 24],
+        "partial_rotary_factor": 1.0,
+    },
+}
+FULL_VISION = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "out_hidden_size": 1536}
+#: The checkpoint's pixel bounds (preprocessor_config.json).
+FULL_PIXELS = (12544, 9633792)
+
+
+def tiny_glm_ocr_config(tokenizer, full: bool = False):
+    """A GlmOcrConfig with the real structure at tiny widths (``full``: the checkpoint's sizes), token ids from ``tokenizer``."""
     from transformers import GlmOcrConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -146,6 +168,9 @@ def tiny_glm_ocr_config(tokenizer):
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
+    if full:
+        text_config.update(FULL_TEXT)
+        vision_config.update(FULL_VISION)
     config = GlmOcrConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -159,10 +184,11 @@ def tiny_glm_ocr_config(tokenizer):
     return config
 
 
-def _image_processor_config() -> dict:
-    """preprocessor_config.json as the real checkpoint writes it, with small min/max pixels."""
+def _image_processor_config(full: bool = False) -> dict:
+    """preprocessor_config.json as the real checkpoint writes it, with small min/max pixels (``full``: the real ones)."""
+    low, high = FULL_PIXELS if full else (MIN_PIXELS, MAX_PIXELS)
     return {
-        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        "size": {"shortest_edge": low, "longest_edge": high},
         "do_rescale": True,
         "do_resize": True,
         "do_normalize": True,
@@ -179,7 +205,7 @@ def _image_processor_config() -> dict:
     }
 
 
-def save_tiny_glm_ocr(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_glm_ocr(folder: str | Path, seed: int = 0, *, full: bool = False, dtype: str = "float32") -> Path:
     """Write a tiny random-weight GLM-OCR model and its processor files to ``folder``; returns the folder.
 
     The folder has the files of the real checkpoint: config.json, model.safetensors,
@@ -188,6 +214,9 @@ def save_tiny_glm_ocr(folder: str | Path, seed: int = 0) -> Path:
     ``GlmOcrForConditionalGeneration.from_pretrained(folder)`` and ``AutoProcessor.from_pretrained(folder)``
     (the latter, like for the real checkpoint, needs torchvision for Glm46VProcessor's video half;
     ``fastsd.ocr.processor.load_processor`` works without it). No network is used.
+
+    ``full=True`` writes the checkpoint's sizes and pixel bounds instead (about 1.1 B parameters,
+    random weights: for benchmarks; ``dtype`` ``bfloat16`` halves the file).
     """
     import torch
     from transformers import GenerationConfig, GlmOcrForConditionalGeneration
@@ -195,9 +224,9 @@ def save_tiny_glm_ocr(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(folder)
-    config = tiny_glm_ocr_config(tokenizer)
+    config = tiny_glm_ocr_config(tokenizer, full=full)
     torch.manual_seed(seed)
-    model = GlmOcrForConditionalGeneration(config).eval()
+    model = GlmOcrForConditionalGeneration(config).eval().to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=config.text_config.eos_token_id,
         pad_token_id=config.text_config.pad_token_id,
@@ -205,7 +234,7 @@ def save_tiny_glm_ocr(folder: str | Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    pre = _image_processor_config()
+    pre = _image_processor_config(full)
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     video = {**pre, "video_processor_type": "Glm46VVideoProcessor", "fps": 2, "do_sample_frames": True}
     video.pop("image_processor_type")

@@ -40,10 +40,10 @@ class Page:
     size: tuple[int, int]
     _render: Callable[[], object] = field(repr=False)
 
-    def render(self):
-        """The page as an RGB PIL image of exactly :attr:`size`."""
+    def render(self, fitted: bool = True):
+        """The page as an RGB PIL image of exactly :attr:`size` (``fitted=False``: as rendered/decoded)."""
         image = self._render()
-        if image.size != self.size:
+        if fitted and image.size != self.size:
             from PIL import Image
 
             image = image.resize(self.size, Image.Resampling.BICUBIC)

@@ -44,6 +44,7 @@ class PageResult:
     data: Any = None
     skipped: bool = False
     folder: str = ""
+    regions: list[dict] | None = None
 
 
 @dataclass
@@ -96,6 +97,9 @@ class OcrRun:
         start = time.perf_counter()
         task, template = o["task"], o["template"]
         prompt = build_prompt(task, template)
+        settings = o.get("layout_settings")
+        if o.get("layout"):
+            task, prompt = "layout", f"layout {settings.fingerprint()}"
         ranges = parse_page_ranges(o["pages"])
         out_dir = Path(o["out"]) if o["out"] else fastsd_home(o["root"]) / "ocr"
         summary.out_dir = str(out_dir)
@@ -103,11 +107,14 @@ class OcrRun:
         _require_some_file(files)  # before the model: a typo must not wait for a multi-GB download
         engine = self._engine()
         grid: PatchGrid = engine.grid
+        detector = self._detector_obj = self._detector() if o.get("layout") else None
 
         docs: list[Document] = [open_document(p, grid, dpi=o["dpi"], pages=ranges) for p in files]
         unique_names(docs)
         summary.documents = len(docs)
         meta = {"model": getattr(engine, "model_id", o["model"]), "engine": engine.name, "task": task}
+        if detector is not None:
+            meta["layout_model"] = detector.model_id
         writers: dict[int, DocumentWriter] = {}
         remaining: dict[int, int] = {}
         pending: dict[tuple[int, int], list[tuple[int, Page]]] = defaultdict(list)
@@ -141,7 +148,7 @@ class OcrRun:
                     jobs = []
                     for i, page in batch:
                         try:
-                            jobs.append(PageJob((i, page), page.render(), prompt))
+                            jobs.append(PageJob((i, page), page.render(fitted=detector is None), prompt))
                         except Exception as err:  # noqa: BLE001 - a page that will not render fails its document
                             failed_docs.add(i)
                             summary.failed.append((docs[i].source, f"page {page.number} did not render: {err}"))
@@ -149,25 +156,12 @@ class OcrRun:
                     if not jobs:
                         continue
                     touched = set()
-                    for gen in engine.run(jobs):
-                        i, page = gen.key
-                        rec = {
-                            "source": docs[i].source,
-                            "page": page.number,
-                            "width": page.size[0],
-                            "height": page.size[1],
-                            "task": task,
-                            "prompt": prompt,
-                            "text": gen.text,
-                            "seconds": round(gen.seconds, 3),
-                            "tokens": gen.tokens,
-                            "finish": gen.finish,
-                            "warnings": list(gen.warnings),
-                        }
-                        if template is not None:
-                            data, warns = parse_extraction(gen.text, template)
-                            rec["data"] = data
-                            rec["warnings"] += warns
+                    records = self._layout_records(engine, jobs, docs, writers) if detector else None
+                    for gen in records if records is not None else engine.run(jobs):
+                        if records is not None:
+                            i, rec = gen
+                        else:
+                            i, rec = gen.key[0], self._page_record(docs, gen, task, prompt, template)
                         writers[i].add(rec)
                         touched.add(i)
                         summary.done += 1
@@ -183,6 +177,82 @@ class OcrRun:
         finally:
             bar.close()
             summary.seconds = time.perf_counter() - start
+
+    def _detector(self):
+        o = self.o
+        if o.get("layout_obj") is not None:
+            return o["layout_obj"]
+        from .layout import LayoutDetector
+
+        return LayoutDetector(
+            o["layout_model"], device=o["device"], settings=o["layout_settings"], local_files_only=o["local_files_only"]
+        )
+
+    @staticmethod
+    def _page_record(docs: list[Document], gen: Any, task: str, prompt: str, template: Any) -> dict:
+        """The document.json record of a page read whole."""
+        i, page = gen.key
+        rec = {
+            "source": docs[i].source,
+            "page": page.number,
+            "width": page.size[0],
+            "height": page.size[1],
+            "task": task,
+            "prompt": prompt,
+            "text": gen.text,
+            "seconds": round(gen.seconds, 3),
+            "tokens": gen.tokens,
+            "finish": gen.finish,
+            "warnings": list(gen.warnings),
+        }
+        if template is not None:
+            data, warns = parse_extraction(gen.text, template)
+            rec["data"] = data
+            rec["warnings"] += warns
+        return rec
+
+    def _layout_records(self, engine: Any, jobs: list[PageJob], docs: list[Document], writers: dict) -> list:
+        """Layout mode: (document index, record) per page of ``jobs``; crops and drawings written beside."""
+        from .. import storage
+        from .layout_run import recognise
+        from .regions import assemble, draw
+
+        o = self.o
+        out = []
+        pages = recognise(engine, self._detector_obj, [j.image for j in jobs])
+        for job, lp in zip(jobs, pages, strict=True):
+            i, page = job.key
+            folder = writers[i].folder
+            links: dict[int, str] = {}
+            for region in lp.regions:
+                if region.task == "skip" or o.get("save_crops"):
+                    piece = job.image.crop(region.box)
+                    name = f"page_{page.number:04d}_r{region.index:02d}_{region.label}.png"
+                    sub = "imgs" if region.task == "skip" else "regions"
+                    storage.write_bytes(folder / sub / name, storage.png_bytes(piece))
+                    if region.task == "skip":
+                        links[region.index] = f"{sub}/{name}"
+            if o.get("draw_boxes"):
+                storage.write_bytes(
+                    folder / f"layout_{page.number:04d}.png", storage.png_bytes(draw(job.image, lp.regions))
+                )
+            records, markdown = assemble(lp.regions, lp.texts, links)
+            rec = {
+                "source": docs[i].source,
+                "page": page.number,
+                "width": job.image.size[0],
+                "height": job.image.size[1],
+                "task": "layout",
+                "prompt": f"layout {o['layout_settings'].fingerprint()}",
+                "text": markdown,
+                "regions": records,
+                "seconds": round(lp.seconds, 3),
+                "tokens": lp.tokens,
+                "finish": lp.finish,
+                "warnings": list(lp.warnings),
+            }
+            out.append((i, rec))
+        return out
 
     @staticmethod
     def _result(doc: Document, rec: dict, *, skipped: bool = False, folder: Path | str = "") -> PageResult:
@@ -201,6 +271,7 @@ class OcrRun:
             data=rec.get("data"),
             skipped=skipped,
             folder=str(folder),
+            regions=rec.get("regions"),
         )
 
 
@@ -238,6 +309,12 @@ def ocr(
     local_files_only: bool = False,
     progress: bool = True,
     engine_obj: Any = None,
+    layout: bool = False,
+    layout_model: str | None = None,
+    layout_settings: str | Path | dict | Any = None,
+    save_crops: bool = False,
+    draw_boxes: bool = False,
+    layout_obj: Any = None,
 ) -> OcrRun:
     """OCR images and PDFs with GLM-OCR; iterate the result to run it, one :class:`PageResult` per page.
 
@@ -253,6 +330,14 @@ def ocr(
         engine: ``transformers`` (in process) or ``openai`` (server at ``base_url``).
         model: Hub id or local folder of the GLM-OCR checkpoint.
         engine_obj: an already built engine to reuse across calls (skips loading).
+        layout: find regions with PP-DocLayoutV3 first and read each with its task's prompt (as the
+            GLM-OCR SDK does); pages then get ``regions`` ({index, label, native_label, content,
+            bbox_2d}) and Markdown in reading order. Only with ``task="text"``.
+        layout_model: Hub id or folder of PP-DocLayoutV3 (default PaddlePaddle/PP-DocLayoutV3_safetensors).
+        layout_settings: a JSON file or dict overriding :class:`~.layout.LayoutSettings`, or one.
+        save_crops: also save every region's crop under ``regions/`` (pictures always go to ``imgs/``).
+        draw_boxes: save ``layout_NNNN.png``, the page with its regions drawn, for checking.
+        layout_obj: an already built :class:`~.layout.LayoutDetector` to reuse.
 
     Returns:
         An :class:`OcrRun`; its ``summary`` holds counts and failed documents after iteration.
@@ -279,6 +364,19 @@ def ocr(
             raise UserInputError("--task extract needs --schema FILE.json with the keys to extract")
         template = schema_template(schema) if isinstance(schema, dict) else load_schema(schema)
     build_prompt(task, template)
+    settings = None
+    if layout:
+        from .layout import DEFAULT_LAYOUT_MODEL, LayoutSettings
+
+        if task != "text":
+            raise UserInputError(f"--layout reads regions with their own prompts; use it with --task text, not {task}")
+        if layout_obj is not None:
+            settings = layout_obj.settings
+        elif isinstance(layout_settings, LayoutSettings):
+            settings = layout_settings
+        else:
+            settings = LayoutSettings.load(layout_settings)
+        layout_model = layout_model or DEFAULT_LAYOUT_MODEL
     return OcrRun(
         inputs,
         task=task,
@@ -298,4 +396,10 @@ def ocr(
         local_files_only=local_files_only,
         progress=progress,
         engine_obj=engine_obj,
+        layout=layout,
+        layout_model=layout_model,
+        layout_settings=settings,
+        save_crops=save_crops,
+        draw_boxes=draw_boxes,
+        layout_obj=layout_obj,
     )

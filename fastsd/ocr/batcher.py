@@ -1,0 +1,177 @@
+"""The OCR server's batcher: one thread that owns the model and decodes concurrent requests together."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chat import ApiError, ServeLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """One request waiting for the batcher."""
+
+    image: Any  # PIL image fitted to the model grid, or None for a text-only request
+    prompt: str
+    max_tokens: int
+    future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """One thread that owns the model: gathers waiting requests into batches and decodes them.
+
+    Args:
+        engine: a loaded :class:`~fastsd.ocr.engine.TransformersEngine`.
+        limits: queue size, batch size and wait.
+    """
+
+    def __init__(self, engine: Any, limits: ServeLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.queue: queue.Queue[Pending | None] = queue.Queue(maxsize=limits.max_queue)
+        self.batches = 0
+        self.largest_batch = 0
+        self._preparing = 0  # requests the HTTP side has accepted and not yet queued (images decoding)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="fastsd-ocr-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Pending) -> Future:
+        """Queue a request; its future resolves to ``(text, completion_tokens, prompt_tokens, finish)``.
+
+        Raises:
+            ApiError: 429 when the queue is full.
+        """
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            raise ApiError(429, "the server is busy (request queue full); retry shortly", "rate_limit_error") from None
+        return item.future
+
+    def preparing(self, delta: int) -> None:
+        """The HTTP side counts requests it is still reading/decoding (+1), then queued or refused (-1)."""
+        with self._lock:
+            self._preparing += delta
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self._thread.join(5)
+
+    def _limit(self, item: Pending) -> int:
+        if self.limits.max_batch:
+            return self.limits.max_batch
+        size = item.image.size if item.image is not None else (28, 28)
+        return max(1, self.engine.batch_size_for(size))
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            limit = self._limit(first)
+            start = time.perf_counter()
+            deadline = start + self.limits.batch_wait_ms / 1000
+            cap = start + max(self.limits.batch_wait_ms, self.limits.max_wait_ms) / 1000
+            while len(batch) < limit:
+                now = time.perf_counter()
+                coming = self._preparing > 0 and now < cap
+                if now >= deadline and not coming:
+                    break
+                try:
+                    item = self.queue.get(timeout=0.002 if coming else max(0.0, deadline - now))
+                except queue.Empty:
+                    continue
+                if item is None:
+                    self.queue.put(None)
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch: list[Pending]) -> None:
+        texts = [p for p in batch if p.image is None]
+        pages = [p for p in batch if p.image is not None]
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(pages))
+        for p in texts:
+            self._settle([p], lambda items: [self._text_only(items[0])])
+        if pages:
+            self._settle(pages, self._decode)
+
+    def _settle(self, items: list[Pending], fn: Any) -> None:
+        try:
+            results = fn(items)
+        except Exception as err:  # noqa: BLE001 - the batch's requests fail, the server goes on
+            import torch
+
+            if isinstance(err, torch.cuda.OutOfMemoryError) and len(items) > 1:
+                torch.cuda.empty_cache()
+                half = len(items) // 2
+                self._settle(items[:half], fn)
+                self._settle(items[half:], fn)
+                return
+            log.warning("OCR batch of %d failed: %s", len(items), err)
+            for p in items:
+                p.future.set_exception(ApiError(500, f"recognition failed: {err}", "server_error"))
+            return
+        for p, res in zip(items, results, strict=True):
+            p.future.set_result(res)
+
+    def _decode(self, items: list[Pending]) -> list[tuple[str, int, int, str]]:
+        from .engine import PageJob, _guarded
+
+        eng = self.engine
+        cap = max(p.max_tokens for p in items)
+        saved = eng.max_new_tokens
+        eng.max_new_tokens = cap  # the batch runs to its largest cap; each row is cut to its own
+        try:
+            jobs = [PageJob(i, p.image, p.prompt) for i, p in enumerate(items)]
+            rows = eng._generate(jobs)
+        finally:
+            eng.max_new_tokens = saved
+        out = []
+        for p, (tokens, finish) in zip(items, rows, strict=True):
+            if len(tokens) >= p.max_tokens:  # ran past this request's own cap (the batch's is larger)
+                tokens, finish = tokens[: p.max_tokens], "length"
+            text, _, cut = _guarded(eng.processor.decode(tokens))
+            finish = "stop" if cut or finish in ("eos", "stopped") else "length"
+            template = eng.processor.tokenizer(eng.processor.prompt_text(p.prompt), add_special_tokens=False)
+            prompt_tokens = len(template["input_ids"]) - 1 + eng.grid.image_tokens(*p.image.size)  # <|image|> expanded
+            out.append((text.strip(), len(tokens), prompt_tokens, finish))
+        return out
+
+    def _text_only(self, item: Pending) -> tuple[str, int, int, str]:
+        """A request without an image (the SDK's connection check): plain ``generate`` on the text."""
+        import torch
+
+        eng = self.engine
+        messages = [{"role": "user", "content": [{"type": "text", "text": item.prompt}]}]
+        text = eng.processor.tokenizer.apply_chat_template(
+            messages, chat_template=eng.processor.chat_template, tokenize=False, add_generation_prompt=True
+        )
+        ids = eng.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(eng.device)
+        with torch.inference_mode():
+            out = eng.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=min(item.max_tokens, 256),
+                do_sample=False,
+                repetition_penalty=eng.repetition_penalty,
+                eos_token_id=eng.eos_token_ids,
+                pad_token_id=eng.pad_token_id,
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        eos = set(eng.eos_token_ids)
+        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        finish = "stop" if cut is not None else "length"
+        new = new[:cut] if cut is not None else new
+        return eng.processor.decode(new).strip(), len(new), int(ids.shape[1]), finish

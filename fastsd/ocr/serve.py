@@ -1,0 +1,273 @@
+"""``fastsd ocr serve``: GLM-OCR behind an OpenAI-compatible API, with dynamic batching.
+
+``POST /v1/chat/completions`` takes what vLLM/SGLang take for GLM-OCR (one ``image_url`` part as a
+data URI or an http(s) URL, a text part with the prompt, ``max_tokens``, ``temperature``,
+``stream``), ``GET /v1/models`` lists the served model, ``GET /health`` answers when up. The
+GLM-OCR SDK in self-hosted mode and fastsd's own ``--engine openai`` talk to it unchanged.
+
+Requests are not run one by one: a :class:`~.batcher.Batcher` thread takes the first waiting request,
+gathers whatever else arrives within ``batch_wait_ms`` - and, up to ``max_wait_ms``, whatever is
+still being received and decoded by the HTTP side (up to the batch limit), and decodes them
+together with fastsd's fast decoder (static KV cache, CUDA-graph decode), each row stopping at its
+own ``max_tokens``. Under many clients the GPU runs batches as large as in-process OCR does.
+
+Decoding is greedy (GLM-OCR's recommended setting): ``temperature``/``top_p``/``top_k`` are
+accepted and do not change the output. ``stream: true`` is answered as server-sent events whose
+content arrives in one chunk when the request's batch is done.
+
+Safety: a bearer token (``api_key``) is required for every ``/v1`` route when set, and a server
+listening beyond loopback never runs without one (one is generated and printed once). Bodies,
+images (bytes and pixels), ``max_tokens`` and the queue are limited; a request over a limit or
+with a bad image gets one 4xx with the reason, in OpenAI's error shape, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import FastsdError, UserInputError
+from .batcher import Batcher, Pending
+from .chat import ApiError, ServeLimits, decode_image, parse_request
+
+log = logging.getLogger(__name__)
+DEFAULT_PORT = 8080
+SERVED_NAME = "glm-ocr"  # the GLM-OCR SDK's default ``ocr_api.model`` (vLLM's --served-model-name)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+# ----------------------------------------------------------------------------- HTTP
+def _bearer_dependency(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", "authentication_error")
+
+    return check
+
+
+async def _read_body(request: Request, limit: int) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(
+            413, f"request body is {int(declared) / 2**20:.1f} MiB, over this server's {limit / 2**20:.0f} MiB limit"
+        )
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError(413, f"request body is over this server's {limit / 2**20:.0f} MiB limit")
+    try:
+        return json.loads(bytes(buf))
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+
+
+def build_app(batcher: Batcher, *, names: tuple[str, ...], api_key: str | None, limits: ServeLimits):
+    """The FastAPI app of the server (routes, auth, limits, OpenAI-shaped errors)."""
+    from .. import __version__
+
+    app = FastAPI(title="fastsd OCR", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    auth = [Depends(_bearer_dependency(api_key))]
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:  # noqa: ARG001
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(status_code=err.status, content=err.body(), headers=headers)
+
+    @app.get("/")
+    async def root() -> dict:
+        return {"service": "fastsd ocr", "models": "/v1/models", "chat": "/v1/chat/completions"}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "fastsd"} for n in names],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(request: Request) -> Any:
+        batcher.preparing(+1)
+        try:
+            body = await _read_body(request, limits.max_body_bytes)
+            url, prompt, max_tokens, stream = parse_request(body, limits, names)
+            image = None
+            if url is not None:
+                image = await run_in_threadpool(_fitted, url, limits, batcher.engine.grid)
+            future = batcher.submit(Pending(image, prompt, max_tokens))
+        finally:
+            batcher.preparing(-1)
+        text, completion, prompt_tokens, finish = await asyncio.wrap_future(future)
+        rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.get("model") or names[0]
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        if not stream:
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": usage,
+            }
+
+        def events():
+            base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+            for delta, reason in (
+                ({"role": "assistant", "content": ""}, None),
+                ({"content": text}, None),
+                ({}, finish),
+            ):
+                chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                if reason is not None:
+                    chunk["usage"] = usage
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def _fitted(url: str, limits: ServeLimits, grid: Any) -> Any:
+    from PIL import Image
+
+    image = decode_image(url, limits)
+    size = grid.fit(*image.size)
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+@dataclass
+class OcrServer:
+    """A running OCR server: ``url`` (``.../v1`` is the OpenAI base URL), ``api_key``, ``stop()``."""
+
+    url: str
+    host: str
+    port: int
+    api_key: str | None
+    batcher: Batcher
+    app: Any
+    _server: Any = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)
+        self.batcher.stop()
+
+    def wait(self) -> None:
+        """Serve until Ctrl-C (or a notebook interrupt)."""
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            print("Stopping fastsd OCR server...", flush=True)
+        finally:
+            self.stop()
+
+    def __enter__(self) -> OcrServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start(
+    model: str = "zai-org/GLM-OCR",
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    public: bool = False,
+    limits: ServeLimits | None = None,
+    served_name: str = SERVED_NAME,
+    device: str | None = None,
+    quantize: str = "none",
+    engine_obj: Any = None,
+    local_files_only: bool = False,
+    quiet: bool = False,
+) -> OcrServer:
+    """Load GLM-OCR and serve it in the background; returns once the server answers.
+
+    Args:
+        host: ``127.0.0.1`` (this machine only) or ``0.0.0.0`` (others too: an API key is then required).
+        port: TCP port (0 picks a free one; default 8080, the GLM-OCR SDK's default ``api_port``).
+        api_key: bearer token clients must send; generated and printed once when the server is
+            public (``public`` or a non-loopback ``host``) and none is given. Never logged.
+        limits: request limits and batching (:class:`ServeLimits`); URL images off by default when public.
+        served_name: the model name clients use (``glm-ocr``, as the SDK sends); the model id works too.
+        engine_obj: an already loaded TransformersEngine to serve.
+
+    Raises:
+        UserInputError: busy port, too short a key.
+        FastsdError: the server did not come up.
+    """
+    import uvicorn
+
+    from ..redact import register
+    from ..webui.server import _check_port
+
+    exposed = public or host not in LOOPBACK
+    if api_key is not None and len(api_key) < 8:
+        raise UserInputError("--api-key must be at least 8 characters")
+    if exposed and not api_key:
+        api_key = secrets.token_urlsafe(24)
+        print(f"the OCR server is reachable from other machines, so it needs a key: {api_key}", flush=True)
+    register(api_key)
+    if limits is None:
+        limits = ServeLimits(allow_urls=not exposed)
+    port = _check_port(host, port)
+    if engine_obj is None:
+        from .engine import TransformersEngine
+
+        engine_obj = TransformersEngine(
+            model, device=device, quantize=quantize, max_new_tokens=limits.max_tokens, local_files_only=local_files_only
+        )
+    from .engine import DEFAULT_MODEL
+
+    # the SDK sends "glm-ocr", fastsd's openai engine "zai-org/GLM-OCR"; the loaded id works too
+    names = tuple(dict.fromkeys([served_name, DEFAULT_MODEL, getattr(engine_obj, "model_id", model)]))
+    batcher = Batcher(engine_obj, limits)
+    app = build_app(batcher, names=names, api_key=api_key, limits=limits)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="fastsd-ocr-http", daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            batcher.stop()
+            raise FastsdError(f"the OCR server did not start on {host}:{port}: see the log above")
+        time.sleep(0.05)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    handle = OcrServer(f"http://{shown}:{port}", host, port, api_key, batcher, app, server, thread)
+    if not quiet:
+        print(f"fastsd OCR server: {handle.base_url}  (model names: {', '.join(names)})", flush=True)
+    return handle
