@@ -218,7 +218,7 @@ def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
         if "model_index.json" in files:
             patterns: list[str] | None = DIFFUSERS_PATTERNS
         elif any(f.endswith(".safetensors") for f in files):
-            patterns = ["*.safetensors", "*.json", "*.txt", "*.yaml"]
+            patterns = ["*.safetensors", "*.json", "*.txt", "*.yaml", "*.jinja"]  # jinja: chat templates of VLMs
         else:
             patterns = None
         path = snapshot_download(repo, revision=revision, local_dir=dest, allow_patterns=patterns, token=token)
