@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from chat_standin import serve
 from PIL import Image
@@ -13,13 +11,6 @@ from fastsd.vlm.caption import CLIP_TOKENS, bind_subject, caption_session, fit_c
 from fastsd.vlm.engines import EndpointVlm, LocalVlm, VlmRequest
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (9, 9, 9)]
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory):
-    from fastsd.demo.tiny_vlm import build_tiny_qwen3_vl
-
-    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
 
 
 @pytest.fixture
