@@ -523,6 +523,21 @@ class Session:
         self.save()
         return entry
 
+    def record_eval(self, file: str, scores: dict[str, Any]) -> None:
+        """Store an export's likeness scores (:func:`fastsd.eval.evaluate`) on its manifest entry.
+
+        Raises:
+            ValueError: ``file`` is not an export listed in the manifest.
+            SessionLockedError: another live process holds the session.
+        """
+        with self.lock(heartbeat=0, clean=False, command="fastsd eval"):
+            for m in self.info.get("models", []):
+                if m["file"] == file:
+                    m["eval"] = scores
+                    self.save()
+                    return
+        raise ValueError(f"{file!r} is not an export of session {self.name}")
+
     def models(self) -> list[dict[str, Any]]:
         """Exported models listed in the manifest whose files exist."""
         return [m for m in self.info.get("models", []) if (self.path / m["file"]).is_file()]
@@ -733,6 +748,10 @@ class Session:
                 size = human_size(m["size"]) if m.get("size") is not None else "size not recorded"
                 flag = "" if m["ok"] else " (size differs from the manifest!)"
                 lines.append(f"  model        {m['file']} ({m.get('kind') or 'model'}{step}, {size}){flag}")
+                scores = (m.get("eval") or {}).get("metrics") if isinstance(m.get("eval"), dict) else None
+                if isinstance(scores, dict) and scores:
+                    text = ", ".join(f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in scores.items())
+                    lines.append(f"    eval       {text}")
         else:
             lines.append("  models       none exported yet")
         space = s["space"]

@@ -22,7 +22,7 @@ from ..redact import install_logging
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
 COMMANDS = (
-    "doctor", "install", "session", "model", "convert", "train", "caption", "webui", "ocr", "ask", "demo"
+    "doctor", "install", "session", "model", "convert", "train", "caption", "eval", "webui", "ocr", "ask", "demo"
 )  # fmt: skip
 
 
