@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from chat_standin import serve
 from PIL import Image, ImageDraw
 
@@ -12,6 +13,15 @@ from fastsd.errors import FastsdError, UserInputError
 from fastsd.ocr.processor import PatchGrid
 from fastsd.vlm.ask import ask, load_page
 from fastsd.vlm.engines import EndpointVlm, LocalVlm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores: more torch threads make tiny models slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _pdf(path):
@@ -88,7 +98,7 @@ def test_local_engine_answers_about_a_pdf_page(tmp_path, tiny_vlm):
 def test_cli_ask_json_and_bad_inputs(cli, tmp_path, home):
     photo = tmp_path / "dog.png"
     Image.new("RGB", (40, 30), (1, 2, 3)).save(photo)
-    env = {"FASTSD_HOME": str(home)}
+    env = {"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with serve() as (url, _):
         r = cli(
             "ask",

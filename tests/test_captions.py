@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from chat_standin import serve
 from PIL import Image
 
@@ -11,6 +12,15 @@ from fastsd.vlm.caption import CLIP_TOKENS, bind_subject, caption_session, fit_c
 from fastsd.vlm.engines import EndpointVlm, LocalVlm, VlmRequest
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (9, 9, 9)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores: more torch threads make tiny models slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -104,7 +114,7 @@ def test_endpoint_captions_concurrently_and_a_malformed_reply_fails_only_its_ima
 def test_cli_caption_through_an_endpoint(cli, session, home):
     with serve(malformed_rgb=(9, 9, 9)) as (url, st):
         r = cli("caption", "rex", "--engine", "openai", "--base-url", url, "--model", "m", "--style", "tags",
-                env={"FASTSD_HOME": str(home), "OPENAI_API_KEY": "sk-cli-secret-999999"})  # fmt: skip
+                env={"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1", "OPENAI_API_KEY": "sk-cli-secret-999999"})  # fmt: skip
     assert r.returncode == 1, r.stderr
     assert "failed: img3.png" in r.stderr and "3 caption(s) written, 1 failed" in r.stdout
     assert "sk-cli-secret-999999" not in r.stdout + r.stderr
@@ -113,7 +123,7 @@ def test_cli_caption_through_an_endpoint(cli, session, home):
 
 def test_cli_caption_checks_inputs_before_loading(cli, home):
     Session.create("empty", home)
-    r = cli("caption", "empty", env={"FASTSD_HOME": str(home)})
+    r = cli("caption", "empty", env={"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "no instance images" in r.stderr
-    r = cli("caption", "nope", env={"FASTSD_HOME": str(home)})
+    r = cli("caption", "nope", env={"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2

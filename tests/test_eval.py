@@ -14,6 +14,15 @@ from fastsd.eval.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, eval_prompts
 from fastsd.session import Session
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores: more torch threads make tiny models slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_metrics_on_known_vectors():
     e1, e2 = [1.0, 0.0], [0.0, 1.0]
     assert mean_pairwise_cosine([e1, e2], [[3.0, 0.0]]) == pytest.approx(0.5)  # cos 1 and 0
@@ -100,7 +109,7 @@ def test_evaluate_records_scores_tensorboard_and_a_sheet(trained, scorers):
 
 def test_cli_eval_then_session_show_and_compare(cli, trained, scorers, home):
     dino, clip = scorers
-    env = {"FASTSD_HOME": str(home)}
+    env = {"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"}
     r = cli("eval", "rex", "--prompts", "1", "--images-per-prompt", "2", "--steps", "1", "--size", "64",
             "--dino", str(dino), "--clip", str(clip), "--device", "cpu", "--json", env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
