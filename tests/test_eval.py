@@ -123,3 +123,33 @@ def test_cli_eval_then_session_show_and_compare(cli, trained, scorers, home):
     assert r.returncode == 0 and "rex/rex-step-10.safetensors" in r.stdout and "clip_t" in r.stdout
     r = cli("eval", "other", env=env)
     assert r.returncode == 2 and "no exported model" in r.stderr
+
+
+@pytest.mark.slow
+def test_train_scores_its_lora_export_when_asked(cli, home, tmp_path, tiny_sd1, scorers):
+    dino, clip = scorers
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (50 * i, 100, 150)).save(src / f"p{i}.png")
+    s = Session.create("lora_dog", home, base_model=str(tiny_sd1), resolution=64, class_word="dog")
+    s.add_images(src, crop="center", progress=False)
+    env = {"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1", "FASTSD_REPO_DINO_VITS16": str(dino),
+           "FASTSD_REPO_CLIP_VIT_B32": str(clip)}  # fmt: skip
+    r = cli("train", "lora_dog", "--method", "lora", "--steps", "1", "--eval", "on", "--eval-prompts", "1",
+            "--sample-steps", "1", "--json", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["eval"]["export"] == out["models"][-1] and set(out["eval"]["metrics"]) == {"dino", "clip_i", "clip_t"}
+    assert Session.open("lora_dog", home).models()[-1]["eval"]["images_per_prompt"] == 4
+
+
+def test_train_eval_auto_is_off_without_a_gpu(monkeypatch):
+    import argparse
+
+    from fastsd.cli.train import _evaluate_after
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = argparse.Namespace(stopped=None, models=["models/x.safetensors"])
+    args = argparse.Namespace(eval="auto", session="nope", root=None)
+    assert _evaluate_after(args, None, result) is None  # nothing opened, nothing loaded

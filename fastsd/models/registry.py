@@ -260,8 +260,14 @@ class HelperModel:
 
     @property
     def spec(self) -> str:
-        """The model spec :func:`fastsd.models.load.local_model` fetches (``hf:org/name``)."""
-        return "hf:" + (os.environ.get(override_variable(self.name)) or self.repo)
+        """The model spec :func:`fastsd.models.load.local_model` fetches (``hf:org/name``).
+
+        ``FASTSD_REPO_<NAME>`` may name another repo or a local folder (a copy made for offline use).
+        """
+        override = os.environ.get(override_variable(self.name))
+        if override and os.path.isdir(os.path.expanduser(override)):
+            return os.path.expanduser(override)
+        return "hf:" + (override or self.repo)
 
 
 #: Captioning and scoring models. The default VLM is Qwen3-VL-2B-Instruct: Apache-2.0, 2B parameters
