@@ -42,12 +42,30 @@ MIN_PIXELS = 64 * 64
 MAX_PIXELS = 128 * 128
 
 
-def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Qwen3-VL checkpoint (model, tokenizer, image processor, chat template) to ``folder``."""
+def build_tiny_qwen3_vl(
+    folder: str | Path,
+    seed: int = 0,
+    *,
+    text_config: dict | None = None,
+    vision_config: dict | None = None,
+    pixels: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS),
+    dtype: str | None = None,
+) -> Path:
+    """Write a tiny random Qwen3-VL checkpoint (model, tokenizer, image processor, chat template) to ``folder``.
+
+    ``text_config``/``vision_config`` override the tiny widths (the benchmarks build the full-size
+    shape this way), ``pixels`` the image processor's (min, max) pixels, ``dtype`` the saved weights'.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:  # transformers before the PIL/torchvision split (needs torchvision's fast one there)
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +95,7 @@ def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0) -> Path:
             "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "tie_word_embeddings": False,
+            **(text_config or {}),
         },
         vision_config={
             "depth": 2,
@@ -89,6 +108,7 @@ def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0) -> Path:
             "temporal_patch_size": 2,
             "num_position_embeddings": 64,
             "deepstack_visual_indexes": [0],
+            **(vision_config or {}),
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -98,6 +118,8 @@ def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    if dtype:
+        model.to(getattr(torch, dtype))
     with torch.no_grad():  # random weights would often stop at once; a zero end-of-turn logit lets them write
         for name in ("<|im_end|>", "<|endoftext|>"):
             model.lm_head.weight[ids[name]] = 0
@@ -106,11 +128,11 @@ def build_tiny_qwen3_vl(folder: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
-    Qwen2VLImageProcessorPil(
+    ImageProcessor(
         patch_size=16,
         merge_size=2,
         temporal_patch_size=2,
-        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        size={"shortest_edge": pixels[0], "longest_edge": pixels[1]},
     ).save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return folder

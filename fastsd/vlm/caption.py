@@ -193,7 +193,7 @@ def caption_session(
                     progress(path.name, None, run.failed[path.name])
                 continue
             paths.append(path)
-            requests.append(VlmRequest(image, prompt, max_new_tokens=2 * limit))
+            requests.append(VlmRequest(image, prompt, max_new_tokens=limit + 32))  # the cut is by CLIP tokens
         for path, reply in zip(paths, engine.answer(requests) if requests else [], strict=True):
             if reply.error or not reply.text.strip():
                 run.failed[path.name] = reply.error or "the model returned an empty caption"
