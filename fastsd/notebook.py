@@ -469,6 +469,32 @@ class CaptionEditor:
         self.status.value = f"saved {count} caption(s)" if count else "no changes to save"
 
 
+def auto_caption(
+    session: Session, engine: str = "off", *, style: str = "sentence", base_url: str = "", model: str = ""
+) -> Any:
+    """The notebook's optional captioning step before the editor (``fastsd caption`` in a cell).
+
+    ``engine`` ``off`` does nothing; ``local`` or ``openai`` captions the images that have no caption
+    yet, printing each, and frees the model afterwards so training has the GPU.
+    Returns the :class:`fastsd.vlm.caption.CaptionRun`, or None when off.
+    """
+    if engine == "off":
+        return None
+    from .vlm.caption import caption_session
+    from .vlm.engines import make_engine
+
+    def show(name: str, text: str | None, error: str | None) -> None:
+        print(f"{name}: {text}" if error is None else f"failed: {name}: {error}")
+
+    vlm = make_engine(engine, model=model.strip() or None, base_url=base_url.strip() or None)
+    try:
+        run = caption_session(session, vlm, style=style, progress=show)
+    finally:
+        vlm.close()
+    print(run.summary())
+    return run
+
+
 def caption_editor(session: Session, *, thumb: int = 128) -> CaptionEditor:
     """Show the caption editor for a session's images (list, preview, edit, save); returns it."""
     from IPython.display import display

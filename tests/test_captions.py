@@ -127,3 +127,15 @@ def test_cli_caption_checks_inputs_before_loading(cli, home):
     assert r.returncode == 2 and "no instance images" in r.stderr
     r = cli("caption", "nope", env={"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2
+
+
+def test_notebook_auto_caption_step(session, capsys):
+    from fastsd import notebook as nb
+
+    assert nb.auto_caption(session, "off") is None and not session.has_own_caption("img0.png")
+    with serve(malformed_rgb=(9, 9, 9)) as (url, _):
+        run = nb.auto_caption(session, "openai", style="tags", base_url=url, model="m")
+    out = capsys.readouterr().out
+    assert sorted(run.written) == ["img0.png", "img1.png", "img2.png"]
+    assert "failed: img3.png" in out and "3 caption(s) written, 1 failed" in out
+    assert nb.CaptionEditor(session).boxes["img1.png"].value == session.caption("img1.png") == run.written["img1.png"]
