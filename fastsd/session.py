@@ -748,9 +748,11 @@ class Session:
                 size = human_size(m["size"]) if m.get("size") is not None else "size not recorded"
                 flag = "" if m["ok"] else " (size differs from the manifest!)"
                 lines.append(f"  model        {m['file']} ({m.get('kind') or 'model'}{step}, {size}){flag}")
-                scores = (m.get("eval") or {}).get("metrics") if isinstance(m.get("eval"), dict) else None
-                if isinstance(scores, dict) and scores:
-                    text = ", ".join(f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in scores.items())
+                scores = m["eval"].get("metrics") if isinstance(m.get("eval"), dict) else None
+                scores = scores if isinstance(scores, dict) else {}
+                numbers = {k: v for k, v in (scores or {}).items() if isinstance(v, (int, float))}
+                if numbers:
+                    text = ", ".join(f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in numbers.items())
                     lines.append(f"    eval       {text}")
         else:
             lines.append("  models       none exported yet")

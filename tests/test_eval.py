@@ -153,3 +153,13 @@ def test_train_eval_auto_is_off_without_a_gpu(monkeypatch):
     result = argparse.Namespace(stopped=None, models=["models/x.safetensors"])
     args = argparse.Namespace(eval="auto", session="nope", root=None)
     assert _evaluate_after(args, None, result) is None  # nothing opened, nothing loaded
+
+
+def test_scores_read_from_a_hand_edited_session_json_never_crash_show(trained):
+    trained.info["models"][0]["eval"] = {"metrics": {"dino": "high", "clip_t": 0.25}}
+    trained.save()
+    again = Session.open("rex", trained.path.parent.parent)
+    assert "eval       CLIP-T 0.250" in again.describe() and "high" not in again.describe()
+    trained.info["models"][0]["eval"] = "oops"
+    trained.save()
+    assert "eval " not in Session.open("rex", trained.path.parent.parent).describe()

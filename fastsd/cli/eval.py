@@ -47,8 +47,9 @@ def scored_rows(session: Any, prefix: str = "") -> list[tuple[str, dict[str, flo
     rows = []
     for m in session.models():
         metrics = (m.get("eval") or {}).get("metrics") if isinstance(m.get("eval"), dict) else None
-        if isinstance(metrics, dict):
-            rows.append((prefix + Path(m["file"]).name, metrics))
+        if isinstance(metrics, dict):  # session.json is read from disk: only numbers are shown
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            rows.append((prefix + Path(m["file"]).name, numbers))
     return rows
 
 
