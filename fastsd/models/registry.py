@@ -259,15 +259,17 @@ class HelperModel:
     notes: str = ""
 
     @property
-    def spec(self) -> str:
-        """The model spec :func:`fastsd.models.load.local_model` fetches (``hf:org/name``).
+    def repo_id(self) -> str:
+        """The Hub repo to fetch: the ``FASTSD_REPO_<NAME>`` override, else :attr:`repo`."""
+        return os.environ.get(override_variable(self.name)) or self.repo
 
-        ``FASTSD_REPO_<NAME>`` may name another repo or a local folder (a copy made for offline use).
+    @property
+    def spec(self) -> str:
+        """The model spec :func:`fastsd.models.load.local_model` takes: the name (fetched into
+        ``<home>/models/<name>``), or the local folder ``FASTSD_REPO_<NAME>`` names (an offline copy).
         """
-        override = os.environ.get(override_variable(self.name))
-        if override and os.path.isdir(os.path.expanduser(override)):
-            return os.path.expanduser(override)
-        return "hf:" + (override or self.repo)
+        override = os.path.expanduser(os.environ.get(override_variable(self.name)) or "")
+        return override if override and os.path.isdir(override) else self.name
 
 
 #: Captioning and scoring models. The default VLM is Qwen3-VL-2B-Instruct: Apache-2.0, 2B parameters
@@ -292,7 +294,7 @@ DEFAULT_CLIP = "clip-vit-b32"
 
 
 def helper_spec(name_or_spec: str) -> str:
-    """A helper model's spec: a registry name becomes its ``hf:`` repo, a Hub id ``org/name`` gets ``hf:``.
+    """A helper model's spec: a registry name as it is (or its offline folder), a Hub id ``org/name`` gets ``hf:``.
 
     Anything else (``hf:...``, a URL, a local folder) is returned as it is, for :func:`~fastsd.models.load.local_model`.
     """
