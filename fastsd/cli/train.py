@@ -203,6 +203,15 @@ def _evaluate_after(args: argparse.Namespace, config: TrainConfig, result: Any) 
     except FastsdError as err:
         print(f"fastsd: warning: eval skipped: {err}; run 'fastsd eval {args.session}' later", file=sys.stderr)
         return None
+    except Exception as err:  # noqa: BLE001 - the run is trained and exported: report it, whatever eval hit
+        if args.debug:
+            raise
+        print(
+            f"fastsd: warning: eval failed ({type(err).__name__}: {err}); the model is exported; "
+            f"run 'fastsd eval {args.session} --debug' for details",
+            file=sys.stderr,
+        )
+        return None
     if not args.json:
         from ..eval.run import table
 
