@@ -542,6 +542,13 @@ class Session:
         """Exported models listed in the manifest whose files exist."""
         return [m for m in self.info.get("models", []) if (self.path / m["file"]).is_file()]
 
+    def latest_model(self) -> dict[str, Any] | None:
+        """The newest exported model entry (highest step, then the last listed), or None."""
+        models = self.models()
+        if not models:
+            return None
+        return max(enumerate(models), key=lambda im: (im[1].get("step") or 0, im[0]))[1]
+
     def clean(self, *, older_than: float | None = None) -> list[Path]:
         """Remove leftovers of interrupted writes: temp files and unlisted checkpoint folders.
 

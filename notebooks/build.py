@@ -154,10 +154,12 @@ sample_every = 500  #@param {type:"integer"}
 sample_prompt = ""  #@param {type:"string"}
 prior_preservation = False  #@param {type:"boolean"}
 resume = True  #@param {type:"boolean"}
+#@markdown `score`: DreamBooth likeness scores (DINO, CLIP-I, CLIP-T) of the export at the end; auto = on GPUs.
+score = "auto"  #@param ["auto", "on", "off"]
 result = nb.train(
     session, method=method, steps=steps, text_encoder_steps=text_encoder_steps, learning_rate=learning_rate,
     resolution=train_resolution, save_every=save_every, sample_every=sample_every, sample_prompt=sample_prompt,
-    prior_preservation=prior_preservation, resume=resume,
+    prior_preservation=prior_preservation, resume=resume, score=score,
 )
 """
     ),

@@ -102,6 +102,10 @@ def test_evaluate_records_scores_tensorboard_and_a_sheet(trained, scorers):
     acc.Reload()
     assert acc.Scalars("eval/dino")[0].value == pytest.approx(r.metrics["dino"], abs=1e-4)
     assert acc.Scalars("eval/dino")[0].step == 10
+    from fastsd import notebook as nb
+
+    table = nb.show_eval(again)  # the notebook's table (and the grid below it)
+    assert "<th>DINO</th>" in table.data and f"{r.metrics['dino']:.3f}" in table.data
     # fixed seeds: a second run gives the same scores
     assert evaluate(trained, dino=str(dino), clip=str(clip), prompts=2, images_per_prompt=2, prior=True, steps=2,
                     size=64).metrics == r.metrics  # fmt: skip

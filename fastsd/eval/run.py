@@ -68,7 +68,7 @@ def pick_export(session: Any, export: str | None) -> dict[str, Any]:
                 return m
         names = ", ".join(Path(m["file"]).name for m in models)
         raise UserInputError(f"session {session.name} has no export {export!r}; it has {names}")
-    return max(enumerate(models), key=lambda im: (im[1].get("step") or -1, im[0]))[1]
+    return session.latest_model()
 
 
 def _pipeline(session: Any, entry: dict[str, Any], dtype: Any, device: str) -> Any:
