@@ -46,7 +46,7 @@ KNOWN_BAD: dict[str, tuple[str, str]] = {
 #: feature name -> (what it is for, requirements; :data:`KNOWN_BAD` is applied by requirements_for)
 FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": (
-        "DreamBooth training (full and LoRA), sessions, model conversion",
+        "DreamBooth training (full and LoRA), sessions, model conversion, likeness scores (fastsd eval)",
         (
             "diffusers>=0.32",
             "transformers>=4.46",
@@ -75,7 +75,9 @@ FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "ocr": (
-        "document OCR with GLM-OCR, PP-DocLayoutV3 layout, and the OpenAI-compatible OCR server",
+        # fastsd caption/ask need the same: Qwen3-VL is in transformers since 4.57, the endpoint client is httpx
+        "document OCR with GLM-OCR, PP-DocLayoutV3 layout and the OpenAI-compatible OCR server; "
+        "captions and questions with vision-language models (fastsd caption, ask)",
         (
             "transformers>=5.1",
             "accelerate>=1.0",
@@ -112,6 +114,7 @@ IMPORTS: dict[str, tuple[str, ...]] = {
         "from peft import LoraConfig, inject_adapter_in_model",
         "from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler",
         "from transformers import CLIPTextModel, CLIPTokenizer",
+        "from transformers import CLIPModel, ViTModel",  # fastsd eval's scorers
     ),
     "webui": (
         "import diffusers, transformers, gradio, fastapi, uvicorn, scipy",
@@ -120,6 +123,7 @@ IMPORTS: dict[str, tuple[str, ...]] = {
     "ocr": (
         "import transformers, pypdfium2, fastapi, uvicorn",
         "from transformers import AutoProcessor, PPDocLayoutV3ForObjectDetection",
+        "from transformers import AutoModelForImageTextToText",  # fastsd caption/ask's local engine
     ),
 }
 

@@ -470,6 +470,32 @@ class CaptionEditor:
         self.status.value = f"saved {count} caption(s)" if count else "no changes to save"
 
 
+def auto_caption(
+    session: Session, engine: str = "off", *, style: str = "sentence", base_url: str = "", model: str = ""
+) -> Any:
+    """The notebook's optional captioning step before the editor (``fastsd caption`` in a cell).
+
+    ``engine`` ``off`` does nothing; ``local`` or ``openai`` captions the images that have no caption
+    yet, printing each, and frees the model afterwards so training has the GPU.
+    Returns the :class:`fastsd.vlm.caption.CaptionRun`, or None when off.
+    """
+    if engine == "off":
+        return None
+    from .vlm.caption import caption_session
+    from .vlm.engines import make_engine
+
+    def show(name: str, text: str | None, error: str | None) -> None:
+        print(f"{name}: {text}" if error is None else f"failed: {name}: {error}")
+
+    vlm = make_engine(engine, model=model.strip() or None, base_url=base_url.strip() or None)
+    try:
+        run = caption_session(session, vlm, style=style, progress=show)
+    finally:
+        vlm.close()
+    print(run.summary())
+    return run
+
+
 def caption_editor(session: Session, *, thumb: int = 128) -> CaptionEditor:
     """Show the caption editor for a session's images (list, preview, edit, save); returns it."""
     from IPython.display import display
@@ -529,8 +555,11 @@ def train_config(
     )
 
 
-def train(session: Session, **form: Any) -> Any:
+def train(session: Session, *, score: str = "auto", **form: Any) -> Any:
     """Train the session with the Train form's values (see :func:`train_config`); samples show inline.
+
+    ``score`` (``auto``: on GPUs) scores the final export with :func:`fastsd.eval.evaluate` and
+    shows the table and image grid (:func:`show_eval`).
 
     Re-running the cell continues from the latest checkpoint (``resume``); when training is
     already complete it says so instead of starting over.
@@ -556,7 +585,46 @@ def train(session: Session, **form: Any) -> Any:
 
     result = run_train(session, config, on_sample=on_sample)
     print(result.summary())
+    wanted = {"on": True, "off": False}.get(str(score))
+    if wanted is None:
+        import torch
+
+        wanted = torch.cuda.is_available()
+    if wanted and not result.stopped and result.models:
+        from .eval import evaluate
+
+        evaluate(session, export=result.models[-1], steps=config.sample_steps, size=config.resolution)
+        show_eval(session)
     return result
+
+
+def show_eval(session: Session) -> Any:
+    """The likeness scores of every scored export as a small table, and the latest one's image grid."""
+    from IPython.display import HTML, display
+
+    rows = []
+    for m in session.models():
+        scores = m["eval"].get("metrics") if isinstance(m.get("eval"), dict) else None
+        if isinstance(scores, dict):
+            rows.append((Path(m["file"]).name, {k: v for k, v in scores.items() if isinstance(v, (int, float))}))
+    if not rows:
+        print(f"no export of {session.name} has scores yet")
+        return None
+    names = sorted({k for _, r in rows for k in r}, key=["dino", "clip_i", "clip_t", "pres", "div_dino"].index)
+    head = "".join(f"<th>{html.escape(n.upper().replace('_', '-'))}</th>" for n in names)
+    body = "".join(
+        f"<tr><td><code>{html.escape(name)}</code></td>"
+        + "".join(f"<td>{r[n]:.3f}</td>" if n in r else "<td>-</td>" for n in names)
+        + "</tr>"
+        for name, r in rows
+    )
+    table = HTML(f"<table><tr><th>export</th>{head}</tr>{body}</table>")
+    display(table)
+    latest = session.latest_model() or {}
+    grid = (latest.get("eval") or {}).get("grid") if isinstance(latest.get("eval"), dict) else None
+    if isinstance(grid, str) and (session.path / grid).resolve().parent == session.samples_dir.resolve():
+        show_images([session.path / grid], columns=1, titles=["eval images (prompt per row)"])
+    return table
 
 
 # ---------------------------------------------------------------- trying the model
@@ -571,10 +639,10 @@ def latest_model(session: Session) -> dict[str, Any]:
     Raises:
         UserInputError: nothing exported yet.
     """
-    models = session.models()
-    if not models:
+    entry = session.latest_model()
+    if entry is None:
         raise UserInputError(f"session {session.name} has no exported model yet: run the Train cell first")
-    return max(enumerate(models), key=lambda im: (im[1].get("step") or 0, im[0]))[1]
+    return entry
 
 
 def try_model(

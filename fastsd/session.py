@@ -515,9 +515,31 @@ class Session:
         self.save()
         return entry
 
+    def record_eval(self, file: str, scores: dict[str, Any]) -> None:
+        """Store an export's likeness scores (:func:`fastsd.eval.evaluate`) on its manifest entry.
+
+        Raises:
+            ValueError: ``file`` is not an export listed in the manifest.
+            SessionLockedError: another live process holds the session.
+        """
+        with self.lock(heartbeat=0, clean=False, command="fastsd eval"):
+            for m in self.info.get("models", []):
+                if m["file"] == file:
+                    m["eval"] = scores
+                    self.save()
+                    return
+        raise ValueError(f"{file!r} is not an export of session {self.name}")
+
     def models(self) -> list[dict[str, Any]]:
         """Exported models listed in the manifest whose files exist."""
         return [m for m in self.info.get("models", []) if (self.path / m["file"]).is_file()]
+
+    def latest_model(self) -> dict[str, Any] | None:
+        """The newest exported model entry (highest step, then the last listed), or None."""
+        models = self.models()
+        if not models:
+            return None
+        return max(enumerate(models), key=lambda im: (im[1].get("step") or 0, im[0]))[1]
 
     def clean(self, *, older_than: float | None = None) -> list[Path]:
         """Remove leftovers of interrupted writes: temp files and unlisted checkpoint folders.
@@ -725,6 +747,12 @@ class Session:
                 size = human_size(m["size"]) if m.get("size") is not None else "size not recorded"
                 flag = "" if m["ok"] else " (size differs from the manifest!)"
                 lines.append(f"  model        {m['file']} ({m.get('kind') or 'model'}{step}, {size}){flag}")
+                scores = m["eval"].get("metrics") if isinstance(m.get("eval"), dict) else None
+                scores = scores if isinstance(scores, dict) else {}
+                numbers = {k: v for k, v in (scores or {}).items() if isinstance(v, (int, float))}
+                if numbers:
+                    text = ", ".join(f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in numbers.items())
+                    lines.append(f"    eval       {text}")
         else:
             lines.append("  models       none exported yet")
         space = s["space"]

@@ -126,6 +126,14 @@ report = nb.add_images(session, drive_source, crop=crop)
     code(
         """
 #@title 5. Captions
+#@markdown Optional: have a vision-language model write the captions first (`local`: Qwen3-VL-2B on this GPU,
+#@markdown freed before training; `openai`: any OpenAI-compatible server, its key in Colab's Secrets panel as
+#@markdown `OPENAI_API_KEY`). Captions you already have are kept.
+auto_caption = "off"  #@param ["off", "local", "openai"]
+caption_style = "sentence"  #@param ["sentence", "tags"]
+endpoint_url = ""  #@param {type:"string"}
+endpoint_model = ""  #@param {type:"string"}
+nb.auto_caption(session, auto_caption, style=caption_style, base_url=endpoint_url, model=endpoint_model)
 #@markdown Edit a caption and press Save (or Save all). An empty caption means the default `instance_token class_word`.
 editor = nb.caption_editor(session)
 """
@@ -146,10 +154,12 @@ sample_every = 500  #@param {type:"integer"}
 sample_prompt = ""  #@param {type:"string"}
 prior_preservation = False  #@param {type:"boolean"}
 resume = True  #@param {type:"boolean"}
+#@markdown `score`: DreamBooth likeness scores (DINO, CLIP-I, CLIP-T) of the export at the end; auto = on GPUs.
+score = "auto"  #@param ["auto", "on", "off"]
 result = nb.train(
     session, method=method, steps=steps, text_encoder_steps=text_encoder_steps, learning_rate=learning_rate,
     resolution=train_resolution, save_every=save_every, sample_every=sample_every, sample_prompt=sample_prompt,
-    prior_preservation=prior_preservation, resume=resume,
+    prior_preservation=prior_preservation, resume=resume, score=score,
 )
 """
     ),

@@ -120,3 +120,11 @@ def tiny_glm_ocr(tmp_path_factory) -> Path:
     from fastsd.demo.tiny_ocr import save_tiny_glm_ocr
 
     return save_tiny_glm_ocr(tmp_path_factory.mktemp("tiny-glm-ocr"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """Folder of a tiny random-weight Qwen3-VL (the default captioner's architecture)."""
+    from fastsd.demo.tiny_vlm import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))

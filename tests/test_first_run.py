@@ -37,7 +37,17 @@ def _imports_of(*args: str, home) -> dict:
 
 @pytest.mark.parametrize(
     "args",
-    [("--help",), ("--version",), ("session", "list"), ("session", "show", "pets"), ("doctor",), ("train", "--help")],
+    [
+        ("--help",),
+        ("--version",),
+        ("session", "list"),
+        ("session", "show", "pets"),
+        ("doctor",),
+        ("train", "--help"),
+        ("caption", "--help"),
+        ("ask", "--help"),
+        ("eval", "pets", "--show"),
+    ],
 )
 def test_light_commands_do_not_import_torch(args, home, cli):
     assert cli("session", "new", "pets", env={"FASTSD_HOME": str(home)}).returncode == 0

@@ -204,3 +204,20 @@ def test_model_get_checks_pickles_inside_a_local_folder(tmp_path, home):
     with pytest.raises(ModelFormatError, match="code execution"):
         get(str(tmp_path / "pipe"))
     assert not marker.exists()
+
+
+def test_helper_models_are_fetched_by_name_like_base_models(home, monkeypatch, tmp_path):
+    from fastsd.errors import NetworkError
+    from fastsd.models.fetch import check_spec
+    from fastsd.models.registry import helper_spec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert check_spec("qwen3-vl-2b") == "qwen3-vl-2b"
+    with pytest.raises(NetworkError, match="Qwen/Qwen3-VL-2B-Instruct"):
+        get("qwen3-vl-2b", home=home)
+    assert helper_spec("facebook/dino-vits16") == "hf:facebook/dino-vits16"
+    monkeypatch.setenv("FASTSD_REPO_DINO_VITS16", str(tmp_path))  # an offline copy
+    assert helper_spec("dino-vits16") == str(tmp_path)

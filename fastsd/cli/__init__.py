@@ -21,7 +21,9 @@ from ..features import TORCH_HINT
 from ..redact import install_logging
 
 #: Subcommand modules, in the order ``fastsd --help`` lists them.
-COMMANDS = ("doctor", "install", "session", "model", "convert", "train", "webui", "ocr", "demo")
+COMMANDS = (
+    "doctor", "install", "session", "model", "convert", "train", "caption", "eval", "webui", "ocr", "ask", "demo"
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

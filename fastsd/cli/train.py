@@ -90,6 +90,18 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("session", help="session name")
     add_config_arguments(p)
     # the command's own flags (not training settings)
+    p.add_argument(
+        "--eval",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="score the final export with fastsd eval (DINO, CLIP-I, CLIP-T) at the end; auto: on GPUs only",
+    )
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        metavar="N",
+        help="first N of the 25 eval prompts (default all; --sample-steps steps)",
+    )
     p.add_argument("--force", action="store_true", help="break the session's lock if another process holds it")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -110,9 +122,62 @@ def run(args: argparse.Namespace) -> int:
     _fetch_model_first(args)
     from ..train import train
 
-    result = train(args.session, config_from_args(args), home=args.root, force=args.force)
+    config = config_from_args(args)
+    result = train(args.session, config, home=args.root, force=args.force)
+    scores = _evaluate_after(args, config, result)
     if args.json:
-        print(json.dumps(result.to_json()))
+        out = result.to_json()
+        out["eval"] = scores
+        print(json.dumps(out))
     else:
         print(result.summary())
     return 130 if result.stopped == "interrupted" else 0
+
+
+def _evaluate_after(args: argparse.Namespace, config: TrainConfig, result: Any) -> dict[str, Any] | None:
+    """``fastsd eval`` on the run's final export (``--eval``); a failure is a warning, never a failed run.
+
+    Runs in the main process only, after training has freed the GPU, with the sample steps and
+    the training size; skipped when the run stopped early or exported nothing.
+    """
+    import os
+    import sys
+
+    import torch
+
+    wanted = {"on": True, "off": False}.get(args.eval, torch.cuda.is_available())
+    if not wanted or result.stopped or not result.models or os.environ.get("RANK", "0") != "0":
+        return None
+    from ..errors import FastsdError
+    from ..eval import evaluate
+    from ..session import Session
+
+    session = Session.open(args.session, args.root)
+    try:
+        r = evaluate(
+            session,
+            export=result.models[-1],
+            prompts=args.eval_prompts,
+            steps=config.sample_steps,
+            size=config.resolution,
+            device=args.device,
+            home=args.root,
+        )
+    except FastsdError as err:
+        print(f"fastsd: warning: eval skipped: {err}; run 'fastsd eval {args.session}' later", file=sys.stderr)
+        return None
+    except Exception as err:  # noqa: BLE001 - the run is trained and exported: report it, whatever eval hit
+        if getattr(args, "debug", False):
+            raise
+        print(
+            f"fastsd: warning: eval failed ({type(err).__name__}: {err}); the model is exported; "
+            f"run 'fastsd eval {args.session} --debug' for details",
+            file=sys.stderr,
+        )
+        return None
+    if not args.json:
+        from ..eval.run import table
+
+        print(f"eval of {r.export} ({r.prompts} prompt(s) x {r.images_per_prompt}, {r.seconds:.0f} s):")
+        print(table([(r.export, r.metrics)]))
+    return {"export": r.export, **r.to_dict()}

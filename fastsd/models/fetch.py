@@ -27,7 +27,7 @@ from ..errors import ModelFormatError, NetworkError, UserInputError
 from ..paths import cache_dir, fastsd_home
 from ..redact import mask as redact
 from ..storage import TEMP_PREFIX, copy_file, sha256_file
-from .registry import BASE_MODELS, base_model
+from .registry import BASE_MODELS, HELPER_MODELS, base_model
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def _hub_snapshot(repo: str, revision: str | None, dest: Path) -> Path:
         if "model_index.json" in files:
             patterns: list[str] | None = DIFFUSERS_PATTERNS
         elif any(f.endswith(".safetensors") for f in files):
-            patterns = ["*.safetensors", "*.json", "*.txt", "*.yaml"]
+            patterns = ["*.safetensors", "*.json", "*.txt", "*.yaml", "*.jinja"]  # jinja: chat templates of VLMs
         else:
             patterns = None
         path = snapshot_download(repo, revision=revision, local_dir=dest, allow_patterns=patterns, token=token)
@@ -411,7 +411,7 @@ def check_spec(spec: str) -> str:
         UserInputError: none of these (the message lists the known names).
     """
     spec = spec.strip()
-    if spec in BASE_MODELS or spec.startswith(("http://", "https://")):
+    if spec in BASE_MODELS or spec in HELPER_MODELS or spec.startswith(("http://", "https://")):
         return spec
     if spec.startswith("hf:"):
         if spec[3:].partition("@")[0].count("/") != 1:
@@ -433,7 +433,7 @@ def get(
     """Fetch the model ``spec`` and return where it is on disk.
 
     Args:
-        spec: a registry name (``sd15``, ``sdxl``...), ``hf:org/repo[@rev]``, a Hub file URL
+        spec: a registry name (``sd15``, ``sdxl``..., or a helper model: ``qwen3-vl-2b``, ``dino-vits16``), ``hf:org/repo[@rev]``, a Hub file URL
             (``https://huggingface.co/org/repo/resolve/rev/file``), a Civitai model or version URL, a
             Google Drive share link, any http(s) URL (``#sha256=HEX`` to check it), or a local path.
         dest: the folder to put it in (default ``<home>/models/``, a Hub repo in a subfolder).
@@ -456,6 +456,8 @@ def get(
     if spec in BASE_MODELS:
         entry = base_model(spec)
         return _hub_snapshot(entry.repo, None, target or _models_dir(home) / spec)
+    if spec in HELPER_MODELS:  # captioning and scoring models (qwen3-vl-2b, dino-vits16, clip-vit-b32)
+        return _hub_snapshot(HELPER_MODELS[spec].repo_id, None, target or _models_dir(home) / spec)
     if spec.startswith("hf:"):
         check_spec(spec)
         repo, _, rev = spec[3:].partition("@")

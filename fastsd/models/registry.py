@@ -238,3 +238,69 @@ def base_model(name: str) -> BaseModel:
 def controlnets(family: str) -> tuple[ControlNet, ...]:
     """The ControlNets made for ``family`` (empty for families without any)."""
     return CONTROLNETS.get(family, ())
+
+
+@dataclass(frozen=True)
+class HelperModel:
+    """A model fastsd uses beside the diffusion model (captioning, scoring), fetched by name like the others.
+
+    Attributes:
+        name: the registry name (``--model`` accepts it).
+        repo: the Hub repo (``FASTSD_REPO_<NAME>`` overrides it, as for base models).
+        task: ``caption`` (a vision-language model) or ``score`` (an image/text embedding model).
+        licence: the licence of the weights.
+        notes: why this one.
+    """
+
+    name: str
+    repo: str
+    task: str
+    licence: str
+    notes: str = ""
+
+    @property
+    def repo_id(self) -> str:
+        """The Hub repo to fetch: the ``FASTSD_REPO_<NAME>`` override, else :attr:`repo`."""
+        return os.environ.get(override_variable(self.name)) or self.repo
+
+    @property
+    def spec(self) -> str:
+        """The model spec :func:`fastsd.models.load.local_model` takes: the name (fetched into
+        ``<home>/models/<name>``), or the local folder ``FASTSD_REPO_<NAME>`` names (an offline copy).
+        """
+        override = os.path.expanduser(os.environ.get(override_variable(self.name)) or "")
+        return override if override and os.path.isdir(override) else self.name
+
+
+#: Captioning and scoring models. The default VLM is Qwen3-VL-2B-Instruct: Apache-2.0, 2B parameters
+#: (about 4.3 GB in fp16, so it fits a T4 with room for batches), and captions close to much larger
+#: models (pose, setting, lighting, style), where Florence-2 and SmolVLM write shorter, vaguer ones
+#: and Qwen2.5-VL-3B's licence is research-only. DINO ViT-S/16 and CLIP ViT-B/32 are the DreamBooth
+#: paper's scorers (DINO, CLIP-I, CLIP-T), so fastsd's numbers are comparable to the paper's.
+HELPER_MODELS: dict[str, HelperModel] = {
+    m.name: m
+    for m in (
+        HelperModel("qwen3-vl-2b", "Qwen/Qwen3-VL-2B-Instruct", "caption", "Apache-2.0", "default captioner"),
+        HelperModel("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct", "caption", "Apache-2.0", "better, 8 GB in fp16"),
+        HelperModel("dino-vits16", "facebook/dino-vits16", "score", "Apache-2.0", "DreamBooth's DINO metric"),
+        HelperModel("clip-vit-b32", "openai/clip-vit-base-patch32", "score", "MIT", "CLIP-I and CLIP-T"),
+    )
+}
+
+#: The helper models each job uses by default.
+DEFAULT_CAPTIONER = "qwen3-vl-2b"
+DEFAULT_DINO = "dino-vits16"
+DEFAULT_CLIP = "clip-vit-b32"
+
+
+def helper_spec(name_or_spec: str) -> str:
+    """A helper model's spec: a registry name as it is (or its offline folder), a Hub id ``org/name`` gets ``hf:``.
+
+    Anything else (``hf:...``, a URL, a local folder) is returned as it is, for :func:`~fastsd.models.load.local_model`.
+    """
+    if name_or_spec in HELPER_MODELS:
+        return HELPER_MODELS[name_or_spec].spec
+    looks_like_repo = name_or_spec.count("/") == 1 and not name_or_spec.startswith((".", "/", "~", "hf:", "http"))
+    if looks_like_repo and not os.path.exists(name_or_spec):
+        return "hf:" + name_or_spec
+    return name_or_spec

@@ -10,15 +10,14 @@ many at once, which is how throughput scales past one GPU.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ..errors import FastsdError, NetworkError, UserInputError
+from ..errors import FastsdError, UserInputError
+from ..vlm.client import image_data_url  # noqa: F401 - re-exported: engine.image_data_url is public
 from .processor import PatchGrid, load_processor
 from .prompts import repetition
 
@@ -146,6 +145,9 @@ class TransformersEngine:
             self.fast = FastGlmOcr(self.model, cuda_graphs=quantize == "none")
         self._limits: dict[tuple[int, int], int] = {}  # page size -> batch size that fitted after an OOM
 
+    def close(self) -> None:
+        """Nothing to release but the model, which goes with the engine (the OCR protocol asks for it)."""
+
     @property
     def grid(self) -> PatchGrid:
         return self.processor.grid
@@ -255,15 +257,28 @@ class TransformersEngine:
         return out
 
 
-def image_data_url(image: Any) -> str:
-    """A PNG data URL of a PIL image (what chat-completions servers accept for local images)."""
-    from ..storage import png_bytes
+class OcrEngine(Protocol):
+    """What :func:`fastsd.ocr.ocr` needs of an engine: the page grid, a batch size, a batch run, close."""
 
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+    name: str
+    model_id: str
+
+    @property
+    def grid(self) -> PatchGrid: ...
+
+    def batch_size_for(self, size: tuple[int, int]) -> int: ...
+
+    def run(self, jobs: list[PageJob]) -> list[Generation]: ...
+
+    def close(self) -> None: ...
 
 
 class OpenAIEngine:
     """GLM-OCR served behind an OpenAI-compatible ``/v1/chat/completions`` (vLLM, SGLang).
+
+    Requests go through the shared :class:`fastsd.vlm.client.ChatClient`: bounded concurrency,
+    retries with backoff on 429/5xx and dropped connections, and a failed or malformed reply
+    becomes that page's error (``finish="error"``) while the other pages go on.
 
     Args:
         base_url: server root, e.g. ``http://127.0.0.1:8080/v1`` (``/v1`` added when missing).
@@ -285,21 +300,18 @@ class OpenAIEngine:
         api_key: str | None = None,
         timeout: float = 600.0,
         grid: PatchGrid | None = None,
+        retries: int = 4,
     ) -> None:
-        import httpx
+        from ..vlm.client import ChatClient
 
-        if not base_url:
-            raise UserInputError("--engine openai needs --base-url, e.g. http://127.0.0.1:8080/v1")
-        url = base_url.rstrip("/")
-        if not url.endswith("/v1"):
-            url += "/v1"
-        self.url = url + "/chat/completions"
+        self.client = ChatClient(
+            base_url, model=model, api_key=api_key, concurrency=concurrency, retries=retries, timeout=timeout
+        )
+        self.url = self.client.url
         self.model_id = model
-        self.concurrency = max(1, concurrency)
+        self.concurrency = self.client.concurrency
         self.max_new_tokens = max_new_tokens
         self.repetition_penalty = repetition_penalty
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
         # The server resizes itself; sizing pages to GLM-OCR's grid here keeps uploads small and identical.
         self._grid = grid or PatchGrid(min_pixels=12544, max_pixels=9633792)
 
@@ -310,49 +322,22 @@ class OpenAIEngine:
     def batch_size_for(self, size: tuple[int, int]) -> int:
         return self.concurrency
 
-    def _one(self, job: PageJob) -> Generation:
-        import httpx
+    def close(self) -> None:
+        self.client.close()
 
-        body = {
-            "model": self.model_id,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": image_data_url(job.image)}},
-                        {"type": "text", "text": job.prompt},
-                    ],
-                }
-            ],
-            "max_tokens": self.max_new_tokens,
-            "temperature": 0.0,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        start = time.perf_counter()
-        try:
-            resp = self.client.post(self.url, json=body)
-        except httpx.HTTPError as err:
-            raise NetworkError(f"OCR server {self.url} unreachable ({type(err).__name__}); is it running?") from err
-        if resp.status_code != 200:
-            return Generation(
-                job.key,
-                "",
-                0,
-                "error",
-                time.perf_counter() - start,
-                [f"server said {resp.status_code}: {resp.text[:200]}"],
-            )
-        data = resp.json()
-        choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
-        tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-        text, warnings, cut = _guarded(text)
-        finish = "repetition" if cut else ("length" if choice.get("finish_reason") == "length" else "eos")
+    def _generation(self, job: PageJob, reply: Any) -> Generation:
+        if reply.error:
+            return Generation(job.key, "", 0, "error", reply.seconds, [reply.error])
+        text, warnings, cut = _guarded(reply.text)
+        finish = "repetition" if cut else reply.finish
         if finish == "length":
             warnings.append(f"truncated: reached the {self.max_new_tokens}-token cap (raise --max-new-tokens)")
-        return Generation(job.key, text.strip(), tokens, finish, time.perf_counter() - start, warnings)
+        return Generation(job.key, text.strip(), reply.tokens, finish, reply.seconds, warnings)
 
     def run(self, jobs: list[PageJob]) -> list[Generation]:
         """Send the pages as concurrent requests; results come back in job order."""
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
-            return list(pool.map(self._one, jobs))
+        from ..vlm.client import user_message
+
+        params = {"max_tokens": self.max_new_tokens, "temperature": 0.0, "repetition_penalty": self.repetition_penalty}
+        replies = self.client.complete_many([(user_message(j.image, j.prompt), params) for j in jobs])
+        return [self._generation(j, r) for j, r in zip(jobs, replies, strict=True)]
