@@ -294,3 +294,17 @@ def test_layout_mode_through_fastsd_openai_engine_and_the_server(server, tmp_pat
     assert len(results) == 1 and results[0].regions
     assert not [w for w in results[0].warnings if "could not be read" in w or "server said" in w], results[0].warnings
     assert server.batcher.batches > before  # the regions were read by the server
+
+
+def test_fastsd_ocr_client_sends_the_servers_key_from_the_environment(engine, tmp_path, monkeypatch):
+    """`fastsd ocr --engine openai` against a `fastsd ocr serve` with a key: the key comes from
+    FASTSD_OCR_API_KEY (as the server reads it), so the page is read, not refused with a 401."""
+    from fastsd.ocr import ocr
+
+    noise(7, (196, 168)).save(tmp_path / "page.png")
+    monkeypatch.setenv("FASTSD_OCR_API_KEY", KEY)
+    with start(engine_obj=engine, port=0, api_key=KEY, quiet=True) as srv:
+        results = list(ocr([str(tmp_path / "page.png")], out=tmp_path / "out", engine="openai", base_url=srv.url,
+                           max_new_tokens=6, layout=False, progress=False))  # fmt: skip
+        assert srv.batcher.batches >= 1  # the server read it
+    assert len(results) == 1 and not [w for w in results[0].warnings if "401" in w or "server said" in w]

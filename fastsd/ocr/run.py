@@ -78,8 +78,16 @@ class OcrRun:
         if o.get("engine_obj") is not None:
             return o["engine_obj"]
         if o["engine"] == "openai":
+            from ..vlm.client import api_key
+
+            # fastsd ocr serve's key, else the usual OpenAI-compatible one (vLLM, SGLang, hosted)
+            key = api_key("FASTSD_OCR_API_KEY") or api_key()
             return OpenAIEngine(
-                o["base_url"], model=o["model"], max_new_tokens=o["max_new_tokens"], concurrency=o["concurrency"]
+                o["base_url"],
+                model=o["model"],
+                max_new_tokens=o["max_new_tokens"],
+                concurrency=o["concurrency"],
+                api_key=key,
             )
         return TransformersEngine(
             o["model"],
