@@ -346,11 +346,22 @@ def test_large_allowed_image_gets_a_readable_line_not_pils_warning(tmp_path, cap
 class _ChatServer(BaseHTTPRequestHandler):
     requests: list[dict] = []
     lock = threading.Lock()
+    malformed = 0  # this many replies come back without choices
 
     def do_POST(self):  # noqa: N802 - http.server API
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.lock:
             self.requests.append(body)
+            broken = _ChatServer.malformed > 0
+            _ChatServer.malformed -= broken
+        if broken:
+            data = b'{"choices": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         content = body["messages"][0]["content"]
         prompt = next(c["text"] for c in content if c["type"] == "text")
         image = Image.open(io.BytesIO(base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])))
@@ -373,6 +384,7 @@ class _ChatServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def chat_server():
     _ChatServer.requests = []
+    _ChatServer.malformed = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -393,6 +405,20 @@ def test_openai_engine_sends_prompts_and_images(tmp_path, chat_server):
     eng = OpenAIEngine(chat_server, concurrency=2)
     (g,) = eng.run([PageJob("t", page_image("t"), "Table Recognition:")])
     assert g.finish == "repetition" and g.text == "row" and g.warnings
+
+
+def test_a_page_the_server_failed_is_reported_and_read_again_on_a_rerun(tmp_path, chat_server):
+    page = tmp_path / "page.png"
+    page_image("p").save(page)
+    _ChatServer.malformed = 1
+    first = ocr([str(page)], engine="openai", base_url=chat_server, out=tmp_path / "out", progress=False)
+    (r,) = list(first)
+    assert r.finish == "error" and first.summary.done == 0
+    assert first.summary.failed and "page 1 could not be read" in first.summary.failed[0][1]
+    again = ocr([str(page)], engine="openai", base_url=chat_server, out=tmp_path / "out", progress=False)
+    (r2,) = list(again)
+    assert not r2.skipped and r2.finish != "error" and r2.text.startswith("Text Recognition:")
+    assert again.summary.done == 1 and not again.summary.failed
 
 
 def test_openai_engine_needs_base_url():

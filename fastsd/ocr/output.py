@@ -52,9 +52,13 @@ class DocumentWriter:
                 self.pages[int(rec["page"])] = rec
 
     def done(self, number: int, task: str, prompt: str) -> dict | None:
-        """The stored record of page ``number`` if it was done with this task and prompt."""
+        """The stored record of page ``number`` if it was done with this task and prompt.
+
+        A page whose reading failed (``finish == "error"``: a server that refused or dropped it) is
+        recorded so the user sees why, but is not done: a rerun reads it again.
+        """
         rec = self.pages.get(number)
-        if rec and rec.get("task") == task and rec.get("prompt") == prompt:
+        if rec and rec.get("task") == task and rec.get("prompt") == prompt and rec.get("finish") != "error":
             return rec
         return None
 

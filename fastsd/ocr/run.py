@@ -172,7 +172,11 @@ class OcrRun:
                             i, rec = gen.key[0], self._page_record(docs, gen, task, prompt, template)
                         writers[i].add(rec)
                         touched.add(i)
-                        summary.done += 1
+                        if rec["finish"] == "error":  # recorded with its reason; a rerun reads it again
+                            why = "; ".join(rec["warnings"]) or "the engine gave no text"
+                            summary.failed.append((docs[i].source, f"page {rec['page']} could not be read: {why}"))
+                        else:
+                            summary.done += 1
                         summary.warnings += bool(rec["warnings"])
                         remaining[i] -= 1
                         bar.update(1)
