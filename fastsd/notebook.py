@@ -893,12 +893,12 @@ def webui(
         timeout: seconds to wait for a backend's first start (installs take minutes).
 
     Returns:
-        The :class:`fastsd.webui.launcher.RunningUI` (``.url``, ``.stop()``, ``.log_tail()``).
+        The :class:`fastsd.launch.launcher.RunningUI` (``.url``, ``.stop()``, ``.log_tail()``).
 
     Raises:
         FastsdError: the UI did not start (the message carries the cause and the log's last lines).
     """
-    from .webui.launcher import WebUIOptions, start
+    from .launch.launcher import WebUIOptions, start
 
     if bool(user.strip()) != bool(password):
         raise UserInputError("give both a username and a password for the login, or neither")
@@ -927,7 +927,7 @@ def webui(
 
 def list_models(home: str | os.PathLike[str] | None = None) -> None:
     """Print the models every web UI started by fastsd lists (``<home>/models`` and sessions' exports)."""
-    from .webui.modelfolders import collect_models
+    from .launch.modelfolders import collect_models
 
     found = collect_models(fastsd_home(home))
     if not found:

@@ -19,8 +19,8 @@ import pytest
 
 from fastsd import redact, storage
 from fastsd.errors import InstallError, UserInputError
+from fastsd.launch import backends, controlnet, launcher, modelfolders, pyenv
 from fastsd.session import Session
-from fastsd.webui import backends, controlnet, launcher, modelfolders, pyenv
 
 PY = Path("/venv/bin/python")
 INSTALL = Path("/home/fastsd/webui/a1111")

@@ -283,7 +283,7 @@ def test_backends_get_a_single_file_for_a_diffusers_folder(home, tiny_sd1, monke
         installs.append(backend.name)
         raise RuntimeError("installing stops the test here")
 
-    monkeypatch.setattr("fastsd.webui.backends.install_backend", install_stops_here)
+    monkeypatch.setattr("fastsd.launch.backends.install_backend", install_stops_here)
     with pytest.raises(RuntimeError, match="stops the test"):
         nb.webui("a1111", model=tiny_sd1, tunnel="none")
     [single] = (tmp_path / "cache" / "converted").glob("*.safetensors")

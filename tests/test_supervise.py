@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsd.webui.supervise import BackendError, Supervisor, likely_cause
+from fastsd.launch.supervise import BackendError, Supervisor, likely_cause
 
 FAKE = str(Path(__file__).with_name("fake_webui.py"))
 
@@ -175,7 +175,7 @@ def fake_secrets(monkeypatch) -> dict[str, str]:
 @pytest.mark.parametrize("backend", ["a1111", "comfyui"])
 def test_backend_process_gets_no_tokens_and_its_log_has_none(tmp_path, monkeypatch, backend):
     from fastsd import redact
-    from fastsd.webui.backends import LaunchContext, get_backend
+    from fastsd.launch.backends import LaunchContext, get_backend
 
     redact.forget_all()
     tokens = fake_secrets(monkeypatch)

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastsd import redact, tunnel
+from fastsd import redact
 from fastsd.errors import UserInputError
+from fastsd.launch import tunnel
 
 DATA = Path(__file__).parent / "data" / "tunnel_output"
 
@@ -312,7 +313,7 @@ logging.getLogger("pyngrok.process.ngrok").info(
     't=2025-06-01T10:00:00 lvl=eror msg="session closed" err="authentication failed: Your authtoken: %s"', token
 )
 logging.getLogger("pyngrok.ngrok").warning("Opening tunnel with config {'authtoken': %r}", token)
-logging.getLogger("fastsd.tunnel").warning("ngrok agent env: NGROK_AUTHTOKEN=%s", token)
+logging.getLogger("fastsd.launch.tunnel").warning("ngrok agent env: NGROK_AUTHTOKEN=%s", token)
 import uvicorn.config
 logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
 logging.getLogger("uvicorn.error").error("request with key %s failed", civitai)

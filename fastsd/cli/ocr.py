@@ -80,8 +80,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """``fastsd ocr serve``: the OpenAI-compatible server until Ctrl-C (key from FASTSD_OCR_API_KEY)."""
-    from .. import tunnel
     from ..colab import secret
+    from ..launch import tunnel
     from ..ocr.serve import ServeLimits, start
 
     if len(args.inputs) > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..tunnel import KINDS
+from ..launch.tunnel import KINDS
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -52,7 +52,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..webui.launcher import WebUIOptions, launch
+    from ..launch.launcher import WebUIOptions, launch
 
     opts = WebUIOptions(
         backend=args.backend,

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import storage, tunnel
+from .. import storage
 from ..errors import FastsdError, UserInputError
 from ..paths import cache_dir, fastsd_home
 from ..redact import register
 from ..runtime import environment, gpus
+from . import tunnel
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class RunningUI:
     log_path: Path | None = None
     _tunnel: tunnel.Tunnel | None = field(default=None, repr=False)
     _server: Any = field(default=None, repr=False)  # fastsd.webui.server.ServerHandle
-    _supervisor: Any = field(default=None, repr=False)  # fastsd.webui.supervise.Supervisor
+    _supervisor: Any = field(default=None, repr=False)  # fastsd.launch.supervise.Supervisor
     _watchdog: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -225,7 +226,7 @@ def _wait_forever(server: Any = None) -> None:
 
 
 def _start_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[str], None]) -> RunningUI:
-    from . import server  # the built-in server (fastsd.webui.server); imported only when used
+    from ..webui import server  # the built-in server (fastsd.webui.server); imported only when used
 
     port = opts.port or 7860
     auth = resolve_auth(opts.auth, kind, opts.listen, echo)

@@ -37,10 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import storage
-from .errors import FastsdError, NetworkError, UserInputError
-from .paths import cache_dir
-from .redact import mask, register
+from .. import storage
+from ..errors import FastsdError, NetworkError, UserInputError
+from ..paths import cache_dir
+from ..redact import mask, register
 
 KINDS = ("colab", "ngrok", "cloudflared", "localtunnel", "gradio", "none")
 PUBLIC_KINDS = ("ngrok", "cloudflared", "localtunnel", "gradio")
@@ -274,7 +274,7 @@ def read_until(
 
 def colab_proxy_url(port: int) -> str:
     """Colab's proxy URL for ``port`` (only inside a Colab notebook kernel)."""
-    from .colab import proxy_url
+    from ..colab import proxy_url
 
     try:
         return proxy_url(port)
@@ -289,7 +289,7 @@ def colab_tier() -> str:
     High-RAM (over ~13 GB) machines, so those mean paid; a T4 with 12.7 GB RAM is what the free
     tier gives, but paid users can get it too, so that stays ``unknown``.
     """
-    from .runtime import gpus, ram_gb
+    from ..runtime import gpus, ram_gb
 
     if any(k in os.environ for k in ("COLAB_TPU_ADDR", "TPU_NAME")):
         return "paid"
@@ -319,7 +319,7 @@ def ngrok_token(explicit: str | None = None) -> str:
     Raises:
         UserInputError: none found (with where to get one).
     """
-    from .colab import secret
+    from ..colab import secret
 
     token = explicit or secret("NGROK_AUTHTOKEN")
     if not token:
