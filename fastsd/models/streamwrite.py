@@ -77,16 +77,18 @@ def merged(pieces: Iterable[Span | torch.Tensor]) -> Iterator[Span | torch.Tenso
         yield run
 
 
-def _start_writeback(fh: Any) -> None:
-    """Ask the kernel to start writing what we wrote so far, while we go on copying.
+def _start_writeback(fh: Any, start: int, end: int) -> None:
+    """Ask the kernel to start writing output bytes ``start .. end`` to disk, while we go on copying.
 
     Without this the whole file would sit dirty in the page cache until the final fsync, which
-    would then wait for all of it (and hold that much RAM on a small Colab).
+    would then wait for all of it (and fill a small Colab's RAM with cache). The range given
+    also covers the window before, by now on disk: its clean pages are dropped from the cache.
+    Bounded ranges keep each call's cost flat however large the file grows.
     """
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             fh.flush()
-            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fh.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def write_pieces(fh: BinaryIO, header: bytes, pieces: Iterable[Span | torch.Tensor]) -> None:
@@ -106,7 +108,15 @@ def write_pieces(fh: BinaryIO, header: bytes, pieces: Iterable[Span | torch.Tens
 
     def writer() -> None:
         try:
-            since = 0
+            offset, kicked, window = 0, 0, 0  # bytes written; where the last two writeback windows start
+
+            def wrote(n: int) -> None:
+                nonlocal offset, kicked, window
+                offset += n
+                if offset - kicked >= WRITEBACK_BYTES:
+                    _start_writeback(fh, window, offset)
+                    window, kicked = kicked, offset
+
             while (item := pending.get()) is not None:
                 if isinstance(item, Span):
                     fd = fds.get(item.path)
@@ -115,16 +125,10 @@ def write_pieces(fh: BinaryIO, header: bytes, pieces: Iterable[Span | torch.Tens
                     for pos in range(item.start, item.end, COPY_STEP):
                         n = min(COPY_STEP, item.end - pos)
                         copy_range(fd, pos, n)
-                        since += n
-                        if since >= WRITEBACK_BYTES:
-                            _start_writeback(fh)
-                            since = 0
+                        wrote(n)
                 else:
                     fh.write(item[1])
-                    since += len(item[1])
-                    if since >= WRITEBACK_BYTES:
-                        _start_writeback(fh)
-                        since = 0
+                    wrote(len(item[1]))
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             failure.append(err)
             while pending.get() is not None:  # drain so the producer never blocks
