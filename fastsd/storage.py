@@ -264,8 +264,8 @@ def write_stream(
         raise
 
 
-#: errno values meaning "sendfile cannot do this pair of files" (the bytes are then copied through a buffer).
-_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EBADF}
+#: errno values meaning "sendfile cannot do this pair of files" (macOS: only to sockets); a buffer copies instead.
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EBADF, errno.ENOTSOCK}
 
 
 def _pread_into(fd: int, buf: memoryview, pos: int) -> int:
