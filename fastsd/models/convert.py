@@ -5,8 +5,8 @@ Diffusers -> single file is streamed: the output header is computed from the inp
 not change (renamed, reshaped, concatenated, same dtype) are copied file to file in the kernel;
 the others are read, cast or transposed and written, large ones in chunks
 (:mod:`fastsd.models.streamwrite`). Peak memory is the Python process plus a few chunks, whatever
-the model size, so an fp32 SDXL converts on a free Colab. The file goes through :func:`fastsd.storage.write_stream`: it appears under its final name
-only when complete.
+the model size, so an fp32 SDXL converts on a free Colab. The file goes through
+:func:`fastsd.storage.write_stream`: it appears under its final name only when complete.
 
 Single file -> Diffusers goes through diffusers' own ``from_single_file`` with a config shipped in
 ``fastsd/models/configs`` for the detected family, so it works offline.
