@@ -7,6 +7,10 @@ name. A crash leaves at most a ``.fastsd-tmp-*`` file. A temp name says who made
 the host name and the pid), so a leftover of a dead process can be told from a write in progress:
 :func:`clean_temp_files` removes leftovers, and every write removes the stale temps of earlier,
 killed writes of the same target before it starts (a killed conversion left gigabytes on Drive).
+
+Files, streams (with in-kernel copies of other files' byte ranges), folders built under a temp
+name and swapped in, scratch folders and PNG bytes all live here, past the usual ~600 lines, on
+purpose: they share one temp-name and cleanup rule, and a second module would be a second owner.
 """
 
 from __future__ import annotations
@@ -219,7 +223,9 @@ def write_stream(
 
     Args:
         path: the final file name.
-        produce: writes the content to the binary file object it is given.
+        produce: writes the content to the binary file object it is given. Besides ``write``, that
+            object has ``copy_range(fd, offset, count)``, which appends a byte range of another
+            open file inside the kernel (see :meth:`_HashingWriter.copy_range`).
         verify_sha256: re-read the file after fsync and return its sha256 (for checkpoints and
             models: catches a write that Drive silently dropped).
 
@@ -370,11 +376,27 @@ def scratch_folder(name: str, tag: str = "") -> Iterator[Path]:
         _remove_temp(scratch)
 
 
+#: errno values meaning "sendfile cannot do this pair of files" (macOS: only to sockets); a buffer copies instead.
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EBADF, errno.ENOTSOCK}
+
+
+def _pread_into(fd: int, buf: memoryview, pos: int) -> int:
+    """Read up to ``len(buf)`` bytes at ``pos`` of ``fd`` into ``buf``; how many were read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], pos)
+    os.lseek(fd, pos, os.SEEK_SET)
+    data = os.read(fd, len(buf))
+    buf[: len(data)] = data
+    return len(data)
+
+
 class _HashingWriter:
     """File wrapper that counts and hashes what passes through it."""
 
     def __init__(self, raw: BinaryIO, digest: Any) -> None:
         self.raw, self.digest, self.count = raw, digest, 0
+        self._sendfile = hasattr(os, "sendfile")
+        self._buffer: memoryview | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self.raw.write(data)
@@ -382,6 +404,48 @@ class _HashingWriter:
             self.digest.update(data)
         self.count += len(data)
         return n
+
+    def copy_range(self, src_fd: int, offset: int, count: int) -> None:
+        """Append bytes ``offset .. offset + count`` of the open file ``src_fd``.
+
+        Unhashed copies go file to file inside the kernel (``sendfile``): no pass through Python,
+        no page of it in this process's memory, which is what lets a converter copy at the disk's
+        speed. When the write is hashed, or the filesystem pair refuses ``sendfile`` (some FUSE
+        mounts), the bytes pass once through a reused buffer and are hashed on the way (never
+        re-read). Where positioned reads are missing (Windows) the source offset moves: give an fd
+        that nothing else reads at the same time.
+
+        Raises:
+            OSError: a read or write failed, or the source ended before ``offset + count``
+                (changed while copying); :func:`write_stream` turns it into a StorageError.
+        """
+        done = 0
+        if self._sendfile and self.digest is None and count:
+            self.raw.flush()
+            out = self.raw.fileno()
+            try:
+                while done < count:
+                    n = os.sendfile(out, src_fd, offset + done, count - done)
+                    if not n:
+                        raise OSError(errno.EIO, "the source file ended early (was it changed while copying?)")
+                    done += n
+                    self.count += n
+            except OSError as err:
+                if err.errno not in _NO_SENDFILE:
+                    raise
+                self._sendfile = False  # go on through the buffer from where sendfile stopped
+            finally:
+                self.raw.seek(0, os.SEEK_END)  # the buffered file learns where sendfile left the fd
+        if done < count:
+            if self._buffer is None:
+                self._buffer = memoryview(bytearray(CHUNK))
+            while done < count:
+                want = min(len(self._buffer), count - done)
+                n = _pread_into(src_fd, self._buffer[:want], offset + done)
+                if not n:
+                    raise OSError(errno.EIO, "the source file ended early (was it changed while copying?)")
+                self.write(self._buffer[:n])
+                done += n
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)

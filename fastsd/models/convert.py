@@ -1,11 +1,12 @@
 """Diffusers folder <-> single-file checkpoint, the format A1111, Forge and ComfyUI load.
 
 Diffusers -> single file is streamed: the output header is computed from the input headers (see
-:mod:`fastsd.models.keymap`), then each tensor is read, renamed or reshaped, cast, and written,
-large ones in chunks, while a writer thread hashes and writes the previous chunk. Peak memory is
-the Python process plus a few chunks, whatever the model size, so an fp32 SDXL converts on a free
-Colab. The file goes through :func:`fastsd.storage.write_stream`: it appears under its final name
-only when complete.
+:mod:`fastsd.models.keymap`), then the tensors follow in input-file order. Tensors whose bytes do
+not change (renamed, reshaped, concatenated, same dtype) are copied file to file in the kernel;
+the others are read, cast or transposed and written, large ones in chunks
+(:mod:`fastsd.models.streamwrite`). Peak memory is the Python process plus a few chunks, whatever
+the model size, so an fp32 SDXL converts on a free Colab. The file goes through
+:func:`fastsd.storage.write_stream`: it appears under its final name only when complete.
 
 Single file -> Diffusers goes through diffusers' own ``from_single_file`` with a config shipped in
 ``fastsd/models/configs`` for the detected family, so it works offline.
@@ -19,11 +20,10 @@ import gzip
 import json
 import logging
 import os
-import queue
 import shutil
-import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -32,13 +32,13 @@ from ..paths import cache_dir
 from ..storage import building_folder, write_stream, write_text
 from . import keymap
 from .detect import Detection, detect, weight_files
-from .tensorfile import TensorInfo, TensorSource, map_flat, safetensors_header, tensor_bytes
+from .streamwrite import Span, byte_spans, write_pieces
+from .tensorfile import TensorInfo, TensorSource, map_flat, safetensors_header
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "ckpt")
 CHUNK_BYTES = 16 * 1024 * 1024
-WRITEBACK_BYTES = 256 * 1024 * 1024
 CONFIGS = Path(__file__).parent / "configs"
 
 #: family/variant -> modelspec architecture (the names kohya sd-scripts and Stability's tools write).
@@ -210,62 +210,18 @@ def _chunks(info: TensorInfo, source: TensorSource, dtype: torch.dtype):
         yield map_flat(fh, info, pos, min(pos + step, info.end)).to(dtype)  # type: ignore[type-var]
 
 
-def _start_writeback(fh: BinaryIO) -> None:
-    """Ask the kernel to start writing what we wrote so far, while we go on computing.
-
-    write_stream ends with an fsync; without this the whole file would sit dirty in the page cache
-    until then and the fsync would wait for all of it (and hold that much RAM on a small Colab).
-    """
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            fh.flush()
-            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _stream_tensors(plans: list[tuple[TensorSource, list[keymap.Op]]], half: bool, fh: BinaryIO, header: bytes) -> None:
-    """Write ``header`` and every planned tensor to ``fh``; a second thread does the writing.
-
-    The writer thread hashes (inside write_stream) and writes one chunk while this thread reads and
-    casts the next; both release the GIL, so two cores are kept busy. The queue is short so memory
-    stays at a few chunks.
-    """
-    pending: queue.Queue = queue.Queue(maxsize=3)
-    failure: list[BaseException] = []
-
-    def writer() -> None:
-        try:
-            flushed = 0
-            while (item := pending.get()) is not None:
-                fh.write(item[1])
-                flushed += len(item[1])
-                if flushed >= WRITEBACK_BYTES:
-                    _start_writeback(fh)
-                    flushed = 0
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            failure.append(err)
-            while pending.get() is not None:  # drain so the producer never blocks
-                pass
-
-    thread = threading.Thread(target=writer, name="fastsd-convert-writer", daemon=True)
-    thread.start()
-    try:
-        pending.put((None, header))
-        for source, ops in plans:
-            for op in ops:
-                if failure:
-                    break
-                dtype, _ = _out_meta(op, source, half)
-                if op.kind == "copy":
-                    for piece in _chunks(source.infos[op.sources[0]], source, dtype):
-                        pending.put((piece, tensor_bytes(piece)))
-                else:
-                    t = _build(op, source, dtype)
-                    pending.put((t, tensor_bytes(t)))
-    finally:
-        pending.put(None)
-        thread.join()
-    if failure:
-        raise failure[0]
+def _pieces(plans: list[tuple[TensorSource, list[keymap.Op]]], half: bool) -> Iterator[Span | torch.Tensor]:
+    """Every planned tensor in output order: byte ranges of the inputs where the bytes stay, else tensors."""
+    for source, ops in plans:
+        for op in ops:
+            dtype, _ = _out_meta(op, source, half)
+            spans = byte_spans(op, source, dtype)
+            if spans is not None:
+                yield from spans
+            elif op.kind == "copy":
+                yield from _chunks(source.infos[op.sources[0]], source, dtype)
+            else:
+                yield _build(op, source, dtype)
 
 
 def diffusers_to_single_file(
@@ -321,7 +277,7 @@ def diffusers_to_single_file(
         if fmt == "safetensors":
             entries = [(op.out, *_out_meta(op, s, half)) for s, ops in plans for op in ops]
             header = safetensors_header(entries, {str(k): str(v) for k, v in meta.items()})
-            write_stream(dst, lambda fh: _stream_tensors(plans, half, fh, header))
+            write_stream(dst, lambda fh: write_pieces(fh, header, _pieces(plans, half)))
         else:
             state = {op.out: _build(op, s, _out_meta(op, s, half)[0]) for s, ops in plans for op in ops}
             write_stream(dst, lambda fh: torch.save({"state_dict": state}, fh))

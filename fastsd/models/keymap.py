@@ -34,6 +34,12 @@ class Op:
     n: int = 0
 
 
+#: Op kinds whose output bytes are their sources' bytes, one after the other, when the dtype stays:
+#: a reshape changes only the header's shape, and a dim-0 concatenation of contiguous tensors is
+#: their bytes in order. The converter copies these without looking at them.
+BYTE_COPY_KINDS = frozenset({"copy", "conv1x1", "qkv"})
+
+
 # --- UNet ------------------------------------------------------------------------------------
 
 UNET_FIXED = {
