@@ -298,7 +298,17 @@ BUILDERS = {
     "sd2": build_sd2,
     "sd2-512": lambda folder: build_sd2(folder, v_prediction=False),
     "sdxl": build_sdxl,
+    "sd3": lambda folder: _flow("build_sd3")(folder),
+    "sd3-large": lambda folder: _flow("build_sd3")(folder, variant="large"),
+    "flux": lambda folder: _flow("build_flux")(folder),
+    "flux-schnell": lambda folder: _flow("build_flux")(folder, variant="schnell"),
 }
+
+
+def _flow(name: str) -> Callable:
+    from . import tiny_flow  # the SD3/FLUX builders live beside this module
+
+    return getattr(tiny_flow, name)
 
 
 def save_tiny_pipeline(kind: str, folder: str | Path) -> Path:
