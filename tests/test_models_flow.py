@@ -46,7 +46,7 @@ def test_detect_tells_sd3_and_flux_and_their_variants_from_folders_and_files(tin
 
 
 def test_detect_variants_from_original_names(tmp_path):
-    from fastsd.demo.tiny_flow import tiny_flux_transformer, tiny_sd3_transformer
+    from fastsd.demo.tiny import tiny_flux_transformer, tiny_sd3_transformer
 
     def write(model, kind: str, prefix: str, name: str) -> Path:
         sd = model.state_dict()

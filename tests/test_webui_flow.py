@@ -118,7 +118,7 @@ def test_a_forced_plan_that_does_not_fit_is_refused_naming_the_setting():
     with pytest.raises(UserInputError) as err:
         memplan.choose_plan("flux", "dev", **T4, want="fp16")
     message = str(err.value)
-    assert "\n" not in message and message.endswith("set fastsd_memory_plan to auto")
+    assert "\n" not in message and message.endswith("set fastsd_memory_plan (fastsd webui --memory-plan) to auto")
     assert message.startswith("fastsd_memory_plan fp16 needs ~34.2 GiB VRAM")
     with pytest.raises(UserInputError, match="fits no memory plan here"):
         memplan.choose_plan("flux", "dev", 8, 6)

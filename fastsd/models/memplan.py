@@ -62,7 +62,8 @@ FLOW_FAMILIES = ("sd3", "flux")
 #: Pipeline component holding the T5 encoder, per family.
 T5_COMPONENT = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
 PLAN_NAMES = ("fp16", "fp16-t5i8", "int8", "nf4", "nf4-t5nf4", "offload", "sequential")
-SETTING = "fastsd_memory_plan"
+SETTING = "fastsd_memory_plan"  # the web UI option; `fastsd webui --memory-plan` sets it
+SETTING_HOW = f"{SETTING} (fastsd webui --memory-plan)"
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def choose_plan(
                 "use a GPU runtime (fastsd_memory_plan applies to GPUs only)"
             )
         return MemoryPlan("cpu", "fp32", "fp32", "none", "float32", 0.0, need)
-    names = PLAN_NAMES if want in (None, "", "auto") else (want,)
+    names = PLAN_NAMES if want in (None, "", "auto") else (want,)  # best first
     tried = []
     for name in names:
         plan = estimate(family, variant, name, bf16=bf16, sizes=sizes)
@@ -202,7 +203,7 @@ def choose_plan(
         p = tried[0]
         raise UserInputError(
             f"{SETTING} {want} needs ~{p.vram_gib:.1f} GiB VRAM and ~{p.ram_gib:.1f} GiB RAM for {family} {variant}; "
-            f"this machine has {vram_gib:.1f} GiB VRAM and {ram_gib:.1f} GiB RAM: set {SETTING} to auto"
+            f"this machine has {vram_gib:.1f} GiB VRAM and {ram_gib:.1f} GiB RAM: set {SETTING_HOW} to auto"
         )
     smallest = min(tried, key=lambda p: p.ram_gib)
     raise UserInputError(
