@@ -132,3 +132,23 @@ def test_a_file_of_another_size_than_the_config_is_refused(tiny_sd3, tiny_flux, 
     single = convert(tiny_flux, tmp_path / "f.safetensors")
     with pytest.raises(UserInputError, match="is a sd3 model, but f.safetensors is flux"):
         convert(single, tmp_path / "back", config=tiny_sd3)
+
+
+def test_sd3_and_flux_loras_are_told_apart_in_diffusers_and_kohya_names(tmp_path):
+    lora = {"lora_down.weight": torch.zeros(4, 3072), "lora_up.weight": torch.zeros(3072, 4)}
+    cases = {
+        "kohya-flux": ("lora_unet_double_blocks_0_img_attn_qkv.", "flux"),
+        "kohya-sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv.", "sd3"),
+        "peft-flux": ("transformer.single_transformer_blocks.0.attn.to_q.", "flux"),
+    }
+    for name, (prefix, family) in cases.items():
+        save_file({prefix + k: v for k, v in lora.items()}, tmp_path / f"{name}.safetensors")
+        det = detect(tmp_path / f"{name}.safetensors")
+        assert (det.kind, det.family) == ("lora", family), name
+    for width, family in ((1536, "sd3"), (2432, "sd3"), (3072, "flux")):
+        key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+        save_file(
+            {key: torch.zeros(4, width), key.replace("lora_A", "lora_B"): torch.zeros(width, 4)},
+            tmp_path / "p.safetensors",
+        )
+        assert detect(tmp_path / "p.safetensors").family == family

@@ -7,6 +7,7 @@ import shutil
 
 import httpx
 import pytest
+from PIL import Image
 from webui_fixtures import b64_png, decode
 
 from fastsd.errors import UserInputError
@@ -49,6 +50,13 @@ def test_txt2img_and_img2img_through_the_a1111_api(client, model):
     i2i = _post(client, model, "img2img", init_images=[b64_png(image)], denoising_strength=0.5, seed=5)
     assert i2i.status_code == 200, i2i.text
     assert decode(i2i.json()["images"][0]).size == (64, 64)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    red = Image.new("RGB", (64, 64), (200, 10, 10))
+    inpaint = _post(client, model, "img2img", init_images=[b64_png(red)], mask=b64_png(mask), seed=5)
+    assert inpaint.status_code == 200, inpaint.text
+    out = decode(inpaint.json()["images"][0])
+    assert out.getpixel((2, 2)) == (200, 10, 10) and out.getpixel((32, 32)) != (200, 10, 10)  # only the mask repainted
 
 
 def test_flux_defaults_are_its_own_and_the_negative_prompt_is_reported_ignored(client):

@@ -6,8 +6,10 @@ checkpoints are opened with ``torch.load(weights_only=True, mmap=True)``.
 
 Rules (first match wins), for a single file:
 
-* LoRA: ``lora_up``/``lora_down``/``lora_A``/``lora_B`` keys. Family from the cross-attention
-  input width (768 SD1, 1024 SD2, 2048 SDXL) or ``lora_te2_`` keys (SDXL).
+* LoRA: ``lora_up``/``lora_down``/``lora_A``/``lora_B`` keys. FLUX from ``double_blocks``/
+  ``single_blocks`` (kohya, ComfyUI) or ``single_transformer_blocks`` (Diffusers) names, SD3 from
+  ``joint_blocks`` or the transformer's width (1536 SD3.5 Medium, 2432 Large, 3072 FLUX); else the
+  family from the cross-attention input width (768 SD1, 1024 SD2, 2048 SDXL) or ``lora_te2_`` keys (SDXL).
 * VAE only: ``encoder.``/``decoder.`` keys and no UNet.
 * SD3 (``joint_blocks``; variant from the MMDiT: dual attention = 3.5 Medium, qk-norm only = 3.5
   Large, "turbo" in the name/metadata = Large Turbo), FLUX (``double_blocks``; a ``guidance_in``
@@ -199,7 +201,10 @@ def _detect_file(path: Path) -> Detection:
         det.components = sorted(
             {"unet" if ("unet" in k or "transformer" in k) else "text_encoder" for k in keys if "lora" in k}
         )
-        if any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
+        flow = _flow_lora_family(keys, infos)
+        if flow:
+            det.family = flow
+        elif any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
             det.family = "sdxl"
         else:
             widths = [
@@ -271,6 +276,26 @@ FLOW_TEXT_ENCODERS = {
     },
     "flux": {"text_encoders.clip_l.": "text_encoder", "text_encoders.t5xxl.": "text_encoder_2"},
 }
+
+
+#: Hidden width of the transformer -> family, for SD3/FLUX LoRAs that touch only the joint blocks.
+FLOW_WIDTH = {1536: "sd3", 2432: "sd3", 3072: "flux"}
+
+
+def _flow_lora_family(keys: list[str], infos: dict[str, TensorInfo]) -> str | None:
+    """``sd3``/``flux`` for LoRAs of those transformers, in Diffusers/PEFT, kohya or ComfyUI names."""
+    if any(("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k) for k in keys):
+        return "flux"
+    if any("joint_blocks" in k for k in keys):
+        return "sd3"
+    widths = [
+        infos[k].shape[-1]
+        for k in keys
+        if k.startswith("transformer.transformer_blocks.")
+        and ".attn.to_q." in k
+        and ("lora_A" in k or "lora_down" in k)
+    ]
+    return FLOW_WIDTH.get(widths[0]) if widths else None
 
 
 def _turbo(*names: str) -> bool:
