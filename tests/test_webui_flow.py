@@ -23,10 +23,33 @@ def client(tmp_path_factory, tiny_sd3, tiny_flux):
     root = tmp_path_factory.mktemp("flow-home")
     shutil.copytree(tiny_sd3, root / "models" / "tiny-sd3")
     shutil.copytree(tiny_flux, root / "models" / "tiny-flux")
+    for name, folder in (("sd3", tiny_sd3), ("flux", tiny_flux)):
+        _lora(name, folder, root / "models" / "Lora")
     handle = start(home=root, port=0, ui=False, quiet=True)
     with httpx.Client(base_url=handle.url, timeout=300) as c:
         yield c
     handle.stop()
+
+
+def _lora(family: str, pipeline, out) -> None:
+    """A diffusers-format LoRA on the tiny transformer (what diffusers' and kohya's SD3/FLUX trainers save)."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model_cls, pipe_cls = {
+        "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline"),
+        "flux": ("FluxTransformer2DModel", "FluxPipeline"),
+    }[family]
+    transformer = getattr(diffusers, model_cls).from_pretrained(pipeline / "transformer")
+    torch.manual_seed(0)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    layers = {k: v * 5 for k, v in get_peft_model_state_dict(transformer).items()}
+    getattr(diffusers, pipe_cls).save_lora_weights(
+        out, transformer_lora_layers=layers, weight_name=f"{family}lora.safetensors"
+    )
 
 
 def _post(client, model: str, path: str = "txt2img", **fields):
@@ -57,6 +80,16 @@ def test_txt2img_and_img2img_through_the_a1111_api(client, model):
     assert inpaint.status_code == 200, inpaint.text
     out = decode(inpaint.json()["images"][0])
     assert out.getpixel((2, 2)) == (200, 10, 10) and out.getpixel((32, 32)) != (200, 10, 10)  # only the mask repainted
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_lora_tag_changes_the_image_and_its_absence_restores_it(client, family):
+    model = f"tiny-{family}"
+    plain = _post(client, model, seed=3).json()["images"]
+    with_lora = _post(client, model, seed=3, prompt=f"a photo of a dog <lora:{family}lora:1>").json()
+    assert with_lora["images"] != plain
+    assert f'Lora weights: "{family}lora: 1"' in json.loads(with_lora["info"])["infotexts"][0]
+    assert _post(client, model, seed=3).json()["images"] == plain
 
 
 def test_flux_defaults_are_its_own_and_the_negative_prompt_is_reported_ignored(client):

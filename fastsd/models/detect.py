@@ -204,6 +204,7 @@ def _detect_file(path: Path) -> Detection:
         flow = _flow_lora_family(keys, infos)
         if flow:
             det.family = flow
+            det.components = ["transformer" if c == "unet" else c for c in det.components]
         elif any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
             det.family = "sdxl"
         else:
