@@ -152,3 +152,19 @@ def test_sd3_and_flux_loras_are_told_apart_in_diffusers_and_kohya_names(tmp_path
             tmp_path / "p.safetensors",
         )
         assert detect(tmp_path / "p.safetensors").family == family
+
+
+def test_prefixed_flux_and_bare_sd3_transformer_files_convert_back(tiny_sd3, tiny_flux, tmp_path):
+    from safetensors.torch import load_file
+
+    flux = load_file(convert(tiny_flux, tmp_path / "f.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in flux.items()}, tmp_path / "comfy-flux.safetensors")
+    back = convert(tmp_path / "comfy-flux.safetensors", tmp_path / "flux-back", config=tiny_flux)
+    _same_weights(tiny_flux / "transformer", back / "transformer")
+    sd3 = load_file(convert(tiny_sd3, tmp_path / "s.safetensors"))
+    bare = {k.removeprefix("model.diffusion_model."): v for k, v in sd3.items() if k.startswith("model.")}
+    save_file(bare, tmp_path / "mmdit.safetensors")
+    assert detect(tmp_path / "mmdit.safetensors").kind == "transformer"
+    back = convert(tmp_path / "mmdit.safetensors", tmp_path / "sd3-back", config=tiny_sd3)
+    _same_weights(tiny_sd3 / "transformer", back / "transformer")
+    _same_weights(tiny_sd3 / "vae", back / "vae")  # not in the file: the config folder's

@@ -218,6 +218,10 @@ def to_diffusers(
         for component, kind, prefix in LAYOUT[det.family]:
             if component not in replaced:
                 continue
+            if component == "transformer":  # Stability's and ComfyUI's files prefix it, BFL's do not
+                prefix = (
+                    "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in file_keys) else ""
+                )
             shapes = _meta_shapes(tmp / component)
             ops = plan(kind, list(shapes), shapes, prefix)
             items: list[tuple[str, str, int, int, str]] = []  # (diffusers key, file key, row0, row1, op kind)
