@@ -213,7 +213,8 @@ def test_session_new_refuses_an_unknown_base_model_and_stores_paths_absolute(cli
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         "fastsd: error: nonsense is not a known model name (sd15, sd15-inpaint, sd21-512, sd21-768, sdxl, "
-        "sdxl-refiner, sd35-medium), a URL, hf:org/repo, or an existing path"
+        "sdxl-refiner, sd35-medium, sd35-large, sd35-large-turbo, flux1-dev, flux1-schnell), a URL, hf:org/repo, "
+        "or an existing path"
     )
     assert not (home / "sessions" / "typo").exists()
     for spec in ("sdxl", "hf:org/repo", "https://example.com/m.safetensors"):
