@@ -168,3 +168,10 @@ def test_prefixed_flux_and_bare_sd3_transformer_files_convert_back(tiny_sd3, tin
     back = convert(tmp_path / "mmdit.safetensors", tmp_path / "sd3-back", config=tiny_sd3)
     _same_weights(tiny_sd3 / "transformer", back / "transformer")
     _same_weights(tiny_sd3 / "vae", back / "vae")  # not in the file: the config folder's
+
+
+def test_training_facts_refuse_sd3_and_flux_plainly(tiny_flux):
+    from fastsd.models.detect import diffusers_family
+
+    with pytest.raises(UserInputError, match="is a flux model: fastsd trains SD1, SD2 and SDXL"):
+        diffusers_family(tiny_flux)

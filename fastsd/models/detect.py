@@ -523,6 +523,12 @@ def diffusers_family(model: str | os.PathLike[str]) -> dict[str, Any]:
     """
     root = Path(model)
     unet_cfg = root / "unet" / "config.json"
+    if not unet_cfg.is_file() and (root / "transformer" / "config.json").is_file():
+        family = _detect_folder(root).family if (root / "model_index.json").is_file() else "SD3/FLUX"
+        raise UserInputError(
+            f"base model {model} is a {family} model: fastsd trains SD1, SD2 and SDXL; SD3.5 and FLUX.1 "
+            "can be generated with and converted, not trained yet"
+        )
     if not unet_cfg.is_file():
         raise UserInputError(
             f"base model {model} is not a Diffusers folder (no unet/config.json): "
