@@ -206,8 +206,11 @@ on Drive too, so the second start is quick.
         """
 #@title 2. Web UI and model
 #@markdown `builtin` starts in seconds; A1111, Forge and ComfyUI install on their first start (several minutes).
-#@markdown The model to load first: a registry name (`sd15`, `sdxl`...), `hf:org/repo`, a link, or a path on Drive;
-#@markdown blank: only the models already in `fastsd/models` and your sessions. ControlNets (comma-separated names,
+#@markdown The model to load first: a registry name (`sd15`, `sdxl`, `sd35-medium`, `sd35-large`, `sd35-large-turbo`,
+#@markdown `flux1-schnell`, `flux1-dev`...), `hf:org/repo`, a link, or a path on Drive; blank: only the models already
+#@markdown in `fastsd/models` and your sessions. SD3.5 and FLUX.1-dev are gated: accept the licence on their Hub page
+#@markdown and add `HF_TOKEN` in Colab's Secrets. For them the built-in UI picks the memory plan for this GPU (on a
+#@markdown T4: SD3.5 Medium in fp16, SD3.5 Large and FLUX.1 in 4-bit NF4). ControlNets (comma-separated names,
 #@markdown e.g. `canny, depth`) are picked for the model's family; extensions are git URLs (A1111/Forge/ComfyUI).
 backend = "builtin"  #@param ["builtin", "a1111", "forge", "comfyui"]
 model = "sd15"  #@param {type:"string"}

@@ -87,6 +87,18 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return _tiny("sdxl", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """Folder of a tiny SD3.5 Medium-shaped pipeline (MMDiT-X, two CLIPs with projection, T5)."""
+    return _tiny("sd3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """Folder of a tiny FLUX.1-dev-shaped pipeline (double + single blocks, guidance embedder, CLIP-L, T5)."""
+    return _tiny("flux", tmp_path_factory)
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

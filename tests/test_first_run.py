@@ -223,7 +223,8 @@ def test_session_new_refuses_an_unknown_base_model_and_stores_paths_absolute(cli
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         "fastsd: error: nonsense is not a known model name (sd15, sd15-inpaint, sd21-512, sd21-768, sdxl, "
-        "sdxl-refiner, sd35-medium), a URL, hf:org/repo, or an existing path"
+        "sdxl-refiner, sd35-medium, sd35-large, sd35-large-turbo, flux1-dev, flux1-schnell), a URL, hf:org/repo, "
+        "or an existing path"
     )
     assert not (home / "sessions" / "typo").exists()
     for spec in ("sdxl", "hf:org/repo", "https://example.com/m.safetensors"):
@@ -396,3 +397,16 @@ def test_the_repository_url_comes_from_the_package_metadata(tmp_path):
     assert "git+https://github.com/someone/fork" in readme
     assert "https://colab.research.google.com/github/someone/fork/blob/main/notebooks/fastsd_webui.ipynb" in notebook
     assert 'install_from = \\"git+https://github.com/someone/fork\\"' in notebook
+
+
+@pytest.mark.parametrize(
+    ("name", "repo"),
+    [("sd35-large", "stabilityai/stable-diffusion-3.5-large"), ("flux1-dev", "black-forest-labs/FLUX.1-dev")],
+)
+def test_gated_registry_models_name_their_licence_page(cli, home, gated_hub, name, repo):
+    result = cli("model", "get", name, env=_online(gated_hub, home))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"fastsd: error: {repo} is gated: accept its licence at https://huggingface.co/{repo} (logged in), "
+        "then set HF_TOKEN (environment variable, or the Colab secret HF_TOKEN) to a token of that account"
+    )

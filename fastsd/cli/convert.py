@@ -27,6 +27,13 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="single-file format; ckpt is a pickle, written only when asked for (default: safetensors)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument(
+        "--config",
+        metavar="FOLDER_OR_SPEC",
+        help="single file -> Diffusers: a Diffusers folder (or model spec) of the same model to take configs, "
+        "tokenizers and the parts the file lacks from (needed for SD3/FLUX files; default for SD1/SD2/SDXL: "
+        "the configs fastsd ships)",
+    )
     p.set_defaults(func=run)
 
 
@@ -35,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     from ..models.load import local_model
 
     src = local_model(args.src, home=args.root)  # sd15, hf:..., URLs are fetched like every --model
-    print(convert(src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite))
+    config = local_model(args.config, want="diffusers", home=args.root) if args.config else None
+    print(convert(src, args.dst, half=args.half, fmt=args.fmt, overwrite=args.overwrite, config=config))
     return 0

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..launch.tunnel import KINDS
+from ..models.memplan import PLAN_NAMES
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -46,6 +47,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--ngrok-token", metavar="TOKEN", help="ngrok authtoken (default: NGROK_AUTHTOKEN or the Colab secret)"
     )
     p.add_argument(
+        "--memory-plan",
+        choices=("auto", *PLAN_NAMES),
+        help="built-in UI, SD3.5/FLUX.1: weights' precision and offload (default auto: chosen by VRAM and RAM)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait for the server to answer (default 900)"
     )
     p.set_defaults(func=run, fast_exit=True)  # a server: exit at once after its clean-up
@@ -69,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
         ngrok_token=args.ngrok_token,
         timeout=args.timeout,
         root=args.root,
+        memory_plan=args.memory_plan,
     )
     return launch(opts)

@@ -48,6 +48,7 @@ class WebUIOptions:
     ngrok_token: str | None = None
     timeout: float = 900.0
     root: str | None = None
+    memory_plan: str | None = None  # built-in UI, SD3/FLUX: fastsd.models.memplan's plan name or "auto"
 
 
 def choose_tunnel(
@@ -232,7 +233,10 @@ def _start_builtin(opts: WebUIOptions, kind: str, home: Path, echo: Callable[[st
     auth = resolve_auth(opts.auth, kind, opts.listen, echo)
     host = "0.0.0.0" if opts.listen else "127.0.0.1"
     public = kind not in ("none", "colab") or opts.listen
-    handle = server.start(opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=public)
+    memory = {"memory_plan": opts.memory_plan} if opts.memory_plan else None
+    handle = server.start(
+        opts.model, host=host, port=port, auth=_auth_pair(auth), home=home, public=public, memory=memory
+    )
     try:
         t = tunnel.open_tunnel(kind, handle.port, auth=auth, ngrok_token_value=opts.ngrok_token, echo=echo)
     except BaseException:

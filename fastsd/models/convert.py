@@ -30,7 +30,7 @@ import torch
 from ..errors import ModelFormatError, UserInputError
 from ..paths import cache_dir
 from ..storage import building_folder, write_stream, write_text
-from . import keymap
+from . import convert_flow, keymap
 from .detect import Detection, detect, weight_files
 from .streamwrite import Span, byte_spans, write_pieces
 from .tensorfile import TensorInfo, TensorSource, map_flat, safetensors_header
@@ -103,6 +103,8 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
 
 
 def _require_full(det: Detection, what: str) -> None:
+    if det.family in convert_flow.FAMILIES and det.kind in ("full", "transformer"):
+        return  # SD3/FLUX files hold the denoiser (and SD3's the VAE); the rest comes from a config folder
     if det.kind == "lora":
         raise ModelFormatError(f"{det.path} is a LoRA, not a full model; {what} needs a whole checkpoint")
     if det.kind == "vae":
@@ -271,6 +273,13 @@ def diffusers_to_single_file(
             f"{src} is not a Diffusers folder; to make a Diffusers folder from it, give a folder as DST"
         )
     _check_dst(dst, overwrite)
+    if det.family in convert_flow.FAMILIES:
+        if fmt != "safetensors":
+            raise UserInputError(f"{det.family} models are written as safetensors only; drop --format {fmt}")
+        meta = {**convert_flow.modelspec(det, dst.stem, half), **(metadata or {})}
+        convert_flow.to_single_file(src, dst, det, half=half, metadata=meta)
+        log.info("wrote %s (%s)", dst, detect(dst).summary())
+        return dst
     plans = _plans(src, det)
     meta = {**modelspec(det, dst.stem, half), **(metadata or {})}
     try:
@@ -406,6 +415,10 @@ def single_file_to_diffusers(
     if det.layout != "single-file":
         raise UserInputError(f"{src} is a Diffusers folder; give a .safetensors DST to make a single file")
     _check_dst(dst, overwrite)
+    if det.family in convert_flow.FAMILIES:
+        convert_flow.to_diffusers(src, dst, det, config=Path(config) if config else None, torch_dtype=torch_dtype)
+        log.info("wrote Diffusers folder %s (%s)", dst, detect(dst).summary())
+        return dst
     name, cls_name = config_for(det)
     config_dir = Path(config) if config else shipped_config(name)
     if torch_dtype is None:
@@ -431,6 +444,7 @@ def convert(
     half: bool = False,
     fmt: str = "safetensors",
     overwrite: bool = False,
+    config: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Convert in the direction ``src`` implies: a Diffusers folder -> single file, a file -> Diffusers.
 
@@ -453,4 +467,4 @@ def convert(
         )
     if half or fmt != "safetensors":
         log.warning("--half and --format apply to single-file output only; ignored")
-    return single_file_to_diffusers(s, d, overwrite=overwrite)
+    return single_file_to_diffusers(s, d, overwrite=overwrite, config=config)

@@ -6,10 +6,14 @@ checkpoints are opened with ``torch.load(weights_only=True, mmap=True)``.
 
 Rules (first match wins), for a single file:
 
-* LoRA: ``lora_up``/``lora_down``/``lora_A``/``lora_B`` keys. Family from the cross-attention
-  input width (768 SD1, 1024 SD2, 2048 SDXL) or ``lora_te2_`` keys (SDXL).
+* LoRA: ``lora_up``/``lora_down``/``lora_A``/``lora_B`` keys. FLUX from ``double_blocks``/
+  ``single_blocks`` (kohya, ComfyUI) or ``single_transformer_blocks`` (Diffusers) names, SD3 from
+  ``joint_blocks`` or the transformer's width (1536 SD3.5 Medium, 2432 Large, 3072 FLUX); else the
+  family from the cross-attention input width (768 SD1, 1024 SD2, 2048 SDXL) or ``lora_te2_`` keys (SDXL).
 * VAE only: ``encoder.``/``decoder.`` keys and no UNet.
-* SD3 (``joint_blocks``), Flux (``double_blocks``).
+* SD3 (``joint_blocks``; variant from the MMDiT: dual attention = 3.5 Medium, qk-norm only = 3.5
+  Large, "turbo" in the name/metadata = Large Turbo), FLUX (``double_blocks``; a ``guidance_in``
+  embedder = dev, none = schnell), with or without the ``model.diffusion_model.`` prefix.
 * SDXL: ``conditioner.embedders`` or ``label_emb`` (refiner when embedder 0 is OpenCLIP);
   SD2: an OpenCLIP ``cond_stage_model.model``; SD1: a transformers CLIP ``cond_stage_model.transformer``.
   A UNet without text encoder falls back on the cross-attention width.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +59,11 @@ class Detection:
         path: the file or folder looked at.
         layout: ``single-file``, ``diffusers`` (a pipeline folder) or ``diffusers-component``.
         family: one of :data:`FAMILIES`.
-        kind: ``full`` (a whole pipeline), ``unet``, ``vae``, ``text-encoder``, ``lora``,
-            ``controlnet`` or ``unknown``.
-        variants: any of ``inpaint``, ``instruct-pix2pix``, ``refiner``, ``v-prediction``.
-        prediction_type: ``epsilon``, ``v_prediction`` or None when it does not apply.
+        kind: ``full`` (a whole pipeline), ``unet``, ``transformer`` (an SD3/FLUX denoiser alone, e.g.
+            Black Forest Labs' FLUX files), ``vae``, ``text-encoder``, ``lora``, ``controlnet`` or ``unknown``.
+        variants: any of ``inpaint``, ``instruct-pix2pix``, ``refiner``, ``v-prediction``; SD3:
+            ``medium``, ``large``, ``large-turbo``, ``sd3.0-medium``; FLUX: ``dev``, ``schnell``.
+        prediction_type: ``epsilon``, ``v_prediction``, ``flow_matching`` or None when it does not apply.
         prediction_guess: True when the prediction type comes from a heuristic, not stored data.
         precision: ``fp32``, ``fp16``, ``bf16``, ``fp8`` or ``mixed`` (by bytes of float tensors).
         components: parts present: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``.
@@ -82,7 +88,13 @@ class Detection:
 
     def summary(self) -> str:
         """One line for people: ``sd2 full model (v-prediction, guessed), fp16, 768px: unet, vae, text_encoder``."""
-        what = {"full": "full model", "lora": "LoRA", "vae": "VAE only", "unet": "UNet only"}.get(self.kind, self.kind)
+        what = {
+            "full": "full model",
+            "lora": "LoRA",
+            "vae": "VAE only",
+            "unet": "UNet only",
+            "transformer": "transformer only",
+        }.get(self.kind, self.kind)
         extra = ", ".join(self.variants)
         if self.prediction_guess:
             extra += " (prediction type guessed)"
@@ -185,7 +197,11 @@ def _detect_file(path: Path) -> Detection:
         det.components = sorted(
             {"unet" if ("unet" in k or "transformer" in k) else "text_encoder" for k in keys if "lora" in k}
         )
-        if any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
+        flow = _flow_lora_family(keys, infos)
+        if flow:
+            det.family = flow
+            det.components = ["transformer" if c == "unet" else c for c in det.components]
+        elif any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
             det.family = "sdxl"
         else:
             widths = [
@@ -203,14 +219,10 @@ def _detect_file(path: Path) -> Detection:
         det.kind, det.components = "vae", ["vae"]
         det.notes.append("SD1, SD2 and SDXL VAEs share one architecture; the family cannot be told from keys")
         return det
-    if any("joint_blocks." in k for k in keys):
-        det.family, det.kind = "sd3", "full" if has_vae or any(k.startswith("text_encoders.") for k in keys) else "unet"
-        det.components = ["transformer"] + (["vae"] if has_vae else [])
-        det.resolution = 1024
-        return det
-    if any("double_blocks." in k for k in keys):
-        det.family, det.kind, det.components, det.resolution = "flux", "unet", ["transformer"], 1024
-        return det
+    if any(k.startswith(("joint_blocks.", f"{unet_prefix}joint_blocks.")) for k in keys):
+        return _flow_file(det, "sd3", keys, meta, path)
+    if any(k.startswith(("double_blocks.", f"{unet_prefix}double_blocks.")) for k in keys):
+        return _flow_file(det, "flux", keys, meta, path)
     if not has_unet:
         if any("down_blocks." in k and "attn2.to_k" in k for k in keys):
             det.kind, det.layout, det.components = "unet", "diffusers-component", ["unet"]
@@ -252,6 +264,96 @@ def _detect_file(path: Path) -> Detection:
     return det
 
 
+#: Text encoders in a ComfyUI-style SD3/FLUX checkpoint: key prefix -> Diffusers component, per family.
+FLOW_TEXT_ENCODERS = {
+    "sd3": {
+        "text_encoders.clip_l.": "text_encoder",
+        "text_encoders.clip_g.": "text_encoder_2",
+        "text_encoders.t5xxl.": "text_encoder_3",
+    },
+    "flux": {"text_encoders.clip_l.": "text_encoder", "text_encoders.t5xxl.": "text_encoder_2"},
+}
+
+
+#: Hidden width of the transformer -> family, for SD3/FLUX LoRAs that touch only the joint blocks.
+FLOW_WIDTH = {1536: "sd3", 2432: "sd3", 3072: "flux"}
+
+
+def _flow_lora_family(keys: list[str], infos: dict[str, TensorInfo]) -> str | None:
+    """``sd3``/``flux`` for LoRAs of those transformers, in Diffusers/PEFT, kohya or ComfyUI names."""
+    if any(("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k) for k in keys):
+        return "flux"
+    if any("joint_blocks" in k for k in keys):
+        return "sd3"
+    widths = [
+        infos[k].shape[-1]
+        for k in keys
+        if k.startswith("transformer.transformer_blocks.")
+        and ".attn.to_q." in k
+        and ("lora_A" in k or "lora_down" in k)
+    ]
+    return FLOW_WIDTH.get(widths[0]) if widths else None
+
+
+def _turbo(*names: str) -> bool:
+    return any("turbo" in n.lower() for n in names if n)
+
+
+def sd3_variant(*, dual_attention: bool, qk_norm: bool, turbo: bool = False) -> str:
+    """SD3 variant from the MMDiT's structure: SD3.5 Medium is MMDiT-X (dual attention layers),
+    SD3.5 Large has RMS qk-norm without them, SD3.0 Medium neither. Large and Large Turbo share
+    weights' shapes; turbo is told by name or metadata only."""
+    if dual_attention:
+        return "medium"
+    if qk_norm:
+        return "large-turbo" if turbo else "large"
+    return "sd3.0-medium"
+
+
+def _flow_file(det: Detection, family: str, keys: list[str], meta: dict[str, str], path: Path) -> Detection:
+    """SD3 (``joint_blocks``) or FLUX (``double_blocks``/``single_blocks``) single files.
+
+    Stability's SD3.5 files hold the MMDiT under ``model.diffusion_model.`` and the VAE under
+    ``first_stage_model.``; Black Forest Labs' FLUX files hold the bare transformer (no prefix);
+    ComfyUI's all-in-one files add ``text_encoders.clip_l.`` / ``clip_g.`` / ``t5xxl.``.
+    """
+    det.family, det.resolution = family, native_resolution(family)
+    det.prediction_type = "flow_matching"
+    has_vae = any(k.startswith(("first_stage_model.", "vae.")) for k in keys)
+    texts = [c for pre, c in FLOW_TEXT_ENCODERS[family].items() if any(k.startswith(pre) for k in keys)]
+    det.components = ["transformer"] + (["vae"] if has_vae else []) + texts
+    det.kind = "full" if has_vae else "transformer"
+    if family == "sd3":
+        turbo = _turbo(path.name, meta.get("modelspec.title", ""), meta.get("modelspec.architecture", ""))
+        det.variants.append(
+            sd3_variant(
+                dual_attention=any(".x_block.attn2." in k for k in keys),
+                qk_norm=any(".attn.ln_q." in k for k in keys),
+                turbo=turbo,
+            )
+        )
+    else:
+        det.variants.append("dev" if any("guidance_in." in k for k in keys) else "schnell")
+    return det
+
+
+def _flow_folder(det: Detection, path: Path) -> None:
+    """Variant of an SD3/FLUX Diffusers folder, from ``transformer/config.json``."""
+    cfg_file = path / "transformer" / "config.json"
+    cfg = _json(cfg_file) if cfg_file.is_file() else {}
+    det.prediction_type = "flow_matching"
+    if det.family == "sd3":
+        det.variants.append(
+            sd3_variant(
+                dual_attention=bool(cfg.get("dual_attention_layers")),
+                qk_norm=bool(cfg.get("qk_norm")),
+                turbo=_turbo(path.name, str(cfg.get("_name_or_path", ""))),
+            )
+        )
+    elif det.family == "flux":
+        det.variants.append("dev" if cfg.get("guidance_embeds") else "schnell")
+
+
 def _prediction(det: Detection, path: Path, infos: dict[str, TensorInfo], meta: dict[str, str]) -> None:
     if det.family not in ("sd1", "sd2", "sdxl"):
         return
@@ -290,7 +392,10 @@ def _prediction(det: Detection, path: Path, infos: dict[str, TensorInfo], meta: 
 PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
     "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
@@ -306,11 +411,28 @@ def _detect_folder(path: Path) -> Detection:
         config = _json(cfg)
         cls = config.get("_class_name", "")
         infos, _ = tensor_infos(weight_files(path))
-        kind = {"AutoencoderKL": "vae", "UNet2DConditionModel": "unet", "ControlNetModel": "controlnet"}.get(
-            cls, "text-encoder" if "CLIP" in str(config.get("architectures", "")) else "unknown"
-        )
+        kind = {
+            "AutoencoderKL": "vae",
+            "UNet2DConditionModel": "unet",
+            "ControlNetModel": "controlnet",
+            "SD3Transformer2DModel": "transformer",
+            "FluxTransformer2DModel": "transformer",
+        }.get(cls, "text-encoder" if re.search("CLIP|T5", str(config.get("architectures", ""))) else "unknown")
         det = Detection(str(path), "diffusers-component", "other", kind, precision=precision_of(infos))
         det.components = [kind]
+        if kind == "transformer":
+            det.family = "sd3" if cls.startswith("SD3") else "flux"
+            det.resolution = native_resolution(det.family)
+            if det.family == "sd3":
+                det.variants.append(
+                    sd3_variant(
+                        dual_attention=bool(config.get("dual_attention_layers")),
+                        qk_norm=bool(config.get("qk_norm")),
+                        turbo=_turbo(path.parent.name),
+                    )
+                )
+            else:
+                det.variants.append("dev" if config.get("guidance_embeds") else "schnell")
         if kind in ("unet", "controlnet"):
             width = config.get("cross_attention_dim")
             det.family = "sdxl" if config.get("addition_embed_type") == "text_time" else _family_from_width(width)
@@ -357,6 +479,8 @@ def _detect_folder(path: Path) -> Detection:
             det.resolution = int(unet_cfg["sample_size"]) * 2 ** (levels - 1)
     else:
         det.resolution = native_resolution(det.family)
+        if det.family in ("sd3", "flux"):
+            _flow_folder(det, path)
     return det
 
 
@@ -395,6 +519,12 @@ def diffusers_family(model: str | os.PathLike[str]) -> dict[str, Any]:
     """
     root = Path(model)
     unet_cfg = root / "unet" / "config.json"
+    if not unet_cfg.is_file() and (root / "transformer" / "config.json").is_file():
+        family = _detect_folder(root).family if (root / "model_index.json").is_file() else "SD3/FLUX"
+        raise UserInputError(
+            f"base model {model} is a {family} model: fastsd trains SD1, SD2 and SDXL; SD3.5 and FLUX.1 "
+            "can be generated with and converted, not trained yet"
+        )
     if not unet_cfg.is_file():
         raise UserInputError(
             f"base model {model} is not a Diffusers folder (no unet/config.json): "

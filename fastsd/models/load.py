@@ -33,6 +33,9 @@ PIPELINES = {
     ("sd3", "txt2img"): "StableDiffusion3Pipeline",
     ("sd3", "img2img"): "StableDiffusion3Img2ImgPipeline",
     ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
+    ("flux", "txt2img"): "FluxPipeline",
+    ("flux", "img2img"): "FluxImg2ImgPipeline",
+    ("flux", "inpaint"): "FluxInpaintPipeline",
 }
 TASKS = ("txt2img", "img2img", "inpaint")
 
@@ -44,6 +47,7 @@ def load_pipeline(
     pipeline: str = "txt2img",
     config: str | os.PathLike[str] | None = None,
     home: str | os.PathLike[str] | None = None,
+    quantization: Any = None,
 ) -> Any:
     """A diffusers pipeline for any model spec; offline once the model is local.
 
@@ -55,6 +59,9 @@ def load_pipeline(
             inpainting model used for ``txt2img`` still gets its inpainting pipeline).
         config: a Diffusers folder to take a single file's configs from (default: shipped ones).
         home: the fastsd home a fetched model goes to.
+        quantization: a diffusers ``PipelineQuantizationConfig`` (SD3/FLUX memory plans, see
+            :func:`fastsd.models.memplan.quantization_config`): those components are quantized
+            tensor by tensor while they load.
 
     Returns:
         A ``DiffusionPipeline`` subclass instance on the CPU.
@@ -62,7 +69,7 @@ def load_pipeline(
     Raises:
         UserInputError: unknown task, or an unknown spec / missing path.
         NetworkError: a spec to fetch could not be fetched.
-        ModelFormatError: not a full SD1/SD2/SDXL model.
+        ModelFormatError: not a full SD1/SD2/SDXL/SD3/FLUX model.
     """
     import diffusers
 
@@ -83,13 +90,27 @@ def load_pipeline(
         kwargs["torch_dtype"] = torch_dtype
     if det.family in ("sd1", "sd2"):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if det.layout == "diffusers":
         return cls.from_pretrained(path, **kwargs)
+    if det.family in ("sd3", "flux"):
+        if config is None:
+            raise UserInputError(
+                f"{path.name} is a {det.family} single file without text encoders: use its Diffusers folder "
+                "(e.g. `fastsd model get sd35-medium` / `flux1-dev`) or convert it with --config"
+            )
+        return cls.from_pretrained(single_file_to_diffusers_cached(path, config), **kwargs)
     kwargs["config"] = str(config or shipped_config(config_for(det)[0]))
     try:
         return cls.from_single_file(str(path), **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise ModelFormatError(f"diffusers could not load {path} ({det.summary()}): {err}") from err
+
+
+def single_file_to_diffusers_cached(path: Path, config: str | os.PathLike[str]) -> Path:
+    """An SD3/FLUX single file as a Diffusers folder in the conversion cache (rest taken from ``config``)."""
+    return local_model(path, want="diffusers", config=config)
 
 
 #: Specs :func:`local_model` fetched in this process, and where they are (the one fetch memo).

@@ -20,13 +20,14 @@ class BaseModel:
 
     Attributes:
         name: the registry name (``sd15``...), usable wherever a model spec is asked for.
-        family: ``sd1``, ``sd2``, ``sdxl`` or ``sd3`` (as :mod:`fastsd.models.detect` names them).
+        family: ``sd1``, ``sd2``, ``sdxl``, ``sd3`` or ``flux`` (as :mod:`fastsd.models.detect` names them).
         repos: Hub repos holding the Diffusers folder, first one tried first (later ones are mirrors).
         single_file: the single-file checkpoint's name in the first repo, if it has one.
         resolution: native square resolution in pixels.
-        prediction_type: ``epsilon`` or ``v_prediction``.
+        prediction_type: ``epsilon``, ``v_prediction`` or ``flow_matching`` (SD3, FLUX).
         vae: a recommended replacement VAE repo (e.g. SDXL's fp16-safe VAE), or None.
-        variant: ``inpaint`` for inpainting models, else empty.
+        variant: ``inpaint`` for inpainting models, ``refiner``; for SD3 ``medium``/``large``/``large-turbo``,
+            for FLUX ``dev``/``schnell`` (as :mod:`fastsd.models.detect` reports them); else empty.
         gated: the Hub asks users to accept a license first (needs HF_TOKEN).
     """
 
@@ -158,7 +159,50 @@ BASE_MODELS: dict[str, BaseModel] = {
             "sd3.5_medium.safetensors",
             1024,
             "flow_matching",
+            variant="medium",
             gated=True,
+        ),
+        BaseModel(
+            "sd35-large",
+            "sd3",
+            ("stabilityai/stable-diffusion-3.5-large",),
+            "sd3.5_large.safetensors",
+            1024,
+            "flow_matching",
+            variant="large",
+            gated=True,
+        ),
+        BaseModel(
+            "sd35-large-turbo",
+            "sd3",
+            ("stabilityai/stable-diffusion-3.5-large-turbo",),
+            "sd3.5_large_turbo.safetensors",
+            1024,
+            "flow_matching",
+            variant="large-turbo",
+            gated=True,
+            notes="distilled: 4 steps, no CFG (guidance 0)",
+        ),
+        BaseModel(
+            "flux1-dev",
+            "flux",
+            ("black-forest-labs/FLUX.1-dev",),
+            "flux1-dev.safetensors",
+            1024,
+            "flow_matching",
+            variant="dev",
+            gated=True,
+            notes="FLUX.1 [dev] Non-Commercial License; guidance-distilled (distilled CFG 3.5)",
+        ),
+        BaseModel(
+            "flux1-schnell",
+            "flux",
+            ("black-forest-labs/FLUX.1-schnell",),
+            "flux1-schnell.safetensors",
+            1024,
+            "flow_matching",
+            variant="schnell",
+            notes="Apache-2.0; timestep-distilled: 4 steps, no guidance",
         ),
     )
 }
@@ -218,6 +262,7 @@ CONTROLNETS: dict[str, tuple[ControlNet, ...]] = {
         )
     ),
     "sd3": (),
+    "flux": (),
 }
 
 

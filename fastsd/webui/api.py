@@ -267,8 +267,9 @@ def _common(req: _Processing) -> dict[str, Any]:
         "negative_prompt": req.negative_prompt or "",
         "seed": req.seed,
         "subseed": req.subseed,
-        "steps": req.steps,
-        "cfg_scale": req.cfg_scale,
+        # unset: the model's own defaults (SD3.5/FLUX: the makers' steps and guidance; else A1111's 50 / 7)
+        "steps": req.steps if "steps" in req.model_fields_set else None,
+        "cfg_scale": req.cfg_scale if "cfg_scale" in req.model_fields_set else None,
         "width": req.width,
         "height": req.height,
         "sampler_name": req.sampler_name or req.sampler_index,

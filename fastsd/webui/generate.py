@@ -25,9 +25,10 @@ from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
 from ..errors import ModelFormatError, UserInputError
+from ..models import memplan
 from ..models.detect import detect
 from ..models.load import PIPELINES, load_pipeline
-from . import catalog, fastpath, infotext, samplers
+from . import catalog, fastpath, flow, infotext, samplers
 from .worker import JobState
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class GenerationRequest:
     negative_prompt: str = ""
     seed: int = -1
     subseed: int = -1
-    steps: int = 20
-    cfg_scale: float = 7.0
+    steps: int | None = 20  # None: the model's default (SD3/FLUX: the makers' settings; else A1111's API's)
+    cfg_scale: float | None = 7.0  # None as for steps; FLUX.1-dev: its distilled guidance
     width: int = 512
     height: int = 512
     sampler_name: str | None = None
@@ -312,12 +313,15 @@ class PipelineManager:
             "fastsd_vae_tiling": "auto",
             "fastsd_cpu_offload": "auto",
             "fastsd_cuda_graph": "auto",  # replay the denoiser from CUDA graphs (see fastpath)
+            memplan.SETTING: "auto",  # SD3/FLUX: fp16, int8, nf4... (fastsd.models.memplan)
         }
         for key, value in (memory or {}).items():
             self.options[f"fastsd_{key}"] = value
         self.pipe: Any = None
         self.loaded: catalog.Entry | None = None
         self.family = "sd1"  # fastsd.models.detect's family names
+        self.variant = ""  # SD3: medium/large/large-turbo; FLUX: dev/schnell
+        self.plan: memplan.MemoryPlan | None = None  # SD3/FLUX only
         self._task_pipes: dict[str, Any] = {}
         self._scheduler_config: dict[str, Any] = {}
         self._original_vae: Any = None
@@ -362,7 +366,9 @@ class PipelineManager:
         for key, value in values.items():
             if key in self.options:
                 self.options[key] = value
-        if self.pipe is not None and any(k.startswith("fastsd_") for k in values):
+        if memplan.SETTING in values and self.family in memplan.FLOW_FAMILIES and self.pipe is not None:
+            self.unload()  # another plan is another load: the next job loads with it
+        elif self.pipe is not None and any(k.startswith("fastsd_") for k in values):
             self._apply_memory_settings()
 
     # ----- loading -------------------------------------------------------------------------
@@ -406,14 +412,22 @@ class PipelineManager:
         self.state.textinfo = f"Loading {entry.title}"
         log.info("loading model %s", entry.path)
         started = time.time()
-        family = detect(entry.path).family  # headers and configs only; the loader reads the same
-        pipe = load_pipeline(entry.path, torch_dtype=self.dtype)
+        det = detect(entry.path)  # headers and configs only; the loader reads the same
+        family, variant = det.family, (det.variants[0] if det.variants else "")
+        dtype, plan, quantization = self.dtype, None, None
+        if family in memplan.FLOW_FAMILIES:  # refused here, before anything loads, when it cannot fit
+            plan, dtype, quantization = flow.plan_for(
+                entry.path, family, variant, self.device, self.options.get(memplan.SETTING)
+            )
+        pipe = load_pipeline(entry.path, torch_dtype=dtype, quantization=quantization)
         if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
             raise ModelFormatError(f"{entry.title} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
         if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # A1111 has none; it also costs VRAM and time
         pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.loaded, self.family = pipe, entry, family
+        self.pipe, self.loaded, self.family, self.variant, self.plan = pipe, entry, family, variant, plan
+        if plan is not None:
+            log.info("memory plan for %s: %s", entry.title, plan.describe())
         self._scheduler_config = dict(pipe.scheduler.config)
         self._original_vae = pipe.vae
         self._apply_memory_settings()
@@ -423,6 +437,8 @@ class PipelineManager:
     def _apply_memory_settings(self) -> None:
         overrides = {k: self.options.get(f"fastsd_{k}") for k in MEMORY_KEYS}
         self.memory = memory_settings(self.family, _vram_gib() if self.device.startswith("cuda") else 0.0, overrides)
+        if self.plan is not None:  # SD3/FLUX: the memory plan decides the offload
+            self.memory["cpu_offload"] = self.plan.offload == "model"
         pipe = self.pipe
         if self.memory["attention_slicing"]:
             pipe.enable_attention_slicing()
@@ -435,7 +451,9 @@ class PipelineManager:
             vae.disable_tiling()
         pipe.remove_all_hooks()
         self._offload_owner = None
-        if not self.memory["cpu_offload"]:
+        if self.plan is not None and self.plan.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        elif not self.memory["cpu_offload"]:
             pipe.to(self.device)
         self._apply_fast_path()
 
@@ -597,12 +615,15 @@ class PipelineManager:
             mask = Image.new("L", (width, height), 255)
         run_task = "inpaint" if mask is not None else task
         pipe = self._task_pipe(run_task)
-        pipe.scheduler = samplers.make_scheduler(self._scheduler_config, sampler, schedule)
-        timesteps = self._schedule_timesteps(pipe.scheduler, sampler, schedule, req.steps)
+        pipe.scheduler = samplers.make_scheduler(self._scheduler_config, sampler, schedule, family=self.family)
+        default_steps, default_cfg = samplers.default_steps_guidance(self.family, self.variant)
+        steps = req.steps if req.steps is not None else default_steps
+        cfg_scale = float(req.cfg_scale if req.cfg_scale is not None else default_cfg)
+        timesteps = self._schedule_timesteps(pipe.scheduler, sampler, schedule, steps)
         strength = 1.0 if (task == "txt2img") else float(req.denoising_strength)
-        if task != "txt2img" and int(req.steps * strength) < 1:
+        if task != "txt2img" and int(steps * strength) < 1:
             # diffusers refuses to run zero steps; A1111 runs at least one (its t_enc + 1)
-            strength = min(1.0, (1 + 1e-6) / req.steps)
+            strength = min(1.0, (1 + 1e-6) / steps)
         model_hash = catalog.short_hash(entry.path)
 
         seed = random_seed() if req.seed == -1 else int(req.seed)
@@ -614,7 +635,7 @@ class PipelineManager:
         state = self.state
         state.job_count = req.n_iter
         state.family = self.family
-        state.sampling_steps = req.steps if task == "txt2img" else max(1, min(int(req.steps * strength), req.steps))
+        state.sampling_steps = steps if task == "txt2img" else max(1, min(int(steps * strength), steps))
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             state.sampling_step = i + 1
@@ -634,9 +655,9 @@ class PipelineManager:
             kwargs: dict[str, Any] = {
                 "prompt": [prompt] * len(seeds),
                 "negative_prompt": [req.negative_prompt] * len(seeds),
-                "num_inference_steps": req.steps,
+                "num_inference_steps": steps,
                 **({"timesteps": timesteps} if timesteps else {}),
-                "guidance_scale": req.cfg_scale,
+                "guidance_scale": cfg_scale,
                 "generator": [torch.Generator(gen_device).manual_seed(s) for s in seeds],
                 "callback_on_step_end": on_step,
                 "output_type": "latent",  # decoded below, one image at a time
@@ -654,9 +675,15 @@ class PipelineManager:
                 kwargs.update(width=width, height=height)
             else:
                 kwargs.update(image=[image] * len(seeds), strength=strength)
+                if mask is not None or self.family == "flux":  # FLUX img2img would default to 1024 px
+                    kwargs.update(width=image.width, height=image.height)
                 if mask is not None:
-                    kwargs.update(mask_image=[mask] * len(seeds), width=image.width, height=image.height)
+                    kwargs["mask_image"] = [mask] * len(seeds)
+            if self.family in memplan.FLOW_FAMILIES:
+                flow.adjust_kwargs(kwargs, self.family, self.variant, warnings if it == 0 else [])
             latents = pipe(**kwargs).images
+            if self.family == "flux":  # FLUX returns its latents packed in 2x2 patches
+                latents = flow.unpack_latents(pipe, latents, kwargs.get("height", height), kwargs.get("width", width))
             # An interrupt during sampling keeps A1111's partial images of this batch; one that
             # arrives while decoding stops before the next image (the decode of a big batch is long).
             during_sampling = state.interrupted
@@ -667,10 +694,11 @@ class PipelineManager:
         if paste is not None:
             images = [self._paste_back(img, *paste) for img in images]
         params_common = {
-            "Steps": req.steps,
+            "Steps": steps,
             "Sampler": sampler.name,
             "Schedule type": None if schedule == "Automatic" else schedule,
-            "CFG scale": float(req.cfg_scale),
+            "CFG scale": cfg_scale,
+            "Memory plan": self.plan.name if self.plan is not None else None,
         }
         infotexts = []
         for s in used_seeds:
@@ -712,8 +740,8 @@ class PipelineManager:
             "height": height,
             "sampler_name": sampler.name,
             "scheduler": schedule,
-            "cfg_scale": float(req.cfg_scale),
-            "steps": req.steps,
+            "cfg_scale": cfg_scale,
+            "steps": steps,
             "batch_size": req.batch_size,
             "restore_faces": False,
             "face_restoration_model": None,

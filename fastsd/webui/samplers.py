@@ -83,10 +83,43 @@ UNSUPPORTED_SCHEDULE_TYPES = (
 
 AYS = "Align Your Steps"
 
-#: Schedulers of flow-matching models (SD3): the A1111 names do not apply; the model's own is used.
+#: Schedulers of flow-matching models (SD3, FLUX) start with this; their samplers are :data:`FLOW_SAMPLERS`.
 FLOW_MATCH_PREFIX = "FlowMatch"
 
+#: The A1111 samplers that have a flow-matching form in diffusers: name -> (scheduler, overrides,
+#: families). Euler is the models' own sampler; DPM++ 2M and UniPC run on flow sigmas with the
+#: model's shift (and FLUX's resolution-dependent shift); Heun cannot take the explicit sigmas FLUX's
+#: pipeline passes. Any other A1111 sampler is refused for these models, never run as another.
+FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SAMPLERS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "Euler": ("FlowMatchEulerDiscreteScheduler", {}, ("sd3", "flux")),
+    "Heun": ("FlowMatchHeunDiscreteScheduler", {}, ("sd3",)),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", FLOW_SOLVER, ("sd3", "flux")),
+    "UniPC": ("UniPCMultistepScheduler", FLOW_SOLVER, ("sd3", "flux")),
+}
+#: Schedule types a flow-matching Euler can realise (its sigma options); the others keep the model's schedule.
+FLOW_SCHEDULES = ("Automatic", "Uniform", "Simple", "Normal", "SGM Uniform", "Karras", "Exponential", "Beta")
+
 DEFAULT_SAMPLER = "Euler"  # what A1111's API uses when a request names none (its sampler_index default)
+
+#: Steps and guidance when a request names none, per (family, variant): the model makers' settings.
+#: SD3.5 Large Turbo and FLUX.1-schnell are distilled to 4 steps without guidance; FLUX.1-dev's
+#: guidance is its distilled guidance embedding (Forge's "Distilled CFG"), not classifier-free guidance.
+#: The shift is the model's own scheduler config (SD3.5: 3.0; FLUX.1-dev: by resolution).
+FLOW_DEFAULTS: dict[tuple[str, str], tuple[int, float]] = {
+    ("sd3", "medium"): (40, 4.5),
+    ("sd3", "large"): (28, 3.5),
+    ("sd3", "large-turbo"): (4, 0.0),
+    ("sd3", "sd3.0-medium"): (28, 7.0),
+    ("flux", "dev"): (28, 3.5),
+    ("flux", "schnell"): (4, 0.0),
+}
+API_DEFAULTS = (50, 7.0)  # A1111's API (StableDiffusionProcessing) for the UNet families
+
+
+def default_steps_guidance(family: str, variant: str) -> tuple[int, float]:
+    """(steps, guidance) for a request that names none."""
+    return FLOW_DEFAULTS.get((family, variant), API_DEFAULTS)
 
 
 def _by_name() -> dict[str, Sampler]:
@@ -158,22 +191,61 @@ def ays_timesteps(family: str, steps: int) -> list[int]:  # family: sd1, sd2 or 
     return out
 
 
-def make_scheduler(base_config: dict[str, Any], sampler: Sampler, schedule_type: str = "Automatic"):
+def flow_scheduler(base_config: dict[str, Any], sampler: Sampler, schedule_type: str, family: str):
+    """The flow-matching form of ``sampler`` for an SD3/FLUX model (see :data:`FLOW_SAMPLERS`).
+
+    Raises:
+        UserInputError: the sampler or schedule type has no flow-matching form for ``family``.
+    """
+    import diffusers
+
+    able = [n for n, (_, _, fams) in FLOW_SAMPLERS.items() if family in fams]
+    entry = FLOW_SAMPLERS.get(sampler.name)
+    if entry is None or family not in entry[2]:
+        raise UserInputError(
+            f"sampler {sampler.name!r} does not apply to {family} (a flow-matching model): use one of {', '.join(able)}"
+        )
+    if schedule_type not in FLOW_SCHEDULES:
+        raise UserInputError(
+            f"schedule type {schedule_type!r} does not apply to {family} (a flow-matching model): "
+            f"use one of {', '.join(FLOW_SCHEDULES)}"
+        )
+    name, overrides, _ = entry
+    cls = getattr(diffusers, name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = dict(overrides)
+    if name != base_config.get("_class_name"):
+        config["flow_shift"] = float(base_config.get("shift", 1.0))  # the model's shift carries over
+        if base_config.get("use_dynamic_shifting"):
+            config.update(use_dynamic_shifting=True, time_shift_type="exponential")
+    for key, value in SCHEDULE_TYPES[schedule_type].items():
+        if key.startswith("use_") and key.endswith("_sigmas"):
+            config[key] = value
+    return cls.from_config(base_config, **{k: v for k, v in config.items() if k in accepted})
+
+
+def make_scheduler(
+    base_config: dict[str, Any], sampler: Sampler, schedule_type: str = "Automatic", family: str | None = None
+):
     """A new diffusers scheduler for ``sampler`` built from the model's original scheduler config.
 
     Args:
         base_config: the scheduler config the model shipped with.
         sampler: from :func:`find_sampler`.
         schedule_type: a key of :data:`SCHEDULE_TYPES`.
+        family: the model's family (:mod:`fastsd.models.detect`'s names); SD3/FLUX models (a
+            flow-matching scheduler config) get :func:`flow_scheduler`.
 
     Returns:
-        A scheduler instance; for flow-matching models, the model's own scheduler class.
+        A scheduler instance.
+
+    Raises:
+        UserInputError: a sampler or schedule type that does not apply to a flow-matching model.
     """
     import diffusers
 
     if str(base_config.get("_class_name", "")).startswith(FLOW_MATCH_PREFIX):
-        cls = getattr(diffusers, base_config["_class_name"])
-        return cls.from_config(base_config)
+        return flow_scheduler(base_config, sampler, schedule_type, family or "sd3")
     cls = getattr(diffusers, sampler.scheduler)
     accepted = set(inspect.signature(cls.__init__).parameters)
     overrides = dict(sampler.config)
