@@ -51,6 +51,17 @@ def _no_network(monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on the 2 shared CI cores, more make tiny models slower (up to 10x)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty fastsd home in a temp folder, also set as FASTSD_HOME."""
     root = tmp_path / "fastsd-home"

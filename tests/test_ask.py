@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from chat_standin import serve
 from PIL import Image, ImageDraw
 
@@ -14,14 +13,7 @@ from fastsd.ocr.processor import PatchGrid
 from fastsd.vlm.ask import ask, load_page
 from fastsd.vlm.engines import EndpointVlm, LocalVlm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: more torch threads make tiny models slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pdf(path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from chat_standin import serve
 from PIL import Image
 
@@ -14,13 +13,7 @@ from fastsd.vlm.engines import EndpointVlm, LocalVlm, VlmRequest
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (9, 9, 9)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: more torch threads make tiny models slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,14 +13,7 @@ from fastsd.eval.metrics import mean_matched_cosine, mean_pairwise_cosine, withi
 from fastsd.eval.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, eval_prompts
 from fastsd.session import Session
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: more torch threads make tiny models slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_metrics_on_known_vectors():

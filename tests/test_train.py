@@ -23,13 +23,7 @@ from fastsd.train.parts import BaseModel
 FAST = {"resolution": 64, "allow_resolution": True, "log_every": 1, "save_every": 0, "min_snr_gamma": 5.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box has 2 shared cores: more threads than that makes tiny models 10x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_session(home, model, name="dog", n=3, **kw):

@@ -18,12 +18,7 @@ from fastsd.train.optim import make_optim
 FAST = {"resolution": 64, "allow_resolution": True, "log_every": 1, "save_every": 0, "export": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dynamic_code_is_bitsandbytes_code():

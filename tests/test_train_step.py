@@ -11,13 +11,7 @@ from fastsd.train import data, sampling, step
 from fastsd.train.config import TrainConfig, resolve
 from fastsd.train.parts import BaseModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n_images=3, n_class=2, batch=2):
