@@ -90,26 +90,27 @@ MIN_PIXELS = 112 * 112
 MAX_PIXELS = 224 * 224
 
 
-def _tokenizer(folder: Path):
-    """A byte-level BPE tokenizer (no merges) with GLM's special tokens, as a transformers fast tokenizer."""
+def byte_level_tokenizer(special_tokens: list[str], *, eos: str, max_length: int):
+    """A byte-level BPE tokenizer (no merges) with ``special_tokens``, as a transformers fast tokenizer.
+
+    Every byte is a token, so any text round-trips; the tiny GLM-OCR and Qwen3-VL models share it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(
+    tok.add_special_tokens(special_tokens)
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|endoftext|>",
+        eos_token=eos,
         pad_token="<|endoftext|>",
         padding_side="left",
         clean_up_tokenization_spaces=False,
-        model_max_length=8192,
+        model_max_length=max_length,
     )
-    return fast
 
 
 #: zai-org/GLM-OCR's sizes (config.json), for full-size random-weight benchmarks.
@@ -223,7 +224,7 @@ def save_tiny_glm_ocr(folder: str | Path, seed: int = 0, *, full: bool = False, 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(folder)
+    tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>", max_length=8192)
     config = tiny_glm_ocr_config(tokenizer, full=full)
     torch.manual_seed(seed)
     model = GlmOcrForConditionalGeneration(config).eval().to(getattr(torch, dtype))

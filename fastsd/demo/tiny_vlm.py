@@ -57,8 +57,9 @@ def build_tiny_qwen3_vl(
     shape this way), ``pixels`` the image processor's (min, max) pixels, ``dtype`` the saved weights'.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from .tiny_ocr import byte_level_tokenizer
 
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -69,19 +70,7 @@ def build_tiny_qwen3_vl(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
-    )
+    tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", max_length=4096)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen3VLConfig(
         text_config={
