@@ -424,3 +424,16 @@ def test_a_page_the_server_failed_is_reported_and_read_again_on_a_rerun(tmp_path
 def test_openai_engine_needs_base_url():
     with pytest.raises(UserInputError):
         OpenAIEngine("")
+
+
+def test_quantized_load_arguments_for_ocr_and_vlm_engines():
+    import torch
+
+    from fastsd.ocr.engine import quantized_load
+
+    assert quantized_load("none", torch.float16, "cuda:0") == {}
+    nf4 = quantized_load("4bit", torch.float16, "cuda:0")
+    cfg = nf4["quantization_config"]
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_compute_dtype == torch.float16
+    assert nf4["device_map"] == {"": "cuda:0"}
+    assert quantized_load("8bit", torch.float16, "cuda:0")["quantization_config"].load_in_8bit

@@ -68,6 +68,23 @@ def pick_dtype(device: str):
     return torch.float32
 
 
+def quantized_load(quantize: str, dtype: Any, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a transformers model in 8-bit or NF4 (bitsandbytes) on ``device``.
+
+    ``quantize`` is ``none`` (no arguments), ``8bit`` or ``4bit`` (NF4, computing in ``dtype``);
+    OCR's and the vision-language engines' one rule.
+    """
+    if quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 class TransformersEngine:
     """GLM-OCR through transformers (``GlmOcrForConditionalGeneration`` + its processor).
 
@@ -115,15 +132,7 @@ class TransformersEngine:
             "attn_implementation": "sdpa",
             "local_files_only": local_files_only,
         }
-        if quantize != "none":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_8bit=True)
-                if quantize == "8bit"
-                else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=self.dtype, bnb_4bit_quant_type="nf4")
-            )
-            kwargs["device_map"] = {"": self.device}
+        kwargs.update(quantized_load(quantize, self.dtype, self.device))
         try:
             self.processor = load_processor(model, local_files_only=local_files_only)
             self.model = GlmOcrForConditionalGeneration.from_pretrained(model, **kwargs).eval()

@@ -96,21 +96,13 @@ class LocalVlm:
         path = local_model(helper_spec(model), home=home)
         from transformers import AutoModelForImageTextToText
 
-        from ..ocr.engine import pick_dtype
+        from ..ocr.engine import pick_dtype, quantized_load
         from ..ocr.processor import load_processor
 
         self.model_id = model
         self.dtype = pick_dtype(self.device)
         kwargs: dict[str, Any] = {"dtype": self.dtype, "local_files_only": True}
-        if quantize != "none":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_8bit=True)
-                if quantize == "8bit"
-                else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=self.dtype, bnb_4bit_quant_type="nf4")
-            )
-            kwargs["device_map"] = {"": self.device}
+        kwargs.update(quantized_load(quantize, self.dtype, self.device))
         try:
             self.processor = load_processor(str(path), local_files_only=True)
             self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
