@@ -229,10 +229,8 @@ def start(
         UserInputError: busy port, too short a key.
         FastsdError: the server did not come up.
     """
-    import uvicorn
-
+    from ..httpserve import check_port, serve_in_thread
     from ..redact import register
-    from ..webui.server import _check_port
 
     exposed = public or host not in LOOPBACK
     if api_key is not None and len(api_key) < 8:
@@ -243,7 +241,7 @@ def start(
     register(api_key)
     if limits is None:
         limits = ServeLimits(allow_urls=not exposed)
-    port = _check_port(host, port)
+    port = check_port(host, port)
     if engine_obj is None:
         from .engine import TransformersEngine
 
@@ -256,18 +254,12 @@ def start(
     names = tuple(dict.fromkeys([served_name, DEFAULT_MODEL, getattr(engine_obj, "model_id", model)]))
     batcher = Batcher(engine_obj, limits)
     app = build_app(batcher, names=names, api_key=api_key, limits=limits)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="fastsd-ocr-http", daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if not thread.is_alive() or time.time() > deadline:
-            batcher.stop()
-            raise FastsdError(f"the OCR server did not start on {host}:{port}: see the log above")
-        time.sleep(0.05)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    handle = OcrServer(f"http://{shown}:{port}", host, port, api_key, batcher, app, server, thread)
+    try:
+        server, thread, url = serve_in_thread(app, host, port, name="fastsd-ocr-http", what="the OCR server")
+    except FastsdError:
+        batcher.stop()
+        raise
+    handle = OcrServer(url, host, port, api_key, batcher, app, server, thread)
     if not quiet:
         print(f"fastsd OCR server: {handle.base_url}  (model names: {', '.join(names)})", flush=True)
     return handle

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FastsdError, UserInputError
+from ..httpserve import check_port, serve_in_thread
 from ..paths import fastsd_home
 
 log = logging.getLogger(__name__)
 
 GENERATED_USER = "fastsd"
-READY_TIMEOUT_S = 60
 
 
 def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
@@ -44,23 +43,6 @@ def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
     if not user or not password:
         raise UserInputError("auth must look like user:password, with neither part empty")
     return user, password
-
-
-def _check_port(host: str, port: int) -> int:
-    """``port`` if free on ``host`` (0 picks a free one).
-
-    Raises:
-        UserInputError: the port is taken.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as uvicorn binds: connections of a server stopped moments ago (TIME_WAIT) do not make the port busy,
-        # so a notebook cell that restarts the UI on the same port works
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host if host not in ("0.0.0.0", "") else "0.0.0.0", port))
-        except OSError as err:
-            raise UserInputError(f"port {port} on {host} is in use ({err.strerror}): pass another port") from None
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -249,8 +231,6 @@ def start(
         >>> requests.post(server.api_url + "/txt2img", json={"prompt": "a dog"})  # doctest: +SKIP
         >>> server.stop()  # doctest: +SKIP
     """
-    import uvicorn
-
     from .api import DEFAULT_MAX_JOB_PIXELS, Backend
     from .generate import PipelineManager
     from .worker import Worker
@@ -270,7 +250,7 @@ def start(
         from ..models.load import local_model
 
         model = str(local_model(model, home=root))  # sd15, hf:..., URLs: fetched; a local path as it is
-    port = _check_port(host, port)
+    port = check_port(host, port)
     worker = Worker()
     manager = PipelineManager(
         root, model=model, models_dirs=models_dirs, memory=memory, device=device, state=worker.state
@@ -294,20 +274,12 @@ def start(
     backend = Backend(manager, worker, flags, max_job_pixels=budget)
     app = build_app(backend, auth=credentials, ui=ui, ui_defaults=ui_defaults)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="fastsd-webui-http", daemon=True)
-    thread.start()
-    deadline = time.time() + READY_TIMEOUT_S
-    while not server.started:
-        if not thread.is_alive() or time.time() > deadline:
-            worker.stop()
-            raise FastsdError(f"the web UI did not start on {host}:{port}: see the log above")
-        time.sleep(0.05)
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    handle = ServerHandle(
-        f"http://{shown_host}:{port}", host, port, credentials[0] if credentials else None, backend, app, server, thread
-    )
+    try:
+        server, thread, url = serve_in_thread(app, host, port, name="fastsd-webui-http", what="the web UI")
+    except FastsdError:
+        worker.stop()
+        raise
+    handle = ServerHandle(url, host, port, credentials[0] if credentials else None, backend, app, server, thread)
     if preload and manager.options.get("sd_model_checkpoint"):
         future = worker.submit(manager.ensure_loaded, "load model")
         future.add_done_callback(_log_failure)
