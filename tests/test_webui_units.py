@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from fastsd.errors import UserInputError
 from fastsd.webui import catalog, infotext, samplers
-from fastsd.webui.generate import crop_region, fill_masked, memory_settings
+from fastsd.webui.memory import memory_settings
+from fastsd.webui.pixels import crop_region, fill_masked
 from fastsd.webui.server import parse_auth
 from fastsd.webui.worker import Worker
 
@@ -180,7 +181,7 @@ def test_decode_latents_matches_the_pipeline_and_stops_between_images(tiny_sd1):
     import torch
     from diffusers import DiffusionPipeline
 
-    from fastsd.webui.generate import decode_latents
+    from fastsd.webui.pixels import decode_latents
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sd1, local_files_only=True)
 

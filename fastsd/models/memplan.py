@@ -243,16 +243,11 @@ def quantization_config(plan: MemoryPlan, family: str) -> Any:
 
 
 def machine() -> tuple[float, float, bool]:
-    """(VRAM GiB of GPU 0 or 0, RAM GiB, bf16 support) of this machine, for :func:`choose_plan`."""
-    import torch
+    """(VRAM GiB of GPU 0 or 0, RAM GiB, bf16 support) of this machine, for :func:`choose_plan` (from :mod:`fastsd.runtime`)."""
+    from ..runtime import gpus, ram_gb
 
-    ram = 0.0
-    try:
-        with open("/proc/meminfo") as fh:
-            ram = int(next(line for line in fh if line.startswith("MemTotal:")).split()[1]) / 2**20
-    except (OSError, StopIteration, ValueError):
-        pass
-    if not torch.cuda.is_available():
+    found = gpus()
+    ram = ram_gb()["total_gb"]
+    if not found:
         return 0.0, ram, False
-    props = torch.cuda.get_device_properties(0)
-    return props.total_memory / 2**30, ram, props.major >= 8
+    return found[0].vram_total_gb, ram, found[0].bf16
