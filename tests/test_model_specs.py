@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 
@@ -88,3 +90,44 @@ def test_a_registry_name_is_the_same_local_model_in_convert_train_and_the_builti
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("keys", "kind"),
+    [
+        (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_unet_x.alpha"], "lora"),
+        (["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"], "lora"),  # diffusers / peft
+        (["lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"], "lora"),  # LoHa
+        (["control_model.input_blocks.0.0.weight", "control_model.input_hint_block.0.weight"], "controlnet"),
+        (["controlnet_cond_embedding.conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "controlnet"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"], "checkpoint"),
+        (["conditioner.embedders.0.transformer.x", "model.diffusion_model.out.2.weight"], "checkpoint"),
+        (["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"], "checkpoint"),  # a Diffusers UNet
+        (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], "checkpoint"),  # FLUX, Black Forest Labs' file
+        (["joint_blocks.0.x_block.attn.qkv.weight"], "checkpoint"),  # SD3's MMDiT
+        (["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"], "vae"),
+        (["first_stage_model.encoder.conv_in.weight", "first_stage_model.decoder.conv_out.weight"], "vae"),
+        (["emb_params"], "embedding"),
+        (["clip_l", "clip_g"], "embedding"),
+        (["some.other.weight"], None),
+        ([], None),
+    ],
+)
+def test_one_rule_tells_what_a_file_is_for_the_catalog_and_the_backends(tmp_path, keys, kind):
+    """models.detect.kind_from_keys is the one rule; the built-in UI's catalog (three kinds) and the
+    A1111/ComfyUI model links (all kinds) sort a real file the same way."""
+    from safetensors.torch import save_file
+
+    from fastsd.launch.modelfolders import classify
+    from fastsd.models.detect import kind_from_keys
+    from fastsd.webui.catalog import classify_file
+
+    assert kind_from_keys(keys) == kind
+    if not keys:
+        return
+    path = tmp_path / "models" / "model.safetensors"
+    path.parent.mkdir()
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+    assert classify_file(path) == (kind if kind in ("checkpoint", "lora", "vae") else None)
+    if kind is not None:
+        assert classify(path, tmp_path) == kind

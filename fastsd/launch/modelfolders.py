@@ -58,9 +58,6 @@ _FOLDER_HINTS = {
     "textual_inversion": "embedding",
 }
 
-_LORA_MARKS = ("lora_down", "lora_up", ".lora.down", ".lora.up", ".lora_A", ".lora_B", "hada_w", "lokr_w")
-_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-
 
 def safetensors_keys(path: str | os.PathLike[str]) -> list[str] | None:
     """Tensor names in a ``.safetensors`` file's (validated) header, or None when it is not a readable one."""
@@ -73,24 +70,6 @@ def safetensors_keys(path: str | os.PathLike[str]) -> list[str] | None:
     return [k for k in header if k != "__metadata__"]
 
 
-def kind_from_keys(keys: list[str]) -> str | None:
-    """What a state dict is, from its tensor names; None when the names do not say."""
-    if not keys:
-        return None
-    if any(any(m in k for m in _LORA_MARKS) for k in keys):
-        return "lora"
-    if any(k.startswith(("control_model.", "controlnet_")) or "input_hint_block" in k for k in keys):
-        return "controlnet"
-    if any(k.startswith(("model.diffusion_model.", "conditioner.", "cond_stage_model.")) for k in keys):
-        return "checkpoint"
-    stripped = [k.removeprefix("first_stage_model.") for k in keys]
-    if all(k.startswith(_VAE_PREFIXES) for k in stripped):
-        return "vae"
-    if any(k in ("emb_params", "string_to_param.*", "clip_l", "clip_g") or k.startswith("string_to_") for k in keys):
-        return "embedding"
-    return None
-
-
 def classify(path: Path, root: Path | None = None) -> str | None:
     """The kind of model file ``path`` is (``checkpoint``, ``lora``, ``vae``, ``controlnet``,
     ``embedding``), or None when it is not a model file."""
@@ -100,6 +79,8 @@ def classify(path: Path, root: Path | None = None) -> str | None:
         keys = safetensors_keys(path)
         if keys is None:
             return None  # truncated or not safetensors: linking it would only give a load error later
+        from ..models.detect import kind_from_keys  # the one rule (imported here: it loads torch)
+
         kind = kind_from_keys(keys)
         if kind:
             return kind

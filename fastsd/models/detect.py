@@ -175,6 +175,37 @@ def _json(path: Path) -> dict[str, Any]:
 # --- single files ----------------------------------------------------------------------------
 
 
+#: Tensor-name marks of adapter files: LoRA (kohya, diffusers/peft, ComfyUI), LoCon, LoHa, LoKr.
+LORA_MARKS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "hada_w", "lokr_w")
+#: Names that only a denoiser has: ldm/sgm single files, Diffusers UNet/DiT, SD3's MMDiT, FLUX's blocks.
+DENOISER_MARKS = ("model.diffusion_model.", "down_blocks.", "transformer_blocks.", "joint_blocks.", "double_blocks.")
+_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def kind_from_keys(keys: list[str]) -> str | None:
+    """What a single file is from its tensor names alone (cheap: for listing folders of models).
+
+    ``lora``, ``controlnet``, ``checkpoint`` (anything with a denoiser, whole or alone), ``vae``,
+    ``embedding`` (textual inversion), or None when the names do not say. :func:`detect` tells the
+    family and the rest; the web UI's catalog and the backends' model links sort files with this.
+    """
+    if not keys:
+        return None
+    if any(m in k for k in keys for m in LORA_MARKS):
+        return "lora"
+    if any(k.startswith(("control_model.", "controlnet_")) or "input_hint_block" in k for k in keys):
+        return "controlnet"
+    if any(k.startswith(("conditioner.", "cond_stage_model.")) for k in keys) or any(
+        k.startswith(m) or f".{m}" in k for k in keys for m in DENOISER_MARKS
+    ):
+        return "checkpoint"
+    if all(k.removeprefix("first_stage_model.").startswith(_VAE_PREFIXES) for k in keys):
+        return "vae"
+    if any(k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_") for k in keys):
+        return "embedding"
+    return None
+
+
 def _family_from_width(width: int | None) -> str:
     return CONTEXT_WIDTH.get(width or -1, "other")
 

@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".sft")
 #: Name fragments that mark LoRA tensors in kohya, diffusers/peft and A1111 LyCORIS files.
-LORA_KEY_MARKS = ("lora_down", "lora_up", "lora_A", "lora_B", ".alpha", "lora.down", "lora.up", "hada_", "lokr_")
-UNET_KEY_MARKS = ("model.diffusion_model.", "down_blocks.", "transformer_blocks.", "joint_blocks.")
 
 
 @dataclass
@@ -73,13 +71,10 @@ def classify_file(path: Path) -> str | None:
     except ModelFormatError:
         log.warning("skipping unreadable model file %s", path)
         return None
-    if any(mark in k for k in keys[:2000] for mark in LORA_KEY_MARKS):
-        return "lora"
-    if any(k.startswith(m) or f".{m}" in k for k in keys for m in UNET_KEY_MARKS):
-        return "checkpoint"
-    if any(k.startswith(("encoder.", "decoder.", "first_stage_model.", "quant_conv.")) for k in keys):
-        return "vae"
-    return None
+    from ..models.detect import kind_from_keys  # the one rule (imported here: it loads torch)
+
+    kind = kind_from_keys(keys)  # the UI lists three kinds
+    return kind if kind in ("checkpoint", "lora", "vae") else None
 
 
 def _folder_kind(path: Path) -> str | None:
