@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import types
 from pathlib import Path
@@ -11,7 +12,12 @@ import pytest
 
 from fastsd import notebook as nb
 from fastsd.errors import FastsdError, UserInputError
+from fastsd.notebook import dreambooth as nb_dreambooth
 from fastsd.session import Session, list_sessions
+
+# ``nb.ocr`` and ``nb.webui`` are the functions; these are the modules, where their private names live
+nb_ocr = importlib.import_module("fastsd.notebook.ocr")
+nb_webui = importlib.import_module("fastsd.notebook.webui")
 
 
 def _png(path: Path, color=(200, 80, 40), size=(520, 520)) -> Path:
@@ -207,9 +213,9 @@ def test_ocr_arguments(tmp_path, home):
     with pytest.raises(UserInputError, match="no input files"):
         nb.ocr(None)
     with pytest.raises(UserInputError, match="not valid JSON"):
-        nb._schema("{total: }")
-    assert nb._schema(' {"total": ""} ') == {"total": ""}
-    assert nb._schema("/drive/schema.json") == "/drive/schema.json"
+        nb_ocr._schema("{total: }")
+    assert nb_ocr._schema(' {"total": ""} ') == {"total": ""}
+    assert nb_ocr._schema("/drive/schema.json") == "/drive/schema.json"
     with pytest.raises(UserInputError, match="not found"):
         nb.ocr_inputs(str(tmp_path / "missing.pdf"))
     (tmp_path / "a.pdf").write_bytes(b"%PDF")
@@ -252,7 +258,7 @@ def test_train_config_from_the_form(session):
 
 
 def test_upload_widget_outside_colab_adds_on_click(session, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(nb, "environment", lambda: "jupyter")
+    monkeypatch.setattr(nb_dreambooth, "environment", lambda: "jupyter")
     data = _png(tmp_path / "new dog.png", (0, 0, 250)).read_bytes()
     box = nb.add_images(session, "")  # outside Colab: an upload widget instead of Colab's dialog
     picker, button = box.children[0].children
@@ -293,4 +299,4 @@ def test_backends_get_a_single_file_for_a_diffusers_folder(home, tiny_sd1, monke
         nb.webui("comfyui", model=tiny_sd1, tunnel="none")  # converted once, reused
     assert list((tmp_path / "cache" / "converted").glob("*.safetensors")) == [single]
     assert single.stat().st_mtime_ns == mtime and installs == ["a1111", "comfyui"]
-    nb._WEBUI.clear()
+    nb_webui._WEBUI.clear()
