@@ -16,8 +16,8 @@ from fastsd.notebook import dreambooth as nb_dreambooth
 from fastsd.session import Session, list_sessions
 
 # ``nb.ocr`` and ``nb.webui`` are the functions; these are the modules, where their private names live
-nb_ocr = importlib.import_module("fastsd.notebook.ocr")
-nb_webui = importlib.import_module("fastsd.notebook.webui")
+nb_ocr = importlib.import_module("fastsd.notebook.reading")
+nb_webui = importlib.import_module("fastsd.notebook.servers")
 
 
 def _png(path: Path, color=(200, 80, 40), size=(520, 520)) -> Path:

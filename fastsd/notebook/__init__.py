@@ -4,11 +4,12 @@ The notebooks in ``notebooks/`` are forms: each cell reads its fields and calls 
 functions from here (``from fastsd import notebook as nb; nb.setup()``). The package is split by
 what it is for, and this module re-exports the public names of every part:
 
-- :mod:`.setup`: the first cell (one-line errors, log messages in the cell, Drive, the home) and
+- :mod:`.start`: the first cell (one-line errors, log messages in the cell, Drive, the home) and
   :func:`model_path` for model fields;
 - :mod:`.widgets`: uploads (ipywidgets 7 and 8), image grids, :class:`CaptionEditor`,
   :class:`RemoveConfirm`;
-- :mod:`.dreambooth`, :mod:`.webui`, :mod:`.ocr`: one module per notebook.
+- :mod:`.dreambooth`, :mod:`.servers` (web UI), :mod:`.reading` (OCR): one module per notebook;
+- :mod:`.fields`: the comma-separated field parser they share.
 
 Rules the helpers keep:
 
@@ -17,9 +18,9 @@ Rules the helpers keep:
 - Nothing waits on ``input()``: choices are form fields, confirmations are buttons.
 - An error is one line: ``fastsd: error: ...`` without a traceback (:func:`setup`).
 
-The functions :func:`setup`, :func:`webui` and :func:`ocr` share their names with their modules,
-so ``fastsd.notebook.webui`` is the function; reach the modules through
-``importlib.import_module("fastsd.notebook.webui")`` (tests patch names there, where callers look them up).
+The modules are not named after the functions the notebooks call (``setup``, ``webui``, ``ocr``),
+so ``fastsd.notebook.webui`` is the function and ``fastsd.notebook.servers`` its module (tests patch
+names there, where callers look them up).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from .dreambooth import (
     try_model,
     upload_images,
 )
-from .ocr import ocr, ocr_inputs, preview_markdown, preview_ocr
-from .setup import model_path, setup, show_error
-from .webui import list_models, stop_webui, webui
+from .reading import ocr, ocr_inputs, preview_markdown, preview_ocr
+from .servers import list_models, stop_webui, webui
+from .start import model_path, setup, show_error
 from .widgets import (
     CaptionEditor,
     RemoveConfirm,

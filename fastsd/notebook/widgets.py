@@ -19,7 +19,7 @@ from ..errors import FastsdError, UserInputError
 from ..paths import cache_dir
 from ..session import human_size
 from ..storage import png_bytes
-from .setup import on_drive
+from .start import on_drive
 
 if TYPE_CHECKING:
     from PIL import Image
