@@ -20,6 +20,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: Bump when a builder changes, so caches of older builds are not reused.
 BUILD_VERSION = 1
@@ -142,8 +143,8 @@ def _text_config(tok, *, layers: int, hidden: int, act: str, projection: int | N
     )
 
 
-def tiny_vae(scaling_factor: float = 0.18215):
-    """AutoencoderKL with SD's 4-level encoder/decoder (2 ResNets per level, mid attention)."""
+def tiny_vae(scaling_factor: float = 0.18215, latent_channels: int = 4, **extra: Any):
+    """AutoencoderKL with SD's 4-level encoder/decoder (2 ResNets per level, mid attention); ``extra``: more config."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -153,10 +154,11 @@ def tiny_vae(scaling_factor: float = 0.18215):
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(16, 32, 32, 32),
         layers_per_block=2,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
@@ -347,23 +349,7 @@ def tiny_t5(tok):
 
 def tiny_flow_vae(scaling_factor: float, shift_factor: float):
     """SD3/FLUX AutoencoderKL: SD's 4-level encoder/decoder with 16 latent channels and no quant convs."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return tiny_vae(scaling_factor, 16, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_sd3_transformer(variant: str = "medium"):
