@@ -32,6 +32,7 @@ from ..paths import cache_dir
 from ..storage import building_folder, write_stream, write_text
 from . import convert_flow, keymap
 from .detect import Detection, detect, weight_files
+from .registry import FLOW_FAMILIES
 from .streamwrite import Span, byte_spans, write_pieces
 from .tensorfile import TensorInfo, TensorSource, map_flat, safetensors_header
 
@@ -103,7 +104,7 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
 
 
 def _require_full(det: Detection, what: str) -> None:
-    if det.family in convert_flow.FAMILIES and det.kind in ("full", "transformer"):
+    if det.family in FLOW_FAMILIES and det.kind in ("full", "transformer"):
         return  # SD3/FLUX files hold the denoiser (and SD3's the VAE); the rest comes from a config folder
     if det.kind == "lora":
         raise ModelFormatError(f"{det.path} is a LoRA, not a full model; {what} needs a whole checkpoint")
@@ -273,7 +274,7 @@ def diffusers_to_single_file(
             f"{src} is not a Diffusers folder; to make a Diffusers folder from it, give a folder as DST"
         )
     _check_dst(dst, overwrite)
-    if det.family in convert_flow.FAMILIES:
+    if det.family in FLOW_FAMILIES:
         if fmt != "safetensors":
             raise UserInputError(f"{det.family} models are written as safetensors only; drop --format {fmt}")
         meta = {**convert_flow.modelspec(det, dst.stem, half), **(metadata or {})}
@@ -415,7 +416,7 @@ def single_file_to_diffusers(
     if det.layout != "single-file":
         raise UserInputError(f"{src} is a Diffusers folder; give a .safetensors DST to make a single file")
     _check_dst(dst, overwrite)
-    if det.family in convert_flow.FAMILIES:
+    if det.family in FLOW_FAMILIES:
         convert_flow.to_diffusers(src, dst, det, config=Path(config) if config else None, torch_dtype=torch_dtype)
         log.info("wrote Diffusers folder %s (%s)", dst, detect(dst).summary())
         return dst

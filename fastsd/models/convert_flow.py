@@ -40,7 +40,6 @@ from .tensorfile import TensorSource, safetensors_header, tensor_bytes
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd3", "flux")
 #: Per family: (Diffusers component, how it is planned, prefix in the single file).
 LAYOUT: dict[str, list[tuple[str, str, str]]] = {
     "sd3": [("transformer", "sd3", "model.diffusion_model."), ("vae", "vae", "first_stage_model.")],

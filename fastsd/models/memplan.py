@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserInputError
+from .registry import FLOW_FAMILIES
 
 #: Parameters (billions) of the real models' parts: the denoiser per (family, variant), text encoders per family.
 TRANSFORMER_B = {
@@ -58,7 +59,6 @@ PROCESS_RAM_GIB = 3.0
 HEADROOM = 0.97
 GIB = 1e9 / 2**30  # billions of bytes -> GiB
 
-FLOW_FAMILIES = ("sd3", "flux")
 #: Pipeline component holding the T5 encoder, per family.
 T5_COMPONENT = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
 PLAN_NAMES = ("fp16", "fp16-t5i8", "int8", "nf4", "nf4-t5nf4", "offload", "sequential")

@@ -49,6 +49,12 @@ class BaseModel:
 
 
 #: Native square size per family ("sd2-v": SD2 768-v): the training and crop size unless the user sets one.
+#: Families whose denoiser is a flow-matching transformer (MMDiT / FLUX DiT) with a T5 encoder:
+#: they convert through ``convert_flow`` and load with a ``memplan`` memory plan.
+FLOW_FAMILIES = ("sd3", "flux")
+#: Families fastsd's trainer fine-tunes (DreamBooth full and LoRA).
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl")
+
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 #: Sizes are multiples of this (the VAE's 8x downsampling times the UNet's three halvings).
 RESOLUTION_STEP = 64

@@ -22,7 +22,7 @@ from .. import storage
 from ..errors import UserInputError
 from ..images import IMAGE_SUFFIXES
 from ..locks import SessionLock, lock_state, read_lock
-from ..models.registry import MAX_NATIVE, NATIVE_RESOLUTION, check_resolution
+from ..models.registry import BASE_MODELS, MAX_NATIVE, NATIVE_RESOLUTION, TRAINABLE_FAMILIES, check_resolution
 from ..paths import fastsd_home
 from .info import SESSION_FILE, load_info, normalize_name, remove_entry
 from .show import describe_summary, space_plan
@@ -63,11 +63,18 @@ class Session:
         needed (:meth:`training_size`), so an SDXL session trains at 1024 unless told otherwise.
 
         Raises:
-            UserInputError: a bad name or size, or the session exists and ``exist_ok`` is False.
+            UserInputError: a bad name or size, a base model fastsd cannot train (SD3.5, FLUX.1), or the
+                session exists and ``exist_ok`` is False.
         """
         name = normalize_name(name)
         if resolution is not None:
             check_resolution(resolution)
+        known = BASE_MODELS.get(str(base_model)) if base_model else None
+        if known is not None and known.family not in TRAINABLE_FAMILIES:
+            raise UserInputError(
+                f"base model {base_model} is a {known.family} model: fastsd trains SD1, SD2 and SDXL sessions; "
+                f"{base_model} can be generated with (fastsd webui --model {base_model}) and converted, not trained yet"
+            )
         path = fastsd_home(home) / "sessions" / name
         if (path / SESSION_FILE).exists():
             if exist_ok:
