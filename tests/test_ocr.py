@@ -304,6 +304,11 @@ def test_cli_reports_failures_and_exit_codes(tmp_path, cli, home, tiny_glm_ocr):
     (tmp_path / "schema.json").write_text("[]")
     r = cli("ocr", str(tmp_path / "ok.png"), "--task", "extract", "--schema", str(tmp_path / "schema.json"))
     assert r.returncode == 2 and "schema" in r.stderr
+    missing = tmp_path / "no-such-model"  # a typo in a model folder: said as one, not as a Hub failure
+    for args in (("ocr", str(tmp_path / "ok.png")), ("ocr", "serve", "--host", "0.0.0.0", "--port", "0")):
+        r = cli(*args, "--model", str(missing))
+        assert r.returncode == 2 and f"{missing}: no such file or folder" in r.stderr, r.stderr
+        assert "needs a key" not in r.stdout  # a server that never started prints no key
 
 
 def png_claiming(path, width: int, height: int):

@@ -173,12 +173,14 @@ def hub_repo_offline(repo: str, path: str | os.PathLike[str]) -> bool:
     message tells the user to put the model.
 
     Raises:
-        UserInputError: gated or missing repo.
+        UserInputError: gated or missing repo, or a path that does not exist (``/content/ocr``).
         NetworkError: the Hub cannot be reached and the repo is not cached.
     """
     import huggingface_hub.constants
     from huggingface_hub import snapshot_download
 
+    if repo.startswith(("/", ".", "~")) or "\\" in repo or repo.count("/") > 1:
+        raise UserInputError(f"{repo}: no such file or folder (and not a Hub repo id like org/name): check the path")
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return True
     try:

@@ -235,10 +235,6 @@ def start(
     exposed = public or host not in LOOPBACK
     if api_key is not None and len(api_key) < 8:
         raise UserInputError("--api-key must be at least 8 characters")
-    if exposed and not api_key:
-        api_key = secrets.token_urlsafe(24)
-        print(f"the OCR server is reachable from other machines, so it needs a key: {api_key}", flush=True)
-    register(api_key)
     if limits is None:
         limits = ServeLimits(allow_urls=not exposed)
     port = check_port(host, port)
@@ -248,6 +244,10 @@ def start(
         engine_obj = TransformersEngine(
             model, device=device, quantize=quantize, max_new_tokens=limits.max_tokens, local_files_only=local_files_only
         )
+    if exposed and not api_key:  # made once the model loaded: a failed start prints no key
+        api_key = secrets.token_urlsafe(24)
+        print(f"the OCR server is reachable from other machines, so it needs a key: {api_key}", flush=True)
+    register(api_key)
     from .engine import DEFAULT_MODEL
 
     # the SDK sends "glm-ocr", fastsd's openai engine "zai-org/GLM-OCR"; the loaded id works too
