@@ -120,6 +120,12 @@ def test_cli_eval_then_session_show_and_compare(cli, trained, scorers, home):
     assert r.returncode == 0 and "rex/rex-step-10.safetensors" in r.stdout and "clip_t" in r.stdout
     r = cli("eval", "other", env=env)
     assert r.returncode == 2 and "no exported model" in r.stderr
+    # no scoring model here and no Hub: said in seconds, naming the flag, before any image is generated
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "empty-hf-cache")}
+    before = sorted(trained.samples_dir.glob("*"))
+    r = cli("eval", "rex", "--clip", str(clip), "--device", "cpu", env=offline)
+    assert r.returncode == 1 and "pass --dino" in r.stderr and "dino-vits16" in r.stderr, r.stderr
+    assert sorted(trained.samples_dir.glob("*")) == before
 
 
 @pytest.mark.slow

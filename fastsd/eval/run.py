@@ -187,6 +187,11 @@ def evaluate(
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     size = size or session.training_size()
     start = time.perf_counter()
+    from .scorers import Scorers, model_folder
+
+    # the scoring models are fetched before minutes of generation, so a missing one fails first
+    dino = str(model_folder(dino or DEFAULT_DINO, home, "--dino"))
+    clip = str(model_folder(clip or DEFAULT_CLIP, home, "--clip"))
 
     from PIL import Image
 
@@ -207,9 +212,7 @@ def evaluate(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    from .scorers import Scorers
-
-    scorers = Scorers(dino or DEFAULT_DINO, clip or DEFAULT_CLIP, device=device, home=home)
+    scorers = Scorers(dino, clip, device=device, home=home)
     try:
         real_dino, gen_dino = scorers.dino_embed(real), scorers.dino_embed(generated)
         real_clip, gen_clip = scorers.clip_image_embed(real), scorers.clip_image_embed(generated)

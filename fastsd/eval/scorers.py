@@ -14,11 +14,19 @@ from typing import Any
 from ..errors import FastsdError
 
 
-def _path(spec: str, home: str | os.PathLike[str] | None) -> Any:
+def model_folder(spec: str, home: str | os.PathLike[str] | None, flag: str = "--model") -> Any:
+    """The local folder of a scoring model (registry name, Hub id or folder), fetched if needed.
+
+    ``flag`` is the option that takes a folder instead (``--dino``/``--clip``): the offline message names it.
+    """
+    from ..errors import NetworkError
     from ..models.load import local_model
     from ..models.registry import helper_spec
 
-    return local_model(helper_spec(spec), home=home)
+    try:
+        return local_model(helper_spec(spec), home=home)
+    except NetworkError as err:
+        raise NetworkError(str(err).replace(" and pass --model ", f" and pass {flag} ")) from None
 
 
 class Scorers:
@@ -35,7 +43,7 @@ class Scorers:
 
         self.device = device
         try:
-            dpath, cpath = _path(dino, home), _path(clip, home)
+            dpath, cpath = model_folder(dino, home), model_folder(clip, home)
             self.dino = (
                 ViTModel.from_pretrained(dpath, add_pooling_layer=False, local_files_only=True).eval().to(device)
             )
