@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 from chat_standin import serve
 from PIL import Image
@@ -42,9 +43,12 @@ def test_unreachable_server_is_an_error_naming_it():
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    with ChatClient(f"http://127.0.0.1:{port}", model="m", retries=1, backoff=0.01) as client:
+    with ChatClient(f"http://127.0.0.1:{port}", model="m", retries=2, backoff=0.3, concurrency=1) as client:
         reply = client.complete(user_message(None, "x"))
-    assert reply.finish == "error" and f"127.0.0.1:{port}" in reply.error and "unreachable" in reply.error
+        assert reply.finish == "error" and f"127.0.0.1:{port}" in reply.error and "unreachable" in reply.error
+        t0 = time.perf_counter()  # the other images of a caption run do not each wait out the retries
+        rest = client.complete_many([(user_message(None, str(i)), {}) for i in range(5)])
+        assert time.perf_counter() - t0 < 0.3 and all(r.error == reply.error for r in rest)
 
 
 def test_key_is_sent_and_never_logged(caplog):

@@ -112,6 +112,8 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         self._http = httpx.Client(timeout=timeout, headers=headers, limits=limits)
+        #: Set once a request found no server through all its retries: the rest fail at once with it.
+        self.unreachable: str | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -138,13 +140,17 @@ class ChatClient:
         body = {"model": self.model, "messages": messages, **params}
         start = time.perf_counter()
         problem = ""
+        answered = False
         for attempt in range(self.retries + 1):
+            if self.unreachable:  # another request already waited out every retry
+                return ChatReply(finish="error", seconds=time.perf_counter() - start, error=self.unreachable)
             retry_after = None
             try:
                 resp = self._http.post(self.url, json=body)
             except httpx.HTTPError as err:
                 problem = f"{self.url} unreachable ({type(err).__name__}); is the server running?"
             else:
+                answered = True
                 if resp.status_code == 200:
                     return self._parse(resp, start)
                 problem = f"server said {resp.status_code}: {resp.text[:200]}"
@@ -155,6 +161,8 @@ class ChatClient:
                 wait = self._wait(attempt, retry_after)
                 log.debug("chat request failed (%s); retry %d in %.1fs", problem, attempt + 1, wait)
                 time.sleep(wait)
+        if not answered:
+            self.unreachable = problem
         return ChatReply(finish="error", seconds=time.perf_counter() - start, error=problem)
 
     def _parse(self, resp: Any, start: float) -> ChatReply:
