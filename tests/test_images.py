@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from fastsd import images
+from fastsd import crop, images
+from fastsd.crop import crop_image, focal_point
 from fastsd.errors import UserInputError
-from fastsd.images import collect, crop_image, focal_point, open_image
+from fastsd.images import collect, open_image
 from fastsd.models.registry import check_resolution
 from fastsd.session import Session
 
@@ -144,7 +145,7 @@ def test_smart_crop_in_a_tall_image():
 def test_faces_win_over_saliency(monkeypatch):
     """A face on the left beats a loud object on the right (face detection itself is OpenCV's)."""
     img = _scene((1200, 600), blob_center=(1000, 300))
-    monkeypatch.setattr(images, "detect_faces", lambda im: [(100, 200, 120, 150)])
+    monkeypatch.setattr(crop, "detect_faces", lambda im: [(100, 200, 120, 150)])
     x, y, how = focal_point(img)
     assert how == "face" and (x, y) == (160, 275)
     _, info = crop_image(img, "smart", 512)
@@ -153,17 +154,17 @@ def test_faces_win_over_saliency(monkeypatch):
 
 def test_several_faces_are_kept_together_when_they_fit(monkeypatch):
     img = Image.new("RGB", (1600, 600), BACKGROUND)
-    monkeypatch.setattr(images, "detect_faces", lambda im: [(700, 100, 100, 100), (1000, 120, 90, 90)])
+    monkeypatch.setattr(crop, "detect_faces", lambda im: [(700, 100, 100, 100), (1000, 120, 90, 90)])
     x, _, _ = focal_point(img)
     assert x == pytest.approx((700 + 1090) / 2)
-    monkeypatch.setattr(images, "detect_faces", lambda im: [(100, 100, 150, 150), (1400, 100, 100, 100)])
+    monkeypatch.setattr(crop, "detect_faces", lambda im: [(100, 100, 150, 150), (1400, 100, 100, 100)])
     x, _, _ = focal_point(img)  # too far apart for one crop: the largest face
     assert x == pytest.approx(175)
 
 
-@pytest.mark.skipif(not images.face_detection_available(), reason="this OpenCV ships no Haar cascade")
+@pytest.mark.skipif(not crop.face_detection_available(), reason="this OpenCV ships no Haar cascade")
 def test_haar_detector_finds_no_face_in_a_flat_scene():
-    assert images.detect_faces(_scene()) == []
+    assert crop.detect_faces(_scene()) == []
 
 
 def test_flat_image_falls_back_to_the_centre():
@@ -369,9 +370,9 @@ def test_detect_faces_scales_boxes_back_and_sorts_by_size(monkeypatch):
             seen["shape"] = gray.shape
             return np.array([[10, 20, 30, 30], [100, 50, 60, 60]])
 
-    monkeypatch.setattr(images, "_face_cascade", lambda: FakeCascade())
-    boxes = images.detect_faces(Image.new("RGB", (1280, 960)))
+    monkeypatch.setattr(crop, "_face_cascade", lambda: FakeCascade())
+    boxes = crop.detect_faces(Image.new("RGB", (1280, 960)))
     assert seen["shape"] == (480, 640)  # detection runs on a 640-px copy
     assert boxes == [(200, 100, 120, 120), (20, 40, 60, 60)]
-    monkeypatch.setattr(images, "_face_cascade", lambda: None)
-    assert images.detect_faces(Image.new("RGB", (100, 100))) == []
+    monkeypatch.setattr(crop, "_face_cascade", lambda: None)
+    assert crop.detect_faces(Image.new("RGB", (100, 100))) == []
