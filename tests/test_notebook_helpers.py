@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import types
 from pathlib import Path
@@ -13,11 +12,9 @@ import pytest
 from fastsd import notebook as nb
 from fastsd.errors import FastsdError, UserInputError
 from fastsd.notebook import dreambooth as nb_dreambooth
+from fastsd.notebook import reading as nb_ocr  # the modules, where the cells' private names live
+from fastsd.notebook import servers as nb_webui
 from fastsd.session import Session, list_sessions
-
-# ``nb.ocr`` and ``nb.webui`` are the functions; these are the modules, where their private names live
-nb_ocr = importlib.import_module("fastsd.notebook.reading")
-nb_webui = importlib.import_module("fastsd.notebook.servers")
 
 
 def _png(path: Path, color=(200, 80, 40), size=(520, 520)) -> Path:
