@@ -59,3 +59,50 @@ def serve_in_thread(app: Any, host: str, port: int, *, name: str, what: str) -> 
         time.sleep(0.05)
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     return server, thread, f"http://{shown}:{port}"
+
+
+class BackgroundServer:
+    """What a running server's handle does (mixin for a dataclass with ``_server`` and ``_thread``).
+
+    ``stop()`` gives HTTP a short graceful window, then forces it, then calls :meth:`release`
+    (the subclass's own cleanup: a model, a batcher); ``wait()`` serves until Ctrl-C or a
+    notebook interrupt; ``with start(...) as server:`` stops it at the end.
+    """
+
+    _server: Any
+    _thread: threading.Thread
+    #: What the Ctrl-C line calls it.
+    label = "fastsd server"
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def release(self, deadline: float) -> None:
+        """Free what the server used, by ``deadline`` (``time.monotonic()``) where it can."""
+
+    def stop(self, timeout: float = 5) -> None:
+        """Stop serving and release what the server used, within about ``timeout`` seconds (idempotent)."""
+        deadline = time.monotonic() + timeout
+        self._server.should_exit = True
+        self._thread.join(min(3.0, timeout / 2))
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(1.0)
+        self.release(deadline)
+
+    def wait(self) -> None:
+        """Block until the server stops; Ctrl-C (or a notebook interrupt) stops it cleanly."""
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            print(f"Stopping {self.label}...", flush=True)
+        finally:
+            self.stop()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

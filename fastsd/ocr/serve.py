@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import FastsdError, UserInputError
+from ..httpserve import BackgroundServer
 from .batcher import Batcher, Pending
 from .chat import ApiError, ServeLimits, decode_image, parse_request
 
@@ -161,7 +162,7 @@ def _fitted(url: str, limits: ServeLimits, grid: Any) -> Any:
 
 
 @dataclass
-class OcrServer:
+class OcrServer(BackgroundServer):
     """A running OCR server: ``url`` (``.../v1`` is the OpenAI base URL), ``api_key``, ``stop()``."""
 
     url: str
@@ -177,26 +178,10 @@ class OcrServer:
     def base_url(self) -> str:
         return self.url + "/v1"
 
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)
+    label = "fastsd OCR server"
+
+    def release(self, deadline: float) -> None:
         self.batcher.stop()
-
-    def wait(self) -> None:
-        """Serve until Ctrl-C (or a notebook interrupt)."""
-        try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            print("Stopping fastsd OCR server...", flush=True)
-        finally:
-            self.stop()
-
-    def __enter__(self) -> OcrServer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def start(

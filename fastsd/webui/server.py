@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FastsdError, UserInputError
-from ..httpserve import check_port, serve_in_thread
+from ..httpserve import BackgroundServer, check_port, serve_in_thread
 from ..paths import fastsd_home
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
 
 
 @dataclass
-class ServerHandle:
+class ServerHandle(BackgroundServer):
     """A running server. ``url`` is where to open it; ``stop()`` ends it and frees the model.
 
     Also usable as a context manager (``with start(...) as server: ...``).
@@ -66,38 +66,18 @@ class ServerHandle:
         """Base URL of the A1111 API (``.../sdapi/v1``)."""
         return f"{self.url}/sdapi/v1"
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
+    label = "fastsd web UI"
 
-    def stop(self, timeout: float = 5) -> None:
-        """Stop serving, interrupt the running job, and release the model (idempotent).
+    def release(self, deadline: float) -> None:
+        """Interrupt the running job and release the model once the worker has stopped.
 
-        Returns within about ``timeout`` seconds even mid-generation or mid-load on a loaded
-        machine: HTTP gets a short graceful window, then is forced; a job that cannot be
-        interrupted (a model load) is left to the daemon worker thread, and the model is released
-        only once the worker has stopped (releasing it under a running job would race with it).
+        A job that cannot be interrupted (a model load) is left to the daemon worker thread:
+        releasing the model under a running job would race with it.
         """
-        deadline = time.monotonic() + timeout
-        self._server.should_exit = True
-        self._thread.join(min(3.0, timeout / 2))
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(1.0)
         if self.backend.worker.stop(max(0.1, deadline - time.monotonic())):
             self.backend.manager.unload()
         else:
             log.info("the web UI's current job is still running; it ends with the process")
-
-    def wait(self) -> None:
-        """Block until the server stops; Ctrl-C (or a notebook interrupt) stops it cleanly."""
-        try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            print("Stopping fastsd web UI...", flush=True)
-        finally:
-            self.stop()
 
     def show(self, height: int = 900) -> Any:
         """Display the UI in a notebook output (Colab: through its port proxy)."""
@@ -113,12 +93,6 @@ class ServerHandle:
 
     def _repr_html_(self) -> str:
         return f'<a href="{self.url}/" target="_blank">fastsd web UI at {self.url}</a> · <a href="{self.url}/docs" target="_blank">API docs</a>'
-
-    def __enter__(self) -> ServerHandle:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def build_app(
