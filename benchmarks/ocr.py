@@ -34,35 +34,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-#: zai-org/GLM-OCR config.json (text and vision towers). GlmOcrConfig() defaults are NOT these:
-#: their text hidden size (1024) does not even match the vision merger's output (1536).
+from fastsd.demo.tiny_ocr import FULL_TEXT, FULL_VISION  # noqa: E402
+
+#: zai-org/GLM-OCR config.json: the sizes are fastsd.demo.tiny_ocr's (one copy), plus the real token ids.
+#: GlmOcrConfig() defaults are NOT these: their text hidden size (1024) does not even match the
+#: vision merger's output (1536).
 FULL_CONFIG = {
     "text_config": {
-        "vocab_size": 59392,
-        "hidden_size": 1536,
-        "intermediate_size": 4608,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "max_position_embeddings": 131072,
+        **FULL_TEXT,
         "rms_norm_eps": 1e-05,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000,
-            "mrope_section": [16, 24, 24],
-            "partial_rotary_factor": 1.0,
-        },
         "pad_token_id": 59246,
         "eos_token_id": [59246, 59253],
         "tie_word_embeddings": False,
     },
     "vision_config": {
-        "depth": 24,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_heads": 16,
-        "out_hidden_size": 1536,
+        **FULL_VISION,
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
