@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-BUILD_VERSION = 1
 
 TINY_OVERRIDES: dict[str, Any] = {
     "backbone_config": {
@@ -97,12 +96,3 @@ def save_pp_doclayout(
                 head.layers[-1].bias.zero_()
     model.save_pretrained(folder)
     return folder
-
-
-def cached_pp_doclayout() -> Path:
-    """The tiny PP-DocLayoutV3 in the local cache (``<cache>/tiny/pp-doclayout-v<N>``), built on first use."""
-    from .tiny import build_cached
-
-    return build_cached(
-        f"pp-doclayout-v{BUILD_VERSION}", "model.safetensors", lambda tmp: save_pp_doclayout(tmp / "out")
-    )
