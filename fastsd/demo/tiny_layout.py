@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 TINY_OVERRIDES: dict[str, Any] = {
     "backbone_config": {
         "model_type": "hgnet_v2",
