@@ -214,14 +214,13 @@ def test_temp_cleanup_survives_a_folder_removed_while_it_looks(tmp_path, monkeyp
     dead.mkdir(parents=True)
     vanishing = tmp_path / "b"
     (vanishing / "deep").mkdir(parents=True)
-    real_walk = os.walk
+    real_scandir = os.scandir
 
-    def walk(top, *a, **kw):
-        for i, entry in enumerate(real_walk(top, *a, **kw)):
-            yield entry
-            if i == 0:
-                (vanishing / "deep").rmdir()
-                vanishing.rmdir()  # listed at the top, gone before it is entered
+    def scandir(path="."):  # "b" is listed at the top and gone when the walk enters it
+        if isinstance(path, (str, os.PathLike)) and Path(path) == vanishing and vanishing.exists():
+            (vanishing / "deep").rmdir()
+            vanishing.rmdir()
+        return real_scandir(path)
 
-    monkeypatch.setattr(storage.os, "walk", walk)
+    monkeypatch.setattr(os, "scandir", scandir)
     assert storage.clean_temp_files(tmp_path) == [dead]
