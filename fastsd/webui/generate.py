@@ -483,9 +483,9 @@ class PipelineManager:
         state.sampling_steps = steps if task == "txt2img" else max(1, min(int(steps * strength), steps))
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            state.latents = kwargs.get("latents")  # first: a reader that sees the step also sees its preview
             state.sampling_step = i + 1
             state.sampling_steps = getattr(p, "num_timesteps", state.sampling_steps) or state.sampling_steps
-            state.latents = kwargs.get("latents")
             if state.interrupted or state.skipped:
                 p._interrupt = True  # diffusers skips the remaining steps and decodes what it has
             return {}
