@@ -215,6 +215,19 @@ def run_peer(name: str, case: dict, model: Path, imgs: Path, work: Path, peer_di
     return res
 
 
+def fp32_copy(model: Path, folder: Path, emit) -> Path:
+    """The same random model saved in fp32 (diffusers' full fine-tune script refuses fp16 weights)."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import DiffusionPipeline
+
+    t = time.perf_counter()
+    DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32).save_pretrained(folder, safe_serialization=True)
+    emit({"built": f"{model.name} in fp32 for the peer", "seconds": round(time.perf_counter() - t, 1)})
+    return folder
+
+
 def run_cap(name: str, case: dict, model: Path, imgs: Path, home: Path, steps: int) -> dict:
     """One capped fastsd run in a child process (the cap is per process)."""
     sess = name.replace("+", "_")
@@ -352,7 +365,10 @@ def main() -> None:
             emit(run_fastsd(name, case, models[kind], imgs, home, 3 if args.small else args.steps))
             if case.get("peer") and args.peer_dir:
                 steps = case.get("peer_steps", args.peer_steps)
-                emit(run_peer(name, case, models[kind], imgs, work, Path(args.peer_dir), steps))
+                peer_model = models[kind]
+                if "--train_text_encoder" in case["peer"][1]:  # the script refuses a text encoder in fp16
+                    peer_model = fp32_copy(models[kind], work / f"{kind}-fp32", emit)
+                emit(run_peer(name, case, peer_model, imgs, work, Path(args.peer_dir), steps))
         except Exception as err:  # noqa: BLE001 - one failing case must not hide the others
             emit({"case": name, "error": f"{type(err).__name__}: {err}"[:2000]})
     print(table(rows))

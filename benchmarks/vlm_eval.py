@@ -71,7 +71,7 @@ def main() -> None:
 
     import numpy as np
     from PIL import Image
-    from webui import build_sd15
+    from train import build_model  # benchmarks/train.py: the one builder of full-size random models
 
     from fastsd.demo.tiny_scorers import build_tiny_clip, build_tiny_dino
     from fastsd.demo.tiny_vlm import build_tiny_qwen3_vl
@@ -82,7 +82,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "small": a.small}
     t = time.perf_counter()
-    sd = build_sd15(work, a.small)
+    sd = build_model("sd15", work / "sd15", a.small)
     report["build_sd15_s"] = round(time.perf_counter() - t, 1)
     s = Session.create("bench", home, base_model=str(sd), resolution=a.size, instance_token="sks", class_word="dog")
     rng = np.random.RandomState(0)
@@ -123,11 +123,15 @@ def main() -> None:
             "failed": len(run.failed),
             "seconds": round(run.seconds, 2),
             "images_per_s": round(len(run.written) / run.seconds, 2),
+            # every image costs a full generation, written or not (random weights can decode to nothing)
+            "answered_per_s": round((len(run.written) + len(run.failed)) / run.seconds, 2),
+            "failures": sorted(set(run.failed.values()))[:3],
             "new_tokens_per_image": "cap (random weights never end): 107",
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         }
         engine.close()
         del engine
+        print(json.dumps(report), flush=True)  # a partial line: the caption numbers survive a later timeout
 
     if a.skip != "eval":
         from fastsd.eval import evaluate
@@ -151,6 +155,7 @@ def main() -> None:
             "wall_s": round(time.perf_counter() - t, 1),
             "metrics": r.metrics,
         }
+        print(json.dumps(report), flush=True)
         s2 = Session.open("bench", home)
         t = time.perf_counter()
         r = evaluate(s2, dino=str(dino), clip=str(clip), prompts=a.prompts, images_per_prompt=a.images_per_prompt,

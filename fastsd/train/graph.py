@@ -98,6 +98,7 @@ class GraphStep:
         self.graph: Any = None
         self.static_in: dict[str, torch.Tensor] = {}
         self.static_loss: torch.Tensor | None = None
+        self._unended_pool: Any = None  # the private pool of a capture whose capture_end failed
 
     @property
     def captured(self) -> bool:
@@ -147,6 +148,11 @@ class GraphStep:
         with contextlib.suppress(RuntimeError):  # an invalidated capture can leave an error behind
             torch.cuda.synchronize()
         gc.collect()
+        pool, self._unended_pool = self._unended_pool, None
+        if pool is not None:
+            device = torch.cuda.current_device()
+            torch._C._cuda_endAllocateToPool(device, pool)  # stop routing allocations into it
+            torch._C._cuda_releasePool(device, pool)  # its blocks become freeable once unused
         torch.cuda.empty_cache()
 
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -168,7 +174,22 @@ class GraphStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # hand the warm-up's cached blocks back: the graph gets its own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.static_loss = self.step_fn(self.static_in)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        # what torch.cuda.graph does, spelled out to learn whether capture_end succeeded: a capture
+        # that never ended keeps its private pool referenced for ever (the graph only releases a
+        # pool it finished), so the fallback must release that pool itself
+        pool = torch.cuda.graph_pool_handle()  # known up front: graph.pool() needs a finished capture
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool)
+            try:
+                self.static_loss = self.step_fn(self.static_in)
+            finally:
+                try:
+                    graph.capture_end()
+                except Exception:
+                    self._unended_pool = pool
+                    raise
+        torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
         log.info("captured the training step in a CUDA graph")
