@@ -79,56 +79,12 @@ def timed(fn, device: str):
     return out, time.perf_counter() - start, peak_gib(device)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
-    ap.add_argument("--pages", type=int, default=64, help="pages per measurement")
-    ap.add_argument("--stock-pages", type=int, default=8, help="pages for the (slow) stock measurement")
-    ap.add_argument("--page", default="896x1120", help="page size WxH")
-    ap.add_argument("--tokens", type=int, default=256, help="max new tokens per page / region")
-    ap.add_argument("--batch", type=int, default=32, help="in-process batch and server batch limit")
-    ap.add_argument("--clients", type=int, default=32, help="concurrent server clients")
-    ap.add_argument("--layout-pages", type=int, default=16, help="pages for the layout measurement")
-    ap.add_argument("--work", help="folder for the built models (default: a temp folder)")
-    args = ap.parse_args()
-
+def serving(args, glm: Path, device: str, docs: list, row):
+    """Stock transformers one page at a time, fastsd in-process batched, and the server under N clients."""
     import httpx
-    import torch
 
-    from fastsd.demo.tiny_layout import save_pp_doclayout
-    from fastsd.demo.tiny_ocr import save_tiny_glm_ocr
-    from fastsd.ocr import ocr
     from fastsd.ocr.engine import PageJob, TransformersEngine
-    from fastsd.ocr.layout import LayoutDetector, LayoutSettings
     from fastsd.ocr.serve import ServeLimits, start
-
-    device = "cpu" if args.tiny else "cuda"
-    if not args.tiny and not torch.cuda.is_available():
-        print("no CUDA GPU: run with --tiny for a CPU smoke run", file=sys.stderr)
-        return 2
-    if args.tiny:
-        args.pages, args.stock_pages, args.tokens, args.batch = min(args.pages, 8), min(args.stock_pages, 2), 8, 4
-        args.clients, args.layout_pages = min(args.clients, 8), min(args.layout_pages, 2)
-    w, h = (int(v) for v in args.page.lower().split("x"))
-    work = Path(args.work or tempfile.mkdtemp(prefix="fastsd-ocr-bench-"))
-    glm, lay = work / ("glm-tiny" if args.tiny else "glm-full"), work / ("layout-tiny" if args.tiny else "layout-full")
-    t0 = time.perf_counter()
-    if not (glm / "config.json").is_file():
-        save_tiny_glm_ocr(glm, full=not args.tiny, dtype="float32" if args.tiny else "bfloat16")
-    if not (lay / "config.json").is_file():
-        # biased to find text/table/formula regions at its anchors: random heads would find none or the whole page
-        bias = {"text": 3.0, "table": 2.5, "display_formula": 2.5, "paragraph_title": 2.5}
-        save_pp_doclayout(lay, tiny=args.tiny, bias=bias, anchors=True, overrides={"mask_enhanced": False})
-    print(f"models ready in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
-
-    docs = pages(max(args.pages, args.layout_pages), (w, h))
-    rows: list[tuple[str, str, float, float, float | None, str]] = []
-
-    def row(name: str, how: str, n: int, seconds: float, tokens: int, peak: float | None, note: str = "") -> float:
-        rate = n / seconds
-        rows.append((name, how, rate, tokens / seconds, peak, note))
-        print(f"{name}: {rate:.2f} pages/s ({tokens / seconds:.0f} tok/s) peak {peak} GiB {note}", file=sys.stderr)
-        return rate
 
     # stock transformers, one page at a time
     stock = TransformersEngine(
@@ -207,6 +163,67 @@ def main() -> int:
         f"{n_batches} batches, largest {server.batcher.largest_batch}",
     )  # fmt: skip
     server.stop()
+    return engine, served, inproc, stock_rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
+    ap.add_argument("--pages", type=int, default=64, help="pages per measurement")
+    ap.add_argument("--stock-pages", type=int, default=8, help="pages for the (slow) stock measurement")
+    ap.add_argument("--page", default="896x1120", help="page size WxH")
+    ap.add_argument("--tokens", type=int, default=256, help="max new tokens per page / region")
+    ap.add_argument("--batch", type=int, default=32, help="in-process batch and server batch limit")
+    ap.add_argument("--clients", type=int, default=32, help="concurrent server clients")
+    ap.add_argument("--layout-pages", type=int, default=16, help="pages for the layout measurement")
+    ap.add_argument("--work", help="folder for the built models (default: a temp folder)")
+    ap.add_argument("--only", choices=("all", "layout"), default="all",
+                    help="layout: only whole-page vs layout mode, at the product's default batch limits")  # fmt: skip
+    ap.add_argument("--cap", type=float, help="hard VRAM cap in GiB for the whole process (e.g. 12: a T4's budget)")
+    args = ap.parse_args()
+
+    import torch
+
+    from fastsd.demo.tiny_layout import save_pp_doclayout
+    from fastsd.demo.tiny_ocr import save_tiny_glm_ocr
+    from fastsd.ocr import ocr
+    from fastsd.ocr.engine import TransformersEngine
+    from fastsd.ocr.layout import LayoutDetector, LayoutSettings
+
+    device = "cpu" if args.tiny else "cuda"
+    if not args.tiny and not torch.cuda.is_available():
+        print("no CUDA GPU: run with --tiny for a CPU smoke run", file=sys.stderr)
+        return 2
+    if args.tiny:
+        args.pages, args.stock_pages, args.tokens, args.batch = min(args.pages, 8), min(args.stock_pages, 2), 8, 4
+        args.clients, args.layout_pages = min(args.clients, 8), min(args.layout_pages, 2)
+    w, h = (int(v) for v in args.page.lower().split("x"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="fastsd-ocr-bench-"))
+    glm, lay = work / ("glm-tiny" if args.tiny else "glm-full"), work / ("layout-tiny" if args.tiny else "layout-full")
+    t0 = time.perf_counter()
+    if not (glm / "config.json").is_file():
+        save_tiny_glm_ocr(glm, full=not args.tiny, dtype="float32" if args.tiny else "bfloat16")
+    if not (lay / "config.json").is_file():
+        # biased to find text/table/formula regions at its anchors: random heads would find none or the whole page
+        bias = {"text": 3.0, "table": 2.5, "display_formula": 2.5, "paragraph_title": 2.5}
+        save_pp_doclayout(lay, tiny=args.tiny, bias=bias, anchors=True, overrides={"mask_enhanced": False})
+    print(f"models ready in {time.perf_counter() - t0:.0f} s under {work}", file=sys.stderr)
+
+    if args.cap and device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    docs = pages(max(args.pages, args.layout_pages), (w, h))
+    rows: list[tuple[str, str, float, float, float | None, str]] = []
+
+    def row(name: str, how: str, n: int, seconds: float, tokens: int, peak: float | None, note: str = "") -> float:
+        rate = n / seconds
+        rows.append((name, how, rate, tokens / seconds, peak, note))
+        print(f"{name}: {rate:.2f} pages/s ({tokens / seconds:.0f} tok/s) peak {peak} GiB {note}", file=sys.stderr)
+        return rate
+
+    if args.only == "all":
+        engine, served, inproc, stock_rate = serving(args, glm, device, docs, row)
+    else:  # the product's defaults: a batch limit from (capped) free VRAM, the detector's own batch
+        engine = TransformersEngine(str(glm), device=device, max_new_tokens=args.tokens, local_files_only=True)
 
     # whole-page vs layout mode through fastsd.ocr.ocr
     folder = work / "pages"
@@ -214,7 +231,8 @@ def main() -> int:
     for i, im in enumerate(docs[: args.layout_pages]):
         im.save(folder / f"p{i:03d}.png")
     settings = LayoutSettings(input_size=320) if args.tiny else LayoutSettings()
-    detector = LayoutDetector(str(lay), device=device, settings=settings, batch_size=args.batch, local_files_only=True)
+    layout_batch = {"batch_size": args.batch} if args.only == "all" else {}
+    detector = LayoutDetector(str(lay), device=device, settings=settings, local_files_only=True, **layout_batch)
     detector.detect(docs[:2])  # warm-up
     whole, secs, peak = timed(
         lambda: list(ocr([str(folder)], out=work / "out-whole", engine_obj=engine, progress=False)), device
@@ -238,9 +256,13 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name, how, rate, tps, pk, note in rows:
         print(f"| {name} | {how} | {rate:.2f} | {tps:.0f} | {pk if pk is not None else '-'} | {note} |")
-    print(
-        f"\nserver / in-process: {served / inproc:.2f}x (target >= 0.8); server / stock: {served / stock_rate:.1f}x (target >= 5)"
-    )
+    if args.only == "all":
+        print(
+            f"\nserver / in-process: {served / inproc:.2f}x (target >= 0.8); "
+            f"server / stock: {served / stock_rate:.1f}x (target >= 5)"
+        )
+    if args.cap:
+        print(f"whole process under a hard cap of {args.cap} GiB (torch.cuda.set_per_process_memory_fraction)")
     return 0
 
 

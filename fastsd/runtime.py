@@ -105,6 +105,23 @@ def gpus() -> list[GPU]:
     return found
 
 
+def usable_vram_bytes(device: Any = None) -> int:
+    """Bytes of GPU memory this process can still allocate: free on the card plus its own cached blocks,
+    and never more than a per-process cap (``torch.cuda.set_per_process_memory_fraction``) leaves.
+
+    Batch sizes chosen from free memory alone overshoot under a cap (the card is still "free"), which
+    is how a smaller card is emulated on a large one, and how a user keeps room for a second model.
+    """
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d=None: 1.0)(device)
+    cap = fraction * total
+    return int(max(0, min(free + cached, cap - allocated)))
+
+
 def torch_info() -> dict[str, Any]:
     """torch's version, the CUDA it was built for, and whether a GPU is usable."""
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import FastsdError, UserInputError
+from ..runtime import usable_vram_bytes
 from ..vlm.client import image_data_url  # noqa: F401 - re-exported: engine.image_data_url is public
 from .processor import PatchGrid, load_processor
 from .prompts import repetition
@@ -177,7 +178,7 @@ class TransformersEngine:
         tokens = self.grid.image_tokens(*size) + 32 + min(self.max_new_tokens, 1024)
         per_page = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * elt * tokens
         per_page += tc.vocab_size * 4 * 2 + tokens * 8  # logits + seen mask, positions
-        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        free = usable_vram_bytes(torch.device(self.device))  # respects a per-process cap
         # one page's vision + prefill activations stay resident beside the cache
         patches = (size[0] // self.grid.patch_size) * (size[1] // self.grid.patch_size)
         overhead = 1.0 * 2**30 + patches * self.model.config.vision_config.hidden_size * elt * 24
