@@ -2,7 +2,7 @@
 
 Random weights at the real shapes (nothing is downloaded; the GPU machine has no network):
 Qwen3-VL-2B-Instruct's (text: 28 layers, 2048 wide, GQA 16/8 heads of 128; vision: 24 layers,
-1024 wide, patch 16, DeepStack at 5/11/17), SD1.5's UNet/VAE/CLIP-L, DINO ViT-S/16 and CLIP ViT-B/32.
+1024 wide, patch 16, DeepStack at 5/11/17), SD1.5's UNet/VAE/CLIP-L, DINO ViT-S/16, CLIP ViT-B/32 and LPIPS's AlexNet.
 A random VLM never writes its end-of-turn token, so every caption runs to the cap
 (``limit + 32`` = 107 new tokens for CLIP families): the images/s measured is a lower bound for
 real captions, which stop at ~40-60 tokens.
@@ -73,7 +73,7 @@ def main() -> None:
     from PIL import Image
     from train import build_model  # benchmarks/train.py: the one builder of full-size random models
 
-    from fastsd.demo.tiny_scorers import build_tiny_clip, build_tiny_dino
+    from fastsd.demo.tiny_scorers import build_tiny_clip, build_tiny_dino, build_tiny_lpips
     from fastsd.demo.tiny_vlm import build_tiny_qwen3_vl
     from fastsd.session import Session
 
@@ -142,6 +142,7 @@ def main() -> None:
         diffusers_to_single_file(sd, dst, half=True, overwrite=True)
         s.record_model(dst, kind="full", step=1000)
         dino, clip = build_tiny_dino(work / "dino", full=not a.small), build_tiny_clip(work / "clip", full=not a.small)
+        lpips = build_tiny_lpips(work / "lpips")  # AlexNet's real shapes: DIV costs what it will with the real weights
         report["prepare_eval_s"] = round(time.perf_counter() - t, 1)
         s = Session.open("bench", home)
         t = time.perf_counter()
@@ -158,8 +159,9 @@ def main() -> None:
         print(json.dumps(report), flush=True)
         s2 = Session.open("bench", home)
         t = time.perf_counter()
-        r = evaluate(s2, dino=str(dino), clip=str(clip), prompts=a.prompts, images_per_prompt=a.images_per_prompt,
-                     steps=a.steps, size=a.size, prior=True, device=device)  # fmt: skip
+        r = evaluate(s2, dino=str(dino), clip=str(clip), lpips=str(lpips), prompts=a.prompts,
+                     images_per_prompt=a.images_per_prompt, steps=a.steps, size=a.size, prior=True,
+                     device=device)  # fmt: skip
         report["eval_with_prior"] = {"wall_s": round(time.perf_counter() - t, 1), "metrics": r.metrics}
     print(json.dumps(report))
 

@@ -57,6 +57,13 @@ def scorers(tmp_path_factory):
     return build_tiny_dino(root / "dino"), build_tiny_clip(root / "clip")
 
 
+@pytest.fixture(scope="module")
+def lpips_weights(tmp_path_factory):
+    from fastsd.demo.tiny_scorers import build_tiny_lpips
+
+    return build_tiny_lpips(tmp_path_factory.mktemp("lpips"))
+
+
 @pytest.fixture
 def trained(home, tmp_path, tiny_sd1):
     from fastsd.models.convert import diffusers_to_single_file
@@ -73,15 +80,17 @@ def trained(home, tmp_path, tiny_sd1):
     return Session.open("rex", home)
 
 
-def test_evaluate_records_scores_tensorboard_and_a_sheet(trained, scorers):
+def test_evaluate_records_scores_tensorboard_and_a_sheet(trained, scorers, lpips_weights):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from fastsd.eval import evaluate
 
     dino, clip = scorers
-    r = evaluate(trained, dino=str(dino), clip=str(clip), prompts=2, images_per_prompt=2, prior=True, steps=2, size=64)
-    assert set(r.metrics) == {"dino", "clip_i", "clip_t", "pres", "div_dino"}
-    assert all(-1 <= v <= 1 for k, v in r.metrics.items() if k != "div_dino") and 0 <= r.metrics["div_dino"] <= 2
+    kw = {"dino": str(dino), "clip": str(clip), "lpips": str(lpips_weights)}
+    r = evaluate(trained, **kw, prompts=2, images_per_prompt=2, prior=True, steps=2, size=64)
+    assert set(r.metrics) == {"dino", "clip_i", "clip_t", "pres", "div"}
+    assert all(-1 <= v <= 1 for k, v in r.metrics.items() if k != "div") and r.metrics["div"] > 0
+    assert r.settings["lpips_model"] == str(lpips_weights) and "div_fallback" not in r.settings
     again = Session.open("rex", trained.path.parent.parent)
     (entry,) = again.models()
     assert entry["eval"]["metrics"] == r.metrics and entry["eval"]["seed"] == 0
@@ -98,13 +107,38 @@ def test_evaluate_records_scores_tensorboard_and_a_sheet(trained, scorers):
     from fastsd import notebook as nb
 
     table = nb.show_eval(again)  # the notebook's table (and the grid below it)
-    assert "<th>DINO</th>" in table.data and f"{r.metrics['dino']:.3f}" in table.data
+    assert "<th>DINO</th>" in table.data and f"{r.metrics['dino']:.3f}" in table.data and "<th>DIV</th>" in table.data
     # fixed seeds: a second run gives the same scores
-    assert evaluate(trained, dino=str(dino), clip=str(clip), prompts=2, images_per_prompt=2, prior=True, steps=2,
-                    size=64).metrics == r.metrics  # fmt: skip
+    assert evaluate(trained, **kw, prompts=2, images_per_prompt=2, prior=True, steps=2, size=64).metrics == r.metrics
+    # LPIPS off: DIV is 1 - DINO similarity within each prompt's images, and the result says why
+    off = evaluate(trained, **{**kw, "lpips": "off"}, prompts=2, images_per_prompt=2, prior=True, steps=2, size=64)
+    assert set(off.metrics) == {"dino", "clip_i", "clip_t", "pres", "div_dino"} and 0 <= off.metrics["div_dino"] <= 2
+    assert "--lpips off" in off.settings["div_fallback"]
+    assert {k: v for k, v in off.metrics.items() if k != "div_dino"} == {
+        k: v for k, v in r.metrics.items() if k != "div"
+    }
 
 
-def test_cli_eval_then_session_show_and_compare(cli, trained, scorers, home):
+def test_default_lpips_that_cannot_be_fetched_falls_back_to_div_dino(home, monkeypatch, lpips_weights):
+    from fastsd.errors import NetworkError
+    from fastsd.eval.run import _lpips
+    from fastsd.models import fetch
+
+    def offline(url, *args, **kwargs):
+        raise NetworkError(f"download of {url} was cut (ConnectError); run the same command again to resume")
+
+    monkeypatch.setattr(fetch, "download", offline)
+    model, why = _lpips(None, home)
+    assert model is None and "lpips-alex" in why and "download.pytorch.org" in why
+    with pytest.raises(NetworkError):
+        _lpips("lpips-alex", home)  # asked for by name: it must load
+    model, why = _lpips(str(lpips_weights), home)
+    assert model is not None and why == ""
+    monkeypatch.setenv("FASTSD_REPO_LPIPS_ALEX", str(lpips_weights))  # an offline copy, as for other helpers
+    assert _lpips(None, home)[0] is not None
+
+
+def test_cli_eval_then_session_show_and_compare(cli, trained, scorers, lpips_weights, home):
     dino, clip = scorers
     env = {"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"}
     r = cli("eval", "rex", "--prompts", "1", "--images-per-prompt", "2", "--steps", "1", "--size", "64",
@@ -120,6 +154,13 @@ def test_cli_eval_then_session_show_and_compare(cli, trained, scorers, home):
     assert r.returncode == 0 and "rex/rex-step-10.safetensors" in r.stdout and "clip_t" in r.stdout
     r = cli("eval", "other", env=env)
     assert r.returncode == 2 and "no exported model" in r.stderr
+    r = cli("eval", "rex", "--prompts", "1", "--images-per-prompt", "2", "--steps", "1", "--size", "64",
+            "--prior", "on", "--dino", str(dino), "--clip", str(clip), "--lpips", str(lpips_weights),
+            "--device", "cpu", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"DIV is LPIPS ({lpips_weights})" in r.stdout and "LPIPS (AlexNet, v0.1)" in r.stdout
+    (entry,) = Session.open("rex", home).models()
+    assert entry["eval"]["metrics"]["div"] > 0 and entry["eval"]["lpips_model"] == str(lpips_weights)
     # no scoring model here and no Hub: said in seconds, naming the flag, before any image is generated
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "empty-hf-cache")}
     before = sorted(trained.samples_dir.glob("*"))

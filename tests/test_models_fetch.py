@@ -221,3 +221,44 @@ def test_helper_models_are_fetched_by_name_like_base_models(home, monkeypatch, t
     assert helper_spec("facebook/dino-vits16") == "hf:facebook/dino-vits16"
     monkeypatch.setenv("FASTSD_REPO_DINO_VITS16", str(tmp_path))  # an offline copy
     assert helper_spec("dino-vits16") == str(tmp_path)
+
+
+def test_a_helper_model_of_plain_url_files_is_resumed_checked_and_kept(server, tmp_path, home, monkeypatch):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"w": torch.arange(300_000.0)}, a)
+    torch.save({"v": torch.ones(3)}, b)
+    _Handler.files.update({"/x/a.pth": a.read_bytes(), "/y/b.pth": b.read_bytes()})
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
+    files = (
+        registry.UrlFile("first.pth", f"{server}/x/a.pth", sha["a.pth"]),
+        registry.UrlFile("second.pth", f"{server}/y/b.pth", sha["b.pth"]),
+    )
+    monkeypatch.setitem(
+        registry.HELPER_MODELS, "two-files", registry.HelperModel("two-files", "", "score", "MIT", files=files)
+    )
+    with pytest.raises(NetworkError, match="resume"):
+        get("two-files", home=home)  # the first file is cut
+    folder = get("two-files", home=home)
+    assert folder == home / "models" / "two-files"
+    assert (folder / "first.pth").read_bytes() == a.read_bytes() and (
+        folder / "second.pth"
+    ).read_bytes() == b.read_bytes()
+    assert _Handler.ranges[-2].startswith("bytes=")  # the cut file continued
+    requests = len(_Handler.ranges)
+    assert get("two-files", home=home) == folder and len(_Handler.ranges) == requests  # kept: no download
+    bad = (registry.UrlFile("third.pth", f"{server}/y/b.pth", "0" * 64),)
+    monkeypatch.setitem(registry.HELPER_MODELS, "bad", registry.HelperModel("bad", "", "score", "MIT", files=bad))
+    with pytest.raises(ModelFormatError, match="sha256"):
+        get("bad", home=home)
+    assert not (home / "models" / "bad" / "third.pth").exists()
+
+
+def test_lpips_weights_are_a_registry_helper_of_url_files():
+    from fastsd.models.fetch import check_spec
+
+    entry = registry.HELPER_MODELS[registry.DEFAULT_LPIPS]
+    assert check_spec("lpips-alex") == "lpips-alex" and entry.task == "score"
+    assert {f.name for f in entry.files} == {"alexnet-owt-7be5be79.pth", "alex.pth"}
+    for f in entry.files:  # torchvision's names carry the sha256's first 8 digits
+        assert f.url.startswith("https://") and len(f.sha256) == 64 and f.url.endswith(f.name)
+    assert next(f for f in entry.files if f.name.startswith("alexnet")).sha256.startswith("7be5be79")

@@ -15,7 +15,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="score how well an export learned the subject (DreamBooth's DINO, CLIP-I, CLIP-T)",
         description="Generate the DreamBooth paper's prompts with the session's latest export (4 images per prompt, "
         "fixed seeds) and score them against the instance photos. With prior preservation, also PRES and DIV "
-        "(DIV here is 1 - DINO similarity, not LPIPS). Scores go into the session (session show), TensorBoard "
+        "(mean LPIPS between a prompt's images, as in the paper; div_dino = 1 - DINO similarity when the LPIPS "
+        "weights cannot be fetched, said in the output). Scores go into the session (session show), TensorBoard "
         "(logs/eval) and a contact sheet in samples/.",
     )
     p.add_argument("session", help="session name")
@@ -33,6 +34,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--size", type=int, metavar="PX", help="image size (default: the session's training size)")
     p.add_argument("--dino", metavar="MODEL", help="DINO model: name, Hub id or folder (default dino-vits16)")
     p.add_argument("--clip", metavar="MODEL", help="CLIP model: name, Hub id or folder (default clip-vit-b32)")
+    p.add_argument(
+        "--lpips",
+        metavar="MODEL",
+        help="LPIPS weights for DIV: name, Hub id or a folder with torchvision's alexnet-owt-7be5be79.pth and "
+        "lpips' v0.1 alex.pth (default lpips-alex, fetched once; off: div_dino)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--compare", action="append", default=[], metavar="SESSION", help="also list another session's scores"
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             export=args.export,
             dino=args.dino,
             clip=args.clip,
+            lpips=args.lpips,
             prompts=args.prompts,
             images_per_prompt=args.images_per_prompt,
             prior={"auto": None, "on": True, "off": False}[args.prior],
@@ -92,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
             f"scored {result.export}: {result.prompts} prompt(s) x {result.images_per_prompt} image(s) in "
             f"{result.seconds:.1f}s; images in {result.grid}"
         )
+        if "div" in result.metrics:
+            print(f"DIV is LPIPS ({result.settings['lpips_model']})")
+        elif "div_dino" in result.metrics:
+            print(f"DIV is div_dino (1 - DINO similarity), not LPIPS: {result.settings['div_fallback']}")
     if rows:
         print(table(rows))
         for name in {n for _, r in rows for n in r}:

@@ -1,9 +1,10 @@
-"""Tiny random-weight scoring models: a DINO-style ``ViTModel`` and a ``CLIPModel``, built offline.
+"""Tiny random-weight scoring models: a DINO-style ``ViTModel``, a ``CLIPModel`` and LPIPS's files, built offline.
 
 Real block structure (ViT-S/16's patch embedding, CLS token and pre-norm encoder; CLIP's two
 towers and projections) at tiny widths, with their PIL image processors and, for CLIP, the tiny
-CLIP tokenizer of :func:`fastsd.demo.tiny.write_clip_tokenizer`. Random weights: the scores they
-give mean nothing, but every step of ``fastsd eval`` runs for real.
+CLIP tokenizer of :func:`fastsd.demo.tiny.write_clip_tokenizer`. LPIPS's AlexNet is small (2.5M
+parameters in its features), so its two files are written at the real shapes. Random weights:
+the scores they give mean nothing, but every step of ``fastsd eval`` runs for real.
 """
 
 from __future__ import annotations
@@ -69,4 +70,26 @@ def build_tiny_clip(folder: str | Path, seed: int = 0, *, full: bool = False) ->
     CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         folder
     )
+    return folder
+
+
+def build_tiny_lpips(folder: str | Path, seed: int = 0) -> Path:
+    """LPIPS's two files as the ``lpips-alex`` download has them, with random weights at the real shapes.
+
+    ``alexnet-owt-7be5be79.pth`` holds torchvision's ``features.*`` keys (the real file also has the
+    classifier's, which LPIPS ignores) and ``alex.pth`` lpips' ``lin<k>.model.1.weight`` keys, with
+    non-negative weights as lpips' training keeps them.
+    """
+    import torch
+
+    from ..eval.lpips import CHANNELS, alexnet_features
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(
+        {f"features.{k}": v for k, v in alexnet_features().state_dict().items()}, folder / "alexnet-owt-7be5be79.pth"
+    )
+    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(CHANNELS)}
+    torch.save(lin, folder / "alex.pth")
     return folder

@@ -5,9 +5,10 @@
 * CLIP-T: mean cosine similarity of each generated image to its own prompt (CLIP image vs text).
 * PRES: mean DINO similarity of images generated from the bare class prompt to the real photos;
   lower means the class prior was preserved (the model did not turn every dog into yours).
-* DIV: diversity of images generated from one prompt. The paper uses LPIPS, which needs
-  torchvision's VGG/AlexNet; fastsd reports ``div_dino`` = 1 − mean pairwise DINO similarity
-  within each prompt's images, a different but related distance (labelled as such everywhere).
+* DIV: diversity of the images generated from one prompt, averaged over prompts. The paper's is
+  mean pairwise LPIPS (:mod:`fastsd.eval.lpips`, which holds the network); without the LPIPS
+  weights fastsd reports ``div_dino`` = 1 − mean pairwise DINO similarity within each prompt's
+  images (:func:`within_group_diversity`), a different but related distance, labelled as such.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ For one export (the latest by default): each evaluation prompt is generated ``im
 times with fixed seeds (image j of prompt i uses seed ``seed + i * images_per_prompt + j``, so two
 exports see the same noise), then DINO, CLIP-I and CLIP-T are computed (see
 :mod:`fastsd.eval.metrics`). With ``prior`` (the session trained with prior preservation), the
-bare class prompt is generated too, for PRES and DIV. The numbers are recorded on the export's
+bare class prompt is generated too, for PRES, and DIV is computed: LPIPS between the images of
+each prompt (:mod:`fastsd.eval.lpips`), or ``div_dino`` when the LPIPS weights are not available
+(the result's settings say why). The numbers are recorded on the export's
 entry in ``session.json`` (``session show`` lists them), written to TensorBoard under
 ``logs/eval`` and returned with a contact sheet of the images in ``samples/``.
 """
@@ -29,7 +31,8 @@ METRICS = {
     "clip_i": "CLIP image similarity to the photos (higher: more like the subject)",
     "clip_t": "CLIP similarity of each image to its prompt (higher: follows prompts)",
     "pres": "DINO similarity of class-prompt images to the photos (lower: prior preserved)",
-    "div_dino": "1 - DINO similarity within a prompt's images (higher: more diverse; not LPIPS)",
+    "div": "LPIPS (AlexNet, v0.1) between a prompt's images (higher: more diverse)",
+    "div_dino": "1 - DINO similarity within a prompt's images (higher: more diverse; stands in for LPIPS)",
 }
 
 
@@ -90,6 +93,29 @@ def _pipeline(session: Any, entry: dict[str, Any], dtype: Any, device: str) -> A
     return pipe.to(device)
 
 
+def _lpips(spec: str | None, home: str | os.PathLike[str] | None) -> tuple[Any, str]:
+    """The LPIPS network for DIV (on the CPU until scoring), or None and why DIV is ``div_dino`` instead.
+
+    ``spec`` names the weights (registry name, Hub id or folder) and must load; without one the
+    default ``lpips-alex`` is fetched, and when it cannot be (no network, a changed file) DIV falls
+    back to ``div_dino`` with the reason, so an offline run still scores. ``off`` skips LPIPS.
+    """
+    from ..errors import ModelFormatError, NetworkError
+    from ..models.registry import DEFAULT_LPIPS
+    from .lpips import load_lpips
+    from .scorers import model_folder
+
+    if spec == "off":
+        return None, "LPIPS turned off (--lpips off)"
+    try:
+        return load_lpips(model_folder(spec or DEFAULT_LPIPS, home, "--lpips")), ""
+    except (NetworkError, ModelFormatError) as err:
+        if spec:
+            raise
+        log.warning("DIV is div_dino (1 - DINO similarity), not LPIPS: %s", err)
+        return None, f"the LPIPS weights ({DEFAULT_LPIPS}) are not available: {err}"
+
+
 def _generate(pipe: Any, prompts: list[str], n: int, seed: int, size: int, steps: int, device: str) -> list[Any]:
     """``n`` images per prompt, image j of prompt i from seed ``seed + i*n + j``; one prompt per call."""
     import torch
@@ -145,6 +171,7 @@ def evaluate(
     export: str | None = None,
     dino: str | None = None,
     clip: str | None = None,
+    lpips: str | None = None,
     prompts: int | None = None,
     images_per_prompt: int = 4,
     prior: bool | None = None,
@@ -159,14 +186,19 @@ def evaluate(
     Args:
         export: export file name (default: the latest).
         dino, clip: scoring models (registry names, Hub ids or folders).
+        lpips: LPIPS weights for DIV (a name, Hub id or folder with the two files of
+            :mod:`fastsd.eval.lpips`); default ``lpips-alex`` if it can be fetched, else DIV is
+            ``div_dino``; ``off``: ``div_dino``.
         prompts: use only the first N evaluation prompts (default all 25).
         images_per_prompt: images per prompt (the paper's 4).
-        prior: also PRES and DIV (default: when the session has class images).
+        prior: also PRES and DIV (default: when the session has class images). DIV is the paper's:
+            mean LPIPS between the images of one evaluation prompt, averaged over prompts.
         seed, steps, size: generation settings (size: default the session's training size).
     """
     import torch
 
-    from ..models.registry import DEFAULT_CLIP, DEFAULT_DINO
+    from ..models.registry import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS
+    from .lpips import within_group_lpips
     from .metrics import mean_matched_cosine, mean_pairwise_cosine, within_group_diversity
     from .prompts import class_prompt, eval_prompts
 
@@ -192,6 +224,7 @@ def evaluate(
     # the scoring models are fetched before minutes of generation, so a missing one fails first
     dino = str(model_folder(dino or DEFAULT_DINO, home, "--dino"))
     clip = str(model_folder(clip or DEFAULT_CLIP, home, "--clip"))
+    lpips_model, div_fallback = _lpips(lpips, home) if prior else (None, "")
 
     from PIL import Image
 
@@ -223,11 +256,14 @@ def evaluate(
             "clip_t": mean_matched_cosine(gen_clip, scorers.clip_text_embed(texts)),
         }
         if prior:
-            class_dino = scorers.dino_embed(class_images)
-            metrics["pres"] = mean_pairwise_cosine(class_dino, real_dino)
-            metrics["div_dino"] = within_group_diversity(class_dino, len(class_images))
+            metrics["pres"] = mean_pairwise_cosine(scorers.dino_embed(class_images), real_dino)
+            if lpips_model is not None:
+                metrics["div"] = within_group_lpips(lpips_model.to(device), generated, images_per_prompt)
+            else:
+                metrics["div_dino"] = within_group_diversity(gen_dino, images_per_prompt)
     finally:
         scorers.close()
+        del lpips_model
     metrics = {k: round(v, 4) for k, v in metrics.items()}
 
     from .. import storage
@@ -249,6 +285,8 @@ def evaluate(
             "size": size,
             "dino_model": dino or DEFAULT_DINO,
             "clip_model": clip or DEFAULT_CLIP,
+            **({"lpips_model": lpips or DEFAULT_LPIPS} if "div" in metrics else {}),
+            **({"div_fallback": div_fallback} if "div_dino" in metrics else {}),
         },  # fmt: skip
     )
     session.record_eval(entry["file"], result.to_dict())

@@ -27,7 +27,7 @@ from ..errors import ModelFormatError, NetworkError, UserInputError
 from ..paths import cache_dir, fastsd_home
 from ..redact import mask as redact
 from ..storage import TEMP_PREFIX, copy_file, sha256_file
-from .registry import BASE_MODELS, HELPER_MODELS, base_model
+from .registry import BASE_MODELS, HELPER_MODELS, UrlFile, base_model
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,18 @@ def _drive(url: str, dest: Path) -> Path:
     return download(direct, dest)
 
 
+def _url_files(files: tuple[UrlFile, ...], dest: Path) -> Path:
+    """A helper model published as plain-URL files, into one folder ``dest``; a file already there is kept.
+
+    Each is downloaded once (resumable, sha256-checked, its pickle proven safe) and only then given
+    its final name, so a file in ``dest`` passed those checks.
+    """
+    for f in files:
+        if not (dest / f.name).is_file():
+            _check_pickles(download(f.url, dest, sha256=f.sha256, filename=f.name), ours=True)
+    return dest
+
+
 def _check_pickles(path: Path, *, ours: bool) -> None:
     """Refuse a pickled model (or one inside a folder) that needs code execution to load.
 
@@ -435,7 +447,8 @@ def get(
     """Fetch the model ``spec`` and return where it is on disk.
 
     Args:
-        spec: a registry name (``sd15``, ``sdxl``..., or a helper model: ``qwen3-vl-2b``, ``dino-vits16``), ``hf:org/repo[@rev]``, a Hub file URL
+        spec: a registry name (``sd15``, ``sdxl``..., or a helper model: ``qwen3-vl-2b``, ``dino-vits16``,
+            ``lpips-alex``), ``hf:org/repo[@rev]``, a Hub file URL
             (``https://huggingface.co/org/repo/resolve/rev/file``), a Civitai model or version URL, a
             Google Drive share link, any http(s) URL (``#sha256=HEX`` to check it), or a local path.
         dest: the folder to put it in (default ``<home>/models/``, a Hub repo in a subfolder).
@@ -458,8 +471,11 @@ def get(
     if spec in BASE_MODELS:
         entry = base_model(spec)
         return _hub_snapshot(entry.repo, None, target or _models_dir(home) / spec)
-    if spec in HELPER_MODELS:  # captioning and scoring models (qwen3-vl-2b, dino-vits16, clip-vit-b32)
-        return _hub_snapshot(HELPER_MODELS[spec].repo_id, None, target or _models_dir(home) / spec)
+    if spec in HELPER_MODELS:  # captioning and scoring models (qwen3-vl-2b, dino-vits16, clip-vit-b32, lpips-alex)
+        helper = HELPER_MODELS[spec]
+        if helper.files:
+            return _url_files(helper.files, target or _models_dir(home) / spec)
+        return _hub_snapshot(helper.repo_id, None, target or _models_dir(home) / spec)
     if spec.startswith("hf:"):
         check_spec(spec)
         repo, _, rev = spec[3:].partition("@")

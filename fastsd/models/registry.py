@@ -292,15 +292,26 @@ def controlnets(family: str) -> tuple[ControlNet, ...]:
 
 
 @dataclass(frozen=True)
+class UrlFile:
+    """One file of a helper model published at a plain URL (not on the Hub), with its sha256."""
+
+    name: str
+    url: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class HelperModel:
     """A model fastsd uses beside the diffusion model (captioning, scoring), fetched by name like the others.
 
     Attributes:
         name: the registry name (``--model`` accepts it).
-        repo: the Hub repo (``FASTSD_REPO_<NAME>`` overrides it, as for base models).
+        repo: the Hub repo (``FASTSD_REPO_<NAME>`` overrides it, as for base models); empty with ``files``.
         task: ``caption`` (a vision-language model) or ``score`` (an image/text embedding model).
         licence: the licence of the weights.
         notes: why this one.
+        files: for a model that is not on the Hub: its files, downloaded (resumable, sha256-checked)
+            into one folder, ``<home>/models/<name>``.
     """
 
     name: str
@@ -308,6 +319,7 @@ class HelperModel:
     task: str
     licence: str
     notes: str = ""
+    files: tuple[UrlFile, ...] = ()
 
     @property
     def repo_id(self) -> str:
@@ -327,7 +339,8 @@ class HelperModel:
 #: (about 4.3 GB in fp16, so it fits a T4 with room for batches), and captions close to much larger
 #: models (pose, setting, lighting, style), where Florence-2 and SmolVLM write shorter, vaguer ones
 #: and Qwen2.5-VL-3B's licence is research-only. DINO ViT-S/16 and CLIP ViT-B/32 are the DreamBooth
-#: paper's scorers (DINO, CLIP-I, CLIP-T), so fastsd's numbers are comparable to the paper's.
+#: paper's scorers (DINO, CLIP-I, CLIP-T), and LPIPS (AlexNet, v0.1) its DIV, so fastsd's numbers are
+#: comparable to the paper's. LPIPS is not on the Hub: torchvision's and lpips' own published files.
 HELPER_MODELS: dict[str, HelperModel] = {
     m.name: m
     for m in (
@@ -335,6 +348,26 @@ HELPER_MODELS: dict[str, HelperModel] = {
         HelperModel("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct", "caption", "Apache-2.0", "better, 8 GB in fp16"),
         HelperModel("dino-vits16", "facebook/dino-vits16", "score", "Apache-2.0", "DreamBooth's DINO metric"),
         HelperModel("clip-vit-b32", "openai/clip-vit-base-patch32", "score", "MIT", "CLIP-I and CLIP-T"),
+        HelperModel(
+            "lpips-alex",
+            "",
+            "score",
+            "BSD-3-Clause (torchvision's AlexNet), BSD-2-Clause (lpips' linear layers)",
+            "DreamBooth's DIV: LPIPS v0.1 AlexNet (fastsd.eval.lpips), 233 MB",
+            files=(
+                UrlFile(
+                    "alexnet-owt-7be5be79.pth",
+                    "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+                    "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02",
+                ),
+                UrlFile(  # the commit that last changed the v0.1 weights (2020): a fixed file
+                    "alex.pth",
+                    "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/"
+                    "c33f89e9f46522a584cf41d8880eb0afa982708b/lpips/weights/v0.1/alex.pth",
+                    "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
+                ),
+            ),
+        ),
     )
 }
 
@@ -342,6 +375,7 @@ HELPER_MODELS: dict[str, HelperModel] = {
 DEFAULT_CAPTIONER = "qwen3-vl-2b"
 DEFAULT_DINO = "dino-vits16"
 DEFAULT_CLIP = "clip-vit-b32"
+DEFAULT_LPIPS = "lpips-alex"
 
 
 def helper_spec(name_or_spec: str) -> str:

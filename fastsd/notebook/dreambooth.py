@@ -284,7 +284,9 @@ def show_eval(session: Session) -> Any:
     if not rows:
         print(f"no export of {session.name} has scores yet")
         return None
-    names = sorted({k for _, r in rows for k in r}, key=["dino", "clip_i", "clip_t", "pres", "div_dino"].index)
+    from ..eval.run import METRICS
+
+    names = [n for n in METRICS if any(n in r for _, r in rows)]
     head = "".join(f"<th>{html.escape(n.upper().replace('_', '-'))}</th>" for n in names)
     body = "".join(
         f"<tr><td><code>{html.escape(name)}</code></td>"
