@@ -143,7 +143,7 @@ def autotune(steps: int, graphed: bool) -> bool:
     Autotuning tries every algorithm for each of the UNet's convolution shapes on the first step
     (forward and both backward passes). Measured on an H200 (SD1.5 UNet, bf16, CUDA graph): the
     first step took 14.5 s with it and 2.5 s without, and the replayed steps ran at the same
-    26.5 it/s, so a graphed run never autotunes. An eager run (T4 fp16) autotunes only when its
+    26.5 it/s, so a graphed run never autotunes. An eager run autotunes only when its
     steps are many enough to repay a cold start.
     """
     env = os.environ.get("FASTSD_CUDNN_BENCHMARK")
