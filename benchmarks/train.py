@@ -11,6 +11,7 @@ training (after caching).
     python benchmarks/train.py                 # the curated GPU set (< 9 min on an H100)
     python benchmarks/train.py --variants unet-graph,sdxl-lora-lowmem
     python benchmarks/train.py --small         # CPU smoke run on tiny models
+    python benchmarks/train.py --t4            # the T4 preset (fp16 + loss scaling): graphed vs eager
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"method": "lora", "te_steps": 0, "vram_budget_gb": 10, "compile": "blocks"},
     ),
 }
+#: The T4 preset (fp16, loss scaling, 8-bit AdamW, 14 GiB budget). Eager: GradScaler and bitsandbytes'
+#: 8-bit AdamW (fused AdamW where bitsandbytes is missing); graphed: the device-side scaler, with
+#: adamw_lowmem in place of bitsandbytes (the plan's ``optimizer`` says which ran). ``-lowmem-eager``
+#: runs the graphed variant's optimizer eagerly: the graph's own gain.
+T4 = {"gpu": "t4", "precision": "fp16", "optimizer": "adamw8bit", "vram_budget_gb": 14.0}
+VARIANTS.update(
+    {
+        "t4-unet-eager": ("sd15", {"method": "full", "te_steps": 0, **T4}),
+        "t4-unet-lowmem-eager": ("sd15", {"method": "full", "te_steps": 0, **T4, "optimizer": "adamw_lowmem"}),
+        "t4-unet-graph": ("sd15", {"method": "full", "te_steps": 0, **T4, "cuda_graph": "on"}),
+        "t4-sdxl-lora-eager": ("sdxl", {"method": "lora", "te_steps": 0, **T4}),
+        "t4-sdxl-lora-graph": ("sdxl", {"method": "lora", "te_steps": 0, **T4, "cuda_graph": "on"}),
+    }
+)
+T4_SET = [name for name in VARIANTS if name.startswith("t4-")]
 #: the curated set one GPU call runs (~7 min on an H100 with model building; the one compile variant last).
 DEFAULT = [
     "unet-eager",
@@ -247,7 +263,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=510, help="skip remaining variants after this many seconds")
     ap.add_argument("--workdir", default=None, help="where the random models are saved (default: a temp folder)")
     ap.add_argument("--small", action="store_true", help="tiny models on the CPU (smoke run)")
+    ap.add_argument("--t4", action="store_true", help=f"run the T4 preset graphed vs eager: {', '.join(T4_SET)}")
     args = ap.parse_args()
+    if args.t4:
+        args.variants = ",".join(T4_SET)
     if args.small:
         args.steps, args.log_every = min(args.steps, 4), 2
         torch.set_num_threads(1)

@@ -38,14 +38,33 @@ def deterministic():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _train(monkeypatch, home, model, name, graph: str, **cfg):
+def _train(monkeypatch, home, model, name, graph: str, on_log=None, **cfg):
     box = ModelsBox()
     r = train(
         _session(home, model, name),
-        TrainConfig(cuda_graph=graph, gpu="h100", precision="fp32", **cfg, **FAST),
+        TrainConfig(cuda_graph=graph, **{"gpu": "h100", "precision": "fp32", **cfg}, **FAST),
         on_models=box,
+        on_log=on_log,
     )
     return {k: v.detach().float().cpu() for k, v in box["models"].unet.named_parameters()}, r
+
+
+def _base_unet(model) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return {k: v.float() for k, v in UNet2DConditionModel.from_pretrained(model, subfolder="unet").state_dict().items()}
+
+
+def _update_cosines(base, ref, other) -> list[tuple[str, float]]:
+    """Per moved tensor, the cosine between ``ref``'s and ``other``'s updates from ``base`` (worst first)."""
+    out = {}
+    for k, w in ref.items():
+        name = k.replace("base_layer.", "")
+        start = base[name] if name in base and base[name].shape == w.shape else torch.zeros_like(w)
+        if (w - start).abs().max() > 0:
+            cos = torch.nn.functional.cosine_similarity((w - start).flatten(), (other[k] - start).flatten(), dim=0)
+            out[k] = float(cos)
+    return sorted(out.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.parametrize(
@@ -60,11 +79,7 @@ def _train(monkeypatch, home, model, name, graph: str, **cfg):
     ids=["unet-fused", "unet+te-lowmem", "lora"],
 )  # fmt: skip
 def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg, deterministic, caplog):
-    from diffusers import UNet2DConditionModel
-
-    base = {
-        k: v.float() for k, v in UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet").state_dict().items()
-    }
+    base = _base_unet(tiny_sd1)
     eager, r_eager = _train(monkeypatch, home, tiny_sd1, "eager", "off", **cfg)
     eager2, _ = _train(monkeypatch, home, tiny_sd1, "eager2", "off", **cfg)
     graphed, r_graph = _train(monkeypatch, home, tiny_sd1, "graph", "on", **cfg)
@@ -72,22 +87,61 @@ def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg, det
     assert r_graph.plan.cuda_graph_captured is True, (r_graph.plan, failed)
     assert r_eager.plan.cuda_graph is False
 
-    def update_cosines(other: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
-        out = {}
-        for k, w in eager.items():
-            name = k.replace("base_layer.", "")
-            ref = base[name] if name in base and base[name].shape == w.shape else torch.zeros_like(w)
-            if (w - ref).abs().max() > 0:
-                cos = torch.nn.functional.cosine_similarity((w - ref).flatten(), (other[k] - ref).flatten(), dim=0)
-                out[k] = float(cos)
-        return sorted(out.items(), key=lambda kv: kv[1])
-
-    graph_vs_eager, eager_vs_eager = update_cosines(graphed), update_cosines(eager2)
+    graph_vs_eager, eager_vs_eager = _update_cosines(base, eager, graphed), _update_cosines(base, eager, eager2)
     assert graph_vs_eager, "nothing trained"
     print(f"{len(graph_vs_eager)} tensors moved; worst update cosines graph vs eager: {graph_vs_eager[:3]}; "
           f"eager vs eager: {eager_vs_eager[:3]}")  # fmt: skip
     # The same updates up to rounding: no further from eager than a second eager run is (joint training
     # has atomics in the text encoder's embedding backward, so eager runs differ slightly too).
+    assert graph_vs_eager[0][1] > min(0.999, eager_vs_eager[0][1] - 0.002), (graph_vs_eager[:5], eager_vs_eager[:5])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw_fused"])
+def test_t4_fp16_graphed_step_matches_eager_grad_scaler(home, tiny_sd1, monkeypatch, optimizer, deterministic, caplog):
+    """The T4 preset (fp16, loss scaling) as a CUDA graph: DeviceScaler's replayed steps give eager
+    GradScaler's updates over 20 steps, and both skip the one step forced to overflow (same scale,
+    same optimizer step count). ``adamw8bit`` is the preset's: the plan graphs it as adamw_lowmem."""
+    from fastsd.session import Session
+    from fastsd.train import checkpoint, optim, step
+
+    monkeypatch.setattr(optim, "resolve_kind", lambda kind, device: kind)  # as on a T4 with bitsandbytes
+    steps, overflow_at = 20, 8
+    boost = torch.ones((), device="cuda")  # read by the captured graph at every replay
+    real_loss = step.loss_of
+    monkeypatch.setattr(step, "loss_of", lambda den, inp: real_loss(den, inp) * boost)
+
+    def on_log(at: int, info: dict) -> None:  # after `at` steps: step index `at` runs next
+        boost.fill_(1e8 if at == overflow_at else 1.0)  # 1e8 * 2**16 overflows fp16 gradients, not the loss
+
+    eager_opt = "adamw_lowmem" if optimizer == "adamw8bit" else optimizer
+    cfg = {"method": "full", "te_steps": 0, "unet_steps": steps, "gpu": "t4", "precision": "fp16"}
+    base = _base_unet(tiny_sd1)
+    runs = {}
+    for name, mode, opt in (("eager", "off", eager_opt), ("eager2", "off", eager_opt), ("graph", "on", optimizer)):
+        boost.fill_(1.0)
+        runs[name] = _train(monkeypatch, home, tiny_sd1, name, mode, on_log=on_log, **cfg, optimizer=opt)
+    failed = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    r_graph = runs["graph"][1]
+    assert r_graph.plan.cuda_graph_captured is True, (r_graph.plan, failed)
+    assert r_graph.plan.optimizer == eager_opt and runs["eager"][1].plan.cuda_graph is False
+    assert r_graph.stopped is None and r_graph.steps == steps
+
+    scalers, counts = {}, {}
+    for name in runs:
+        state = checkpoint.load(checkpoint.latest(Session.open(name, home))[1])
+        scalers[name] = state["state"]["scaler"]
+        counts[name] = sorted({int(s["step"]) for s in state["optimizer"]["state"].values()})
+    print(f"scaler states: {scalers}; optimizer step counts: {counts}")
+    assert scalers["graph"] == scalers["eager"], scalers
+    assert counts["graph"] == counts["eager"] and len(counts["eager"]) == 1, counts
+    skipped = steps - counts["eager"][0]
+    assert skipped >= 1 and scalers["eager"]["scale"] == 2.0**16 * 0.5**skipped  # no growth within 2000 steps
+
+    eager = runs["eager"][0]
+    graph_vs_eager = _update_cosines(base, eager, runs["graph"][0])
+    eager_vs_eager = _update_cosines(base, eager, runs["eager2"][0])
+    assert graph_vs_eager, "nothing trained"
+    print(f"worst update cosines graph vs eager: {graph_vs_eager[:3]}; eager vs eager: {eager_vs_eager[:3]}")
     assert graph_vs_eager[0][1] > min(0.999, eager_vs_eager[0][1] - 0.002), (graph_vs_eager[:5], eager_vs_eager[:5])
 
 

@@ -129,7 +129,7 @@ class TrainConfig:
                                         metavar="GB")  # fmt: skip
     channels_last: bool = _opt(True, "channels-last memory layout", metavar="on|off")
     compile: str = _opt("off", "torch.compile the UNet blocks or all of it", choices=COMPILE)
-    cuda_graph: str = _opt("auto", "replay the whole step as a CUDA graph (bf16 GPUs)", choices=CUDA_GRAPH)
+    cuda_graph: str = _opt("auto", "replay the whole step as a CUDA graph (CUDA GPUs, fp16 too)", choices=CUDA_GRAPH)
     save_every: int = _opt(500, "save a resumable checkpoint every N steps", metavar="N")
     keep_checkpoints: int = _opt(2, "checkpoints kept", flag="--keep", metavar="N")
     export_every: int = _opt(0, "export a model every N steps (0: at the end only)", metavar="N")

@@ -15,8 +15,11 @@ captured and every later step (including the one that triggered the capture) is 
 Gradients are set to ``None`` before capture, so the captured backward *writes* them (no
 accumulation) into the graph's private memory pool.
 
-Not capturable, so never used with: a GradScaler (fp16 on a T4: its inf check syncs with the host),
-gradient accumulation, several processes, aspect-ratio buckets (changing shapes), bitsandbytes.
+fp16 (the T4 preset) is captured with :class:`~fastsd.train.scaler.DeviceScaler` in place of
+GradScaler (whose inf check syncs with the host): the scale, the inf check and the skipped step
+stay on the device, so the optimizer must be one that skips itself (``optim.SKIPS_ON_DEVICE``).
+Not capturable, so never used with: gradient accumulation, several processes, aspect-ratio
+buckets (changing shapes), bitsandbytes.
 If capture fails anyway, :class:`GraphStep` logs a warning and the run continues eagerly.
 """
 
@@ -45,13 +48,13 @@ def blockers(
     optimizer: str,
 ) -> list[str]:
     """Why this run can't use a CUDA-graph step (empty: it can)."""
-    from .optim import CAPTURABLE
+    from .optim import CAPTURABLE, SKIPS_ON_DEVICE
 
     out = []
     if device.type != "cuda":
         out.append(f"the device is {device.type}")
-    if precision == "fp16":
-        out.append("fp16 needs a GradScaler (use bf16)")
+    if precision == "fp16" and optimizer in CAPTURABLE and optimizer not in SKIPS_ON_DEVICE:
+        out.append(f"fp16 overflow skips on the device need {' or '.join(SKIPS_ON_DEVICE)}, not {optimizer}")
     if grad_accum > 1:
         out.append("gradient accumulation")
     if world > 1:

@@ -36,6 +36,7 @@ from .export import export_step
 from .parts import BaseModel, TrainedParts, dtype_of, make_trainable, mark_phase
 from .plan import TrainPlan, autotune, make_plan
 from .ranks import distributed
+from .scaler import DeviceScaler
 from .tblog import TrainLog
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     parts = make_trainable(models, c)
     plan = make_plan(c, facts, models.unet, trainable=parts.count(), device=device, world=world,
                      bucketed=bucketed, scaler=scaler)  # fmt: skip
+    if scaler is not None and plan.cuda_graph:
+        scaler = DeviceScaler(device)  # GradScaler's arithmetic with no host read: the graph can hold it
     if main:
         log.info("%s", plan.in_words(c, device.type))
     _place_unet(models.unet, device, plan.channels_last, c.compile)

@@ -17,6 +17,11 @@ State per tensor with at least :data:`MIN_8BIT_SIZE` elements (smaller ones keep
   its block is not rounded to zero (which would make its update explode).
 
 That is 2 bytes + 8/BLOCK bytes per parameter instead of 8 for fp32 AdamW.
+
+Under fp16 loss scaling (:class:`~fastsd.train.scaler.DeviceScaler`) the scaler sets
+``optimizer.found_inf`` before :meth:`LowMemAdamW.step`; where it is 1 (an overflowing step) every
+write goes through ``torch.where`` and keeps the old weights, moments and step count, bit for bit,
+with no host synchronisation: what GradScaler's skipped ``step`` does, inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -104,6 +109,9 @@ class LowMemAdamW(torch.optim.Optimizer):
         min_8bit_size: tensors with fewer elements keep fp32 moments.
     """
 
+    #: :meth:`step` reads ``self.found_inf`` (set by a loss scaler) and skips itself on the device
+    skips_on_found_inf = True
+
     def __init__(
         self,
         params: Any,
@@ -131,18 +139,26 @@ class LowMemAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One AdamW update of every tensor with a gradient; no host synchronisation, no host scalars."""
+        """One AdamW update of every tensor with a gradient; no host synchronisation, no host scalars.
+
+        With ``self.found_inf`` set (a 0-dim device tensor, 1: the gradients overflowed) nothing changes
+        where it is 1.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf > 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p] if self.state[p] else self._init_state(p)
-                self._update(p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                self._update(p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], skip)
+                if found_inf is not None:
+                    state["step"].sub_(found_inf)  # a skipped step is not counted (as fused AdamW does)
         return loss
 
     @staticmethod
@@ -155,6 +171,7 @@ class LowMemAdamW(torch.optim.Optimizer):
         beta2: float,
         eps: float,
         weight_decay: float,
+        skip: torch.Tensor | None = None,
     ) -> None:
         step = state["step"]
         step.add_(1)
@@ -169,15 +186,16 @@ class LowMemAdamW(torch.optim.Optimizer):
         if "exp_avg" in state:
             m, v = state["exp_avg"], state["exp_avg_sq"]
             g = grad.float()
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            update = m / (v.sqrt() / bias2_sqrt + eps)
-            p.mul_(decay)
-            p.sub_(update * step_size)
+            new_m = m.lerp(g, 1 - beta1)
+            new_v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+            update = new_m / (new_v.sqrt() / bias2_sqrt + eps)
+            _decay_and_step(p, decay, update * step_size, skip)
+            _put(m, new_m, skip)
+            _put(v, new_v, skip)
             return
         n = p.numel()
         blocks = state["m_scale"].numel()
-        args = (bias2_sqrt, step_size, decay, beta1, beta2, eps)
+        args = (bias2_sqrt, step_size, decay, beta1, beta2, eps, skip)
         if p.is_contiguous() and grad.is_contiguous():
             flat_p, flat_g = p.view(-1), grad.view(-1)
             for b0 in range(0, blocks, CHUNK_BLOCKS):
@@ -204,8 +222,10 @@ def _update_8bit(
     beta1: float,
     beta2: float,
     eps: float,
+    skip: torch.Tensor | None = None,
 ) -> None:
-    """AdamW on ``p`` (any shape; its blocks are ``m_q``/``r_q`` rows) with 8-bit moments, all in place."""
+    """AdamW on ``p`` (any shape; its blocks are ``m_q``/``r_q`` rows) with 8-bit moments, all in place
+    (nothing changes where ``skip``, a 0-dim bool tensor, is true)."""
     n = p.numel()
     blocks = m_scale.numel()
     g = grad.reshape(-1).float()
@@ -217,11 +237,24 @@ def _update_8bit(
     m.lerp_(g, 1 - beta1)
     r = r.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2).sqrt_()  # sqrt of the new second moment
     update = m / (r / bias2_sqrt + eps)
-    p.mul_(decay)
-    p.sub_((update.view(-1)[:n] * step_size).view(p.shape))
+    _decay_and_step(p, decay, (update.view(-1)[:n] * step_size).view(p.shape), skip)
     mq, ms = quantize(m, True)
     rq, rs = quantize(r, False)
-    m_q.copy_(mq)
-    m_scale.copy_(ms)
-    r_q.copy_(rq)
-    r_scale.copy_(rs)
+    for dst, new in ((m_q, mq), (m_scale, ms), (r_q, rq), (r_scale, rs)):
+        _put(dst, new, skip)
+
+
+def _decay_and_step(
+    p: torch.Tensor, decay: float | torch.Tensor, delta: torch.Tensor, skip: torch.Tensor | None
+) -> None:
+    """``p = p * decay - delta`` in place; where ``skip`` is true ``p`` keeps its value (same bits either way)."""
+    if skip is None:
+        p.mul_(decay)
+        p.sub_(delta)
+    else:
+        p.copy_(torch.where(skip, p, p.mul(decay).sub_(delta)))
+
+
+def _put(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> None:
+    """``dst = new`` in place, unless ``skip`` (a 0-dim bool tensor on the device) is true."""
+    dst.copy_(new if skip is None else torch.where(skip, dst, new))

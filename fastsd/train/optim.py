@@ -53,6 +53,9 @@ def resolve_kind(kind: str, device: torch.device) -> str:
 
 #: Optimizers a CUDA graph can capture (bitsandbytes passes the step count as a host scalar).
 CAPTURABLE = ("adamw_fused", "adamw", "adamw_lowmem")
+#: Of those, the ones that skip an overflowing fp16 step on the device (:mod:`.scaler`): what a
+#: graphed fp16 step needs (the foreach AdamW skips only through GradScaler's host read).
+SKIPS_ON_DEVICE = ("adamw_fused", "adamw_lowmem")
 
 
 def _build(kind: str, groups: list[dict[str, Any]], capturable: bool = False) -> torch.optim.Optimizer:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ class TrainPlan:
     channels_last: bool = False
     cuda_graph_captured: bool | None = None  # after the run, when cuda_graph: whether capture happened
     cuda_graph_failed: str | None = None  # why capture failed (the run went on eagerly)
+    notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready keys; the two capture keys only once a graphed run has ended."""
@@ -64,6 +66,7 @@ class TrainPlan:
             parts.append("channels-last layout")
         if device == "cuda" and self.estimate_gb:
             parts.append(f"about {self.estimate_gb:.1f} GiB of VRAM")
+        parts += self.notes
         return "; ".join(parts)
 
 
@@ -100,17 +103,15 @@ def make_plan(
     p.optimizer = optim.resolve_kind(c.optimizer, device)
     p.precision = c.precision
     p.bucketed = bucketed
-    p.cuda_graph = graph.decide(
-        c.cuda_graph,
-        graph.blockers(
-            device=device,
-            precision=c.precision,
-            grad_accum=c.grad_accum,
-            world=world,
-            bucketed=bucketed,
-            optimizer=p.optimizer,
-        ),
-    )
+    blockers = partial(graph.blockers, device=device, precision=c.precision, grad_accum=c.grad_accum, world=world,
+                       bucketed=bucketed)  # fmt: skip
+    if _lowmem_for_graph(c, p.optimizer, blockers):
+        p.optimizer = "adamw_lowmem"
+        p.notes.append(
+            "adamw_lowmem instead of bitsandbytes' adamw8bit (same 8-bit moments), which cannot be replayed in "
+            "a CUDA graph (host step counter) nor skip an fp16 overflow on the device; --cuda-graph off keeps it"
+        )
+    p.cuda_graph = graph.decide(c.cuda_graph, blockers(optimizer=p.optimizer))
     p.channels_last = c.channels_last
     if p.channels_last and c.compile == "blocks":
         # compiled blocks + channels_last weights crashed on the H100 (inductor's stride asserts
@@ -120,13 +121,29 @@ def make_plan(
     return p
 
 
+def _lowmem_for_graph(c: Any, kind: str, blockers: Any) -> bool:
+    """Whether an fp16 run (the T4 preset) swaps bitsandbytes' 8-bit AdamW for ``adamw_lowmem`` to graph its step.
+
+    The T4 preset's 8-bit AdamW is the one thing that keeps its step eager: bitsandbytes steps with
+    a host step counter and ignores ``found_inf``. ``adamw_lowmem`` keeps the same 2 bytes of state
+    per weight and does both on the device. Only when nothing else blocks the graph, and not with
+    ``cuda_graph=off``.
+    """
+    return (
+        c.precision == "fp16"
+        and kind == "adamw8bit"
+        and c.cuda_graph != "off"
+        and not blockers(optimizer="adamw_lowmem")
+    )
+
+
 def autotune(steps: int, graphed: bool) -> bool:
     """Whether to let cuDNN autotune the loop's convolutions (``FASTSD_CUDNN_BENCHMARK=0/1`` overrides).
 
     Autotuning tries every algorithm for each of the UNet's convolution shapes on the first step
     (forward and both backward passes). Measured on an H200 (SD1.5 UNet, bf16, CUDA graph): the
     first step took 14.5 s with it and 2.5 s without, and the replayed steps ran at the same
-    26.5 it/s, so a graphed run never autotunes. An eager run (T4 fp16) autotunes only when its
+    26.5 it/s, so a graphed run never autotunes. An eager run autotunes only when its
     steps are many enough to repay a cold start.
     """
     env = os.environ.get("FASTSD_CUDNN_BENCHMARK")

@@ -211,7 +211,7 @@ class Update:
     trainables: list[torch.nn.Parameter]
     max_grad_norm: float | None
     foreach: bool  # clip with foreach kernels (CUDA)
-    scaler: Any = None  # GradScaler (fp16)
+    scaler: Any = None  # fp16: GradScaler (eager) or scaler.DeviceScaler (graphed)
     world: int = 1
 
     def clear_grads(self) -> None:
@@ -220,14 +220,22 @@ class Update:
 
 
 def graph_step(den: Denoiser, up: Update, autocast: Any, flat: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One whole optimizer step (bf16/fp32, no scaler, no accumulation): what a CUDA graph captures."""
+    """One whole optimizer step (no accumulation): what a CUDA graph captures.
+
+    fp16 scales the loss with ``up.scaler``, a :class:`~fastsd.train.scaler.DeviceScaler`: unscaling,
+    the inf check, the skipped step and the scale's update all stay on the device.
+    """
     with autocast:
         loss = loss_of(den, StepInputs.from_flat(flat))
-    loss.backward()
+    (up.scaler.scale(loss) if up.scaler is not None else loss).backward()
     if not up.opt.in_backward:
+        if up.scaler is not None:
+            up.scaler.unscale_(up.opt.opt)
         if up.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(up.trainables, up.max_grad_norm, foreach=up.foreach)
-        up.opt.step()
+        up.opt.step(up.scaler)
+        if up.scaler is not None:
+            up.scaler.update()
     return loss.detach()
 
 

@@ -1,0 +1,134 @@
+"""A loss scaler for fp16 steps that never waits for the host, so the T4 preset's step can be a CUDA graph.
+
+``torch.amp.GradScaler`` skips an overflowing step by reading its inf check on the host (``.item()``
+in ``step``) and keeps per-step Python state; a CUDA graph can hold neither (a replay reruns the
+kernels, not the Python). :class:`DeviceScaler` does GradScaler's arithmetic with the same kernels
+and leaves every decision on the device:
+
+- :meth:`~DeviceScaler.scale`: ``loss * scale`` (a 0-dim fp32 tensor, 2**16 at the start);
+- :meth:`~DeviceScaler.unscale_`: ``torch._amp_foreach_non_finite_check_and_unscale_`` divides the
+  gradients in place by the scale (its reciprocal taken in fp64, as GradScaler does) and sets
+  ``found_inf`` to 1 when one of them is inf or NaN; clipping then sees the true gradients;
+- :meth:`~DeviceScaler.step`: hands ``found_inf`` to the optimizer, whose kernels leave the weights
+  and moments untouched when it is 1: fused AdamW natively (the ``optimizer.found_inf`` attribute
+  GradScaler sets for it too), :class:`~fastsd.train.lowmem.LowMemAdamW` through ``torch.where``;
+- :meth:`~DeviceScaler.update`: ``torch._amp_update_scale_`` (halve on overflow, double after
+  ``growth_interval`` clean steps: GradScaler's defaults).
+
+:meth:`~DeviceScaler.state_dict` has GradScaler's keys, so a checkpoint of either resumes in the other.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+
+def skips_on_overflow(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` reads ``optimizer.found_inf`` and skips itself on the device when it is set.
+
+    True for fused Adam/AdamW (``_step_supports_amp_scaling``) and for optimizers that declare
+    ``skips_on_found_inf`` (:class:`~fastsd.train.lowmem.LowMemAdamW`); bitsandbytes' and the
+    foreach AdamW do not (the foreach one refuses the attribute).
+    """
+    return bool(
+        getattr(optimizer, "_step_supports_amp_scaling", False) or getattr(optimizer, "skips_on_found_inf", False)
+    )
+
+
+class DeviceScaler:
+    """GradScaler's dynamic loss scaling with no host synchronisation (see the module doc).
+
+    Args:
+        device: where the scale, the growth tracker and ``found_inf`` live (the gradients' device).
+        init_scale, growth_factor, backoff_factor, growth_interval: as :class:`torch.amp.GradScaler`
+            (and its defaults).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
+        self.device = torch.device(device)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        # static tensors, changed only in place: a captured graph reads and writes these very ones
+        self.scale_t = torch.full((), init_scale, dtype=torch.float32, device=self.device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._unscaled = False
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss times the current scale (backward of it gives scaled gradients)."""
+        return loss * self.scale_t
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale in place and set ``found_inf`` (1: one is inf/NaN)."""
+        inv_scale = self.scale_t.double().reciprocal().float()  # fp64 reciprocal, as GradScaler
+        self.found_inf.zero_()
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.dtype == torch.float16:
+                    raise ValueError("fp16 gradients cannot be unscaled: train fp32 master weights")
+                groups[(p.grad.device, p.grad.dtype)].append(p.grad)
+        with torch.no_grad():
+            for grads in groups.values():  # the kernel wants one device and dtype per call
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
+        self._unscaled = True
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step ``optimizer`` (unscaling first if not done), which skips itself where ``found_inf`` is 1.
+
+        Raises:
+            ValueError: the optimizer cannot skip on the device (:func:`skips_on_overflow`).
+        """
+        if not skips_on_overflow(optimizer):
+            raise ValueError(f"{type(optimizer).__name__} cannot skip an overflowing step on the device")
+        if not self._unscaled:
+            self.unscale_(optimizer)
+        optimizer.found_inf = self.found_inf  # type: ignore[attr-defined]
+        optimizer.grad_scale = None  # type: ignore[attr-defined]  # gradients are already unscaled
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+
+    def update(self) -> None:
+        """Halve the scale after an overflow; double it after ``growth_interval`` clean steps in a row."""
+        torch._amp_update_scale_(
+            self.scale_t,
+            self.growth_tracker,
+            self.found_inf,
+            self.growth_factor,
+            self.backoff_factor,
+            self.growth_interval,
+        )
+        self._unscaled = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """GradScaler's ``state_dict`` keys (reads the device: call it outside a replay, after :meth:`update`)."""
+        return {
+            "scale": float(self.scale_t.item()),
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "_growth_tracker": int(self.growth_tracker.item()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (this scaler's or GradScaler's), in place."""
+        self.scale_t.fill_(float(state["scale"]))
+        self.growth_tracker.fill_(int(state["_growth_tracker"]))
+        self.growth_factor = float(state["growth_factor"])
+        self.backoff_factor = float(state["backoff_factor"])
+        self.growth_interval = int(state["growth_interval"])
