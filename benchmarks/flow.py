@@ -21,10 +21,11 @@ path captured. A markdown table follows. ``--cap GiB`` caps each child's allocat
 each plan fits. Load times are from the page cache (the model was just written) unless ``--cold``
 evicts the model's files first.
 
-GPU (one H200; split by --models/--plans to fit a 10-minute call):
-    PYTHONPATH=. python benchmarks/flow.py --work /tmp/flowbench                      # the default runs
-    PYTHONPATH=. python benchmarks/flow.py --work /tmp/flowbench --models flux1-dev   # FLUX.1-dev's runs only
-    PYTHONPATH=. python benchmarks/flow.py --work /tmp/flowbench --plans nf4 --cap 14.5 --steps 8
+GPU (one H200; the machine needs the diffusers and bitsandbytes wheels). One call per family keeps each
+under 10 minutes and the disk under ~35 GB (all three models and the T5 together are ~59 GB):
+    PYTHONPATH=. python benchmarks/flow.py --work /tmp/flowbench --models sd35-medium,sd35-large --budget-s 480
+    PYTHONPATH=. python benchmarks/flow.py --work /tmp/flowbench --models flux1-dev --steps 14 --repeats 2 --budget-s 480
+    PYTHONPATH=. python benchmarks/flow.py --plans nf4 --cap 14.5 --steps 8 --delete-after   # a T4's VRAM
     PYTHONPATH=. python benchmarks/flow.py --runs sd35-large:int8,flux1-dev:nf4-t5nf4 --out flow.jsonl
 CPU smoke run (tiny models, 64 px, 2 steps):  PYTHONPATH=. python benchmarks/flow.py --small
 """
@@ -51,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from fastsd import storage  # noqa: E402
 from fastsd.models.memplan import PLAN_NAMES, T5_COMPONENT  # noqa: E402
 
 PROMPT = "a photo of a dog on the beach, high quality, detailed"
@@ -161,8 +163,6 @@ def save_parts(pipe: Any, folder: Path, t5_key: str, shared_t5: Path) -> None:
     diffusers' own ``save_pretrained`` would write the T5 again; this writes ``model_index.json``
     the same way (``save_config``) and every other component with its own ``save_pretrained``.
     """
-    from fastsd import storage
-
     with storage.building_folder(folder, "bench") as tmp:
         pipe.save_config(tmp)
         for key, part in pipe.components.items():
@@ -185,7 +185,6 @@ def build_child(spec: dict) -> dict:
     """In a child process: build and save model ``spec['name']`` under ``spec['work']`` (the T5 first if missing)."""
     import torch
 
-    from fastsd import storage
     from fastsd.demo.tiny import BUILDERS
 
     name, work, small = spec["name"], Path(spec["work"]), spec["small"]
@@ -450,6 +449,7 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="turn the CUDA-graph fast path off (fastsd_cuda_graph)")
     ap.add_argument("--cold", action="store_true", help="evict the model's files from the page cache before each load")
     ap.add_argument("--work", type=Path, help="where models are saved and reused (default: a temp folder)")
+    ap.add_argument("--delete-after", action="store_true", help="delete each model after its last run (disk)")
     ap.add_argument("--out", type=Path, help="also append the JSON lines here")
     ap.add_argument("--budget-s", type=float, default=560, help="start nothing new after this many seconds")
     ap.add_argument("--small", action="store_true", help="tiny models on the CPU (smoke run)")
@@ -480,7 +480,8 @@ def main() -> None:
                 fh.write(json.dumps(line) + "\n")
 
     built: dict[str, Path | None] = {}
-    for name, plan in runs:
+    last = {name: i for i, (name, _) in enumerate(runs)}
+    for i, (name, plan) in enumerate(runs):
         left = args.budget_s - (time.perf_counter() - start)
         if left <= 0:
             emit({"run": f"{name}:{plan}", "skipped": "time budget (--budget-s)"})
@@ -518,6 +519,8 @@ def main() -> None:
         result["wall_s"] = round(time.perf_counter() - t, 1)  # the child's whole life: imports, load, images
         emit(result)
         rows.append(result)
+        if args.delete_after and last[name] == i:
+            storage.remove_folder(built[name])
     print(table(rows), flush=True)
     if any("error" in r for r in rows) and not args.cap:
         sys.exit(1)  # without a cap every plan here should fit: an error is a failure
