@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -334,8 +336,6 @@ def test_streaming_sends_text_as_it_decodes_and_joins_to_the_answer(server, engi
                       timeout=60) as resp:  # fmt: skip
         lines = [line for line in resp.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    import json
-
     events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert {e["object"] for e in events} == {"chat.completion.chunk"} and len({e["id"] for e in events}) == 1
@@ -368,15 +368,13 @@ def test_sampling_is_seeded_per_request_and_greedy_at_temperature_0(server, engi
         got[i] = client.chat.completions.create(**body(url if i == 0 else data_uri(noise(40 + i))), max_tokens=12,
                                                 **extra).choices[0].message.content  # fmt: skip
 
-    before = server.batcher.largest_batch
-    server.batcher.largest_batch = 0
+    before = server.batcher.batches
     threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert server.batcher.largest_batch > 1
-    server.batcher.largest_batch = max(before, server.batcher.largest_batch)
+    assert server.batcher.batches - before < 4, "the requests were not batched"
     assert got[0] == first and [got[i] for i in (1, 2, 3)] == [expected(engine, noise(40 + i)) for i in (1, 2, 3)]
 
 
@@ -418,9 +416,9 @@ def test_a_client_that_disconnects_mid_stream_stops_its_row(engine):
             for line in resp.iter_lines():
                 if '"content":' in line and '"content": ""' not in line:
                     break  # the first text: hang up
-        deadline = __import__("time").time() + 60
-        while srv.batcher.abandoned == 0 and __import__("time").time() < deadline:
-            __import__("time").sleep(0.05)
+        deadline = time.time() + 60
+        while srv.batcher.abandoned == 0 and time.time() < deadline:
+            time.sleep(0.05)
         assert srv.batcher.abandoned == 1, "the row of the client that left went on decoding"
         ok = httpx.post(url, json=body(data_uri(noise(3)), max_tokens=12), timeout=60)
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected(engine, noise(3))
@@ -447,6 +445,16 @@ def test_bad_sampling_settings_get_a_400_and_the_server_goes_on(server, engine):
         ok = httpx.post(url, json=body(data_uri(noise(3)), max_tokens=12, stream=stream), timeout=60)
         assert ok.status_code == 200
     assert ok.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_server_on_plain_generate_refuses_sampling_and_serves_greedy(tiny_glm_ocr):
+    stock = TransformersEngine(str(tiny_glm_ocr), device="cpu", max_new_tokens=6, fast=False, local_files_only=True)
+    with start(engine_obj=stock, port=0, limits=ServeLimits(max_tokens=6), quiet=True) as srv:
+        url = srv.base_url + "/chat/completions"
+        hot = httpx.post(url, json=body(data_uri(noise(1)), temperature=0.5), timeout=60)
+        assert hot.status_code == 400 and "greedily only" in hot.json()["error"]["message"]
+        ok = httpx.post(url, json=body(data_uri(noise(1)), max_tokens=6, stream=True), timeout=60)
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
 
 
 def test_sampler_draws_from_the_tempered_distribution_within_top_k_and_top_p():
@@ -514,3 +522,39 @@ def test_settled_text_is_never_taken_back_by_the_guard_or_the_strip():
         final_chars += len(final)
     assert cuts > 20, "the texts must hit the guard for the test to mean anything"
     assert sent_chars > 0.8 * final_chars, "settled keeps back much more than the guard can remove"
+
+
+def test_text_stream_gives_whole_characters_and_only_what_the_answer_keeps(engine):
+    import random
+
+    from fastsd.ocr.engine import _guarded
+    from fastsd.ocr.stream import TextStream
+
+    rng = random.Random(1)
+    texts = [
+        "  Größe: 5 €\n你好，世界 🎉\n| a | b |\n| c | d |\nend  ",
+        "Title\n" + "| 1 | 2 |\n" * 12 + "tail",  # a runaway line: the guard keeps one copy
+        "x = " + "<td></td>" * 40,  # a runaway unit without newlines
+    ]
+    for text in texts:
+        ids = engine.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        final = _guarded(engine.processor.decode(ids))[0].strip()
+        stream, pieces, end = TextStream(engine.processor.decode), [], 0
+        while end < len(ids):
+            end = min(len(ids), end + rng.randint(1, 5))
+            pieces.append(stream.feed(ids[:end]))
+        given = "".join(pieces)
+        assert "\ufffd" not in given and final.startswith(given), (text, given)
+        assert len(given) > 0.5 * len(final), "the stream held back most of the answer"
+
+
+def test_a_request_whose_client_left_while_queued_is_not_decoded(server, engine):
+    from fastsd.ocr.batcher import Pending
+
+    heard: list[str | None] = []
+    gone = Pending(noise(1).resize(engine.grid.fit(200, 160)), "Text Recognition:", 12, listener=heard.append)
+    gone.cancelled.set()
+    before = server.batcher.largest_batch, server.batcher.abandoned
+    server.batcher._run([gone])  # what the batcher thread does with a batch of it
+    assert gone.future.cancelled() and heard == [None]
+    assert (server.batcher.largest_batch, server.batcher.abandoned) == before

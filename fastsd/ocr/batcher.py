@@ -111,11 +111,14 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[Pending]) -> None:
+        live = []
         for p in batch:
             if p.cancelled.is_set():  # gone while it waited: nobody reads its answer
                 p.future.cancel()
                 self._done(p)
-        batch = [p for p in batch if not p.cancelled.is_set()]
+            else:
+                live.append(p)
+        batch = live
         texts = [p for p in batch if p.image is None]
         pages = [p for p in batch if p.image is not None]
         self.batches += 1

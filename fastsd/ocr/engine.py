@@ -30,6 +30,7 @@ DEFAULT_MODEL = "zai-org/GLM-OCR"
 REPETITION_PENALTY = 1.1
 DEFAULT_MAX_NEW_TOKENS = 4096
 MAX_AUTO_BATCH = 64
+GUARD_EVERY = 16  # tokens between two runs of the repetition guard on a row
 
 
 @dataclass
@@ -188,7 +189,16 @@ class TransformersEngine:
         return max(1, min(MAX_AUTO_BATCH, int((free * 0.85 - overhead) // per_page)))
 
     def _stop_check(self, prompt_rows: int):
+        """The repetition guard: every 16 tokens of a row, however often the decoder checks in.
+
+        So a streamed row (checked every few steps) stops at the very token a plain one stops at.
+        """
+        last = [0] * prompt_rows
+
         def should_stop(row: int, tokens: list[int]) -> bool:
+            if len(tokens) // GUARD_EVERY == last[row] // GUARD_EVERY and len(tokens) < self.max_new_tokens:
+                return False
+            last[row] = len(tokens)
             return repetition(self.processor.decode(tokens[-400:])) is not None
 
         return should_stop

@@ -185,17 +185,19 @@ def settled(text: str, sent: int = 0, max_unit: int = 64) -> int:
     if nl >= 0:
         start = text.rfind("\n", 0, nl) + 1
         last = text[start:nl].strip()
-        if last and last.startswith(text[nl + 1 :].lstrip()):  # the open line may become a copy of it
+        if last and last.startswith(text[nl + 1 :].strip()):  # the open line may become a copy of it
             hold = nl
             while start > 0:  # back to the first line of the run of copies
                 prev = text.rfind("\n", 0, start - 1) + 1
                 if text[prev : start - 1].strip() != last:
                     break
                 hold, start = start - 1, prev
-    for unit in range(1, max_unit + 1):
+    for unit in range(1, min(max_unit, len(text) - 1) + 1):
+        if text[-1] != text[-1 - unit]:
+            continue  # not periodic at all with this unit (most units: one compare)
         # the longest suffix whose every character equals the one ``unit`` before it (binary search:
         # a shorter suffix of a periodic one is periodic); a repetition cuts no earlier than its start
-        lo, hi = 0, max(0, min(len(text) - unit, len(text) - sent))
+        lo, hi = 1, max(1, min(len(text) - unit, len(text) - sent))
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if text[len(text) - mid :] == text[len(text) - mid - unit : len(text) - unit]:

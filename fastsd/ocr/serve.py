@@ -125,12 +125,14 @@ def build_app(batcher: Batcher, *, names: tuple[str, ...], api_key: str | None, 
         try:
             body = await _read_body(request, limits.max_body_bytes)
             req = parse_request(body, limits, names)
+            if not req.sampling.greedy and getattr(batcher.engine, "fast", None) is None:
+                raise ApiError(400, "this server decodes greedily only (its engine runs generate)", param="temperature")
             image = None
             if req.image_url is not None:
                 image = await run_in_threadpool(_fitted, req.image_url, limits, batcher.engine.grid)
             pending = Pending(image, req.prompt, req.max_tokens, req.sampling)
-            deltas: asyncio.Queue[str | None] = asyncio.Queue()
             if req.stream:
+                deltas: asyncio.Queue[str | None] = asyncio.Queue()
                 pending.listener = _listener(asyncio.get_running_loop(), deltas)
             batcher.submit(pending)
         finally:
@@ -192,7 +194,7 @@ async def _events(pending: Pending, deltas: asyncio.Queue, rid: str, model: str)
             return
         given = "".join(sent)
         if not text.startswith(given):  # cannot happen while TextStream keeps its promise; say so if it does
-            log.warning("streamed text is not a prefix of the answer (%r...); the rest is sent as is", given[:40])
+            log.warning("streamed text (%d chars) is not a prefix of the answer; nothing more is sent", len(given))
         rest = text[len(given) :] if text.startswith(given) else ""
         if rest:
             yield chunk({"content": rest})
