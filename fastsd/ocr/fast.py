@@ -251,8 +251,8 @@ class FastGlmOcr:
         step = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being chosen
         base_pos = positions[:, :, -1].clone()  # (3, B) position of the last prompt token
         penalty = float(repetition_penalty)
-        rows = [r or Sampling() for r in sampling or []]
-        sampler = RowSampler(rows, vocab, dev) if any(not r.greedy for r in rows) else None
+        per_row = [r or Sampling() for r in sampling or []]
+        sampler = RowSampler(per_row, vocab, dev) if any(not r.greedy for r in per_row) else None
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
             if penalty != 1.0:
