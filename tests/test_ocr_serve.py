@@ -1,4 +1,4 @@
-"""``fastsd ocr serve`` on the tiny GLM-OCR: OpenAI client, concurrency, the GLM-OCR SDK, auth, limits, streams, sampling."""
+"""``fastsd ocr serve`` on the tiny GLM-OCR: OpenAI client, concurrency, the SDK, auth, limits, streams, sampling."""
 
 from __future__ import annotations
 
