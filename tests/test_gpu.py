@@ -182,6 +182,35 @@ def test_ocr_fast_decoder_with_cuda_graph_matches_generate(tiny_glm_ocr, monkeyp
         assert eager == stock, "fastsd's decoder differs from generate on CUDA"
 
 
+def test_ocr_sampled_rows_in_the_cuda_graph_match_eager_and_leave_greedy_rows_alone(tiny_glm_ocr, monkeypatch, caplog):
+    """Sampling runs inside the captured decode step: the graph draws what eager draws (same seeds),
+    greedy rows of a mixed batch keep their greedy tokens, and a sampled row is the same alone."""
+    from fastsd.ocr import engine as ocr_engine
+    from fastsd.ocr.engine import PageJob, TransformersEngine
+    from fastsd.ocr.sampling import Sampling
+
+    monkeypatch.setattr(ocr_engine, "pick_dtype", lambda device: torch.float32)
+    pages = []
+    for i in range(4):
+        im = Image.new("RGB", (300, 400), "white")
+        ImageDraw.Draw(im).text((20, 20), f"line {i}", fill="black")
+        pages.append(im)
+    hot = [None, Sampling(1.0, seed=3), Sampling(0.8, top_p=0.9, top_k=40, seed=4), Sampling(0.0, seed=5)]
+    jobs = [PageJob(i, im, "Text Recognition:", s) for i, (im, s) in enumerate(zip(pages, hot, strict=True))]
+    eng = TransformersEngine(str(tiny_glm_ocr), device="cuda", max_new_tokens=24, local_files_only=True)
+    with caplog.at_level("WARNING"):
+        graphed = [g.tokens for g in eng.run(jobs)]
+    assert eng.fast.cuda_graphs and "capture failed" not in caplog.text  # sort/scatter/hash were captured
+    greedy = [g.tokens for g in eng.run([PageJob(j.key, j.image, j.prompt) for j in jobs])]
+    alone = eng.run([jobs[1]])[0].tokens
+    eng.fast.cuda_graphs = False
+    eager = [g.tokens for g in eng.run(jobs)]
+    print("OCR sampled", graphed, greedy, sep="\n")
+    assert graphed == eager, "the CUDA graph changes the sampled decode"
+    assert graphed[0] == greedy[0] and graphed[3] == greedy[3], "sampling rows changed the greedy rows"
+    assert graphed[1] != greedy[1] and graphed[1] == alone, "a sampled row depends on its batch"
+
+
 def test_failed_capture_gives_its_memory_back_before_the_eager_fallback(caplog):
     """A capture that fails (here: a host sync inside it) must not keep the gradients it wrote.
 

@@ -1,10 +1,12 @@
-"""``fastsd ocr serve`` on the tiny GLM-OCR: OpenAI client, concurrent clients, the GLM-OCR SDK, auth, limits."""
+"""``fastsd ocr serve`` on the tiny GLM-OCR: OpenAI client, concurrency, the SDK, auth, limits, streams, sampling."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -308,3 +310,251 @@ def test_fastsd_ocr_client_sends_the_servers_key_from_the_environment(engine, tm
                            max_new_tokens=6, layout=False, progress=False))  # fmt: skip
         assert srv.batcher.batches >= 1  # the server read it
     assert len(results) == 1 and not [w for w in results[0].warnings if "401" in w or "server said" in w]
+
+
+# --------------------------------------------------------------------------- sampling and streaming
+def streamed(client, **kw) -> tuple[list[str], str | None]:
+    """The content pieces of a streamed answer and its finish reason."""
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    return pieces, chunks[-1].choices[0].finish_reason
+
+
+def test_streaming_sends_text_as_it_decodes_and_joins_to_the_answer(server, engine):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    for seed in (1, 2):
+        image = noise(seed)
+        want = client.chat.completions.create(**body(data_uri(image)), max_tokens=12)
+        pieces, finish = streamed(client, **body(data_uri(image)), max_tokens=12)
+        assert len(pieces) > 1, "streamed in one piece: not while decoding"
+        assert "".join(pieces) == want.choices[0].message.content == expected(engine, image)
+        assert finish == want.choices[0].finish_reason
+    # the wire format: role first, usage with the finish, then [DONE]
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body(data_uri(noise(1)), stream=True),
+                      timeout=60) as resp:  # fmt: skip
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert {e["object"] for e in events} == {"chat.completion.chunk"} and len({e["id"] for e in events}) == 1
+    assert events[-1]["choices"][0]["finish_reason"] and events[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_sampling_is_seeded_per_request_and_greedy_at_temperature_0(server, engine):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    url, greedy = data_uri(noise(2)), expected(engine, noise(2))
+
+    def ask(**kw) -> str:
+        return client.chat.completions.create(**body(url), max_tokens=12, **kw).choices[0].message.content
+
+    first = ask(temperature=1.0, seed=7)
+    assert ask(temperature=1.0, seed=7) == first, "the same seed must give the same answer"
+    others = {ask(temperature=1.0, seed=s) for s in range(4)}
+    assert len(others | {first}) > 1 and any(t != greedy for t in others)
+    assert ask(temperature=0.0, seed=7) == ask(temperature=0.0, seed=8) == greedy
+    assert ask(temperature=1.0, seed=3, extra_body={"top_k": 1}) == greedy  # only the argmax is left
+    assert ask(temperature=1.0, seed=3, top_p=1e-6) == greedy
+    pieces, _ = streamed(client, **body(url), max_tokens=12, temperature=1.0, seed=7)
+    assert "".join(pieces) == first
+    # the seed alone decides: the same answer when the request shares a batch with others
+    got: dict[int, str] = {}
+
+    def client_thread(i: int) -> None:
+        extra = {"temperature": 1.0, "seed": 7} if i == 0 else {}
+        got[i] = client.chat.completions.create(**body(url if i == 0 else data_uri(noise(40 + i))), max_tokens=12,
+                                                **extra).choices[0].message.content  # fmt: skip
+
+    before = server.batcher.batches
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert server.batcher.batches - before < 4, "the requests were not batched"
+    assert got[0] == first and [got[i] for i in (1, 2, 3)] == [expected(engine, noise(40 + i)) for i in (1, 2, 3)]
+
+
+def test_concurrent_streaming_clients_are_all_answered_and_none_mixed_up(server, engine):
+    import openai
+
+    images = [noise(20 + i, (160 + 28 * (i % 3), 200)) for i in range(6)]
+    prompts = ["Table Recognition:" if i % 3 == 2 else "Text Recognition:" for i in range(6)]
+    sampled = {"temperature": 0.9, "seed": 11}
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    want = [expected(engine, im, p) for im, p in zip(images, prompts, strict=True)]
+    want[5] = client.chat.completions.create(**body(data_uri(images[5]), prompts[5]), max_tokens=12,
+                                             **sampled).choices[0].message.content  # fmt: skip
+    assert len(set(want)) > 1
+    got: dict[int, tuple[list[str], str | None]] = {}
+
+    def stream_client(i: int) -> None:
+        extra = sampled if i == 5 else {}
+        got[i] = streamed(openai.OpenAI(base_url=server.base_url, api_key="unused"),
+                          **body(data_uri(images[i]), prompts[i]), max_tokens=12, **extra)  # fmt: skip
+
+    before = server.batcher.batches
+    threads = [threading.Thread(target=stream_client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ["".join(got[i][0]) for i in range(6)] == want
+    assert all(got[i][1] in ("stop", "length") for i in range(6))
+    assert server.batcher.batches - before < 6, "the streams were not batched"
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_row(engine):
+    limits = ServeLimits(max_tokens=400, batch_wait_ms=50, stream_every=2)
+    with start(engine_obj=engine, port=0, limits=limits, quiet=True) as srv:
+        url = srv.base_url + "/chat/completions"
+        with httpx.stream("POST", url, json=body(data_uri(noise(1)), max_tokens=400, stream=True),
+                          timeout=60) as resp:  # fmt: skip
+            for line in resp.iter_lines():
+                if '"content":' in line and '"content": ""' not in line:
+                    break  # the first text: hang up
+        deadline = time.time() + 60
+        while srv.batcher.abandoned == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert srv.batcher.abandoned == 1, "the row of the client that left went on decoding"
+        ok = httpx.post(url, json=body(data_uri(noise(3)), max_tokens=12), timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected(engine, noise(3))
+
+
+def test_bad_sampling_settings_get_a_400_and_the_server_goes_on(server, engine):
+    url = server.base_url + "/chat/completions"
+    for extra, param in [
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"seed": "lucky"}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"n": 2}, "n"),
+    ]:
+        resp = httpx.post(url, json=body(data_uri(noise(1)), **extra), timeout=60)
+        assert resp.status_code == 400, (extra, resp.text)
+        assert resp.json()["error"]["param"] == param
+    for stream in (False, True):
+        ok = httpx.post(url, json=body(data_uri(noise(3)), max_tokens=12, stream=stream), timeout=60)
+        assert ok.status_code == 200
+    assert ok.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_server_on_plain_generate_refuses_sampling_and_serves_greedy(tiny_glm_ocr):
+    stock = TransformersEngine(str(tiny_glm_ocr), device="cpu", max_new_tokens=6, fast=False, local_files_only=True)
+    with start(engine_obj=stock, port=0, limits=ServeLimits(max_tokens=6), quiet=True) as srv:
+        url = srv.base_url + "/chat/completions"
+        hot = httpx.post(url, json=body(data_uri(noise(1)), temperature=0.5), timeout=60)
+        assert hot.status_code == 400 and "greedily only" in hot.json()["error"]["message"]
+        ok = httpx.post(url, json=body(data_uri(noise(1)), max_tokens=6, stream=True), timeout=60)
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+
+
+def test_sampler_draws_from_the_tempered_distribution_within_top_k_and_top_p():
+    import torch
+
+    from fastsd.ocr.sampling import RowSampler, Sampling
+
+    logits = torch.tensor([2.0, 1.5, 0.5, 0.0, -1.0, -3.0])
+    n = 6000
+
+    def draws(**kw) -> torch.Tensor:
+        sampler = RowSampler([Sampling(seed=s, **kw) for s in range(n)], 6, torch.device("cpu"))
+        return sampler.choose(logits.expand(n, 6).clone(), torch.zeros(1, dtype=torch.long))
+
+    freq = torch.bincount(draws(temperature=0.7), minlength=6).float() / n
+    assert torch.allclose(freq, (logits / 0.7).softmax(-1), atol=0.02), freq
+    assert set(draws(temperature=1.0, top_k=2).tolist()) == {0, 1}
+    probs = logits.softmax(-1)  # 0.50, 0.30, 0.11, ...: the nucleus of 0.7 is the first two
+    assert probs[0] < 0.7 <= probs[0] + probs[1]
+    assert set(draws(temperature=1.0, top_p=0.7).tolist()) == {0, 1}
+    assert set(draws(temperature=0.0).tolist()) == {0}
+    # each step draws afresh; the same (seed, step) draws the same
+    one = RowSampler([Sampling(1.0, seed=5)], 6, torch.device("cpu"))
+    steps = [one.choose(logits[None], torch.tensor([t])).item() for t in range(64)]
+    assert len(set(steps)) > 2 and steps == [one.choose(logits[None], torch.tensor([t])).item() for t in range(64)]
+
+
+def test_fast_decoder_samples_rows_alone_and_keeps_greedy_rows_exact(engine):
+    from fastsd.ocr.fast import FastGlmOcr
+    from fastsd.ocr.sampling import Sampling
+
+    images = [noise(50 + i).resize(engine.grid.fit(200, 160)) for i in range(3)]
+    inputs = engine.processor.encode(images, ["Text Recognition:"] * 3)
+    fast = FastGlmOcr(engine.model)
+    kw = {"max_new_tokens": 10, "eos_token_ids": engine.eos_token_ids, "pad_token_id": engine.pad_token_id,
+          "repetition_penalty": 1.1}  # fmt: skip
+    greedy = [r.tokens for r in fast.generate(inputs, **kw)]
+    hot = Sampling(temperature=1.2, top_p=0.95, top_k=50, seed=9)
+    mixed = [r.tokens for r in fast.generate(inputs, sampling=[None, hot, Sampling(seed=9)], **kw)]
+    assert mixed[0] == greedy[0] and mixed[2] == greedy[2] and mixed[1] != greedy[1]
+    alone = engine.processor.encode(images[1:2], ["Text Recognition:"])
+    assert fast.generate(alone, sampling=[hot], **kw)[0].tokens == mixed[1]
+
+
+def test_settled_text_is_never_taken_back_by_the_guard_or_the_strip():
+    import random
+
+    from fastsd.ocr.prompts import repetition, settled
+
+    rng = random.Random(0)
+    pieces = ["| a | b |\n", "ab", "abc", " ", "\n", "x", "Total: 5\n", "<td></td>", "  \n", "Größe "]
+    cuts = sent_chars = final_chars = 0
+    for _ in range(300):
+        parts = [rng.choice(pieces) * (rng.randint(2, 40) if rng.random() < 0.3 else 1) for _ in range(30)]
+        text = "".join(parts)
+        cut = repetition(text)
+        final = (text if cut is None else text[:cut]).strip()
+        cuts += cut is not None
+        at, end = 0, 0
+        while end < len(text):
+            end = min(len(text), end + rng.randint(1, 7))
+            at = settled(text[:end], at)
+            assert final.startswith(text[:at].lstrip()), (text, end, text[:at])
+        sent_chars += len(text[:at].strip())
+        final_chars += len(final)
+    assert cuts > 20, "the texts must hit the guard for the test to mean anything"
+    assert sent_chars > 0.8 * final_chars, "settled keeps back much more than the guard can remove"
+
+
+def test_text_stream_gives_whole_characters_and_only_what_the_answer_keeps(engine):
+    import random
+
+    from fastsd.ocr.engine import _guarded
+    from fastsd.ocr.stream import TextStream
+
+    rng = random.Random(1)
+    texts = [
+        "  Größe: 5 €\n你好，世界 🎉\n| a | b |\n| c | d |\nend  ",
+        "Title\n" + "| 1 | 2 |\n" * 12 + "tail",  # a runaway line: the guard keeps one copy
+        "x = " + "<td></td>" * 40,  # a runaway unit without newlines
+    ]
+    for text in texts:
+        ids = engine.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        final = _guarded(engine.processor.decode(ids))[0].strip()
+        stream, pieces, end = TextStream(engine.processor.decode), [], 0
+        while end < len(ids):
+            end = min(len(ids), end + rng.randint(1, 5))
+            pieces.append(stream.feed(ids[:end]))
+        given = "".join(pieces)
+        assert "\ufffd" not in given and final.startswith(given), (text, given)
+        assert len(given) > 0.5 * len(final), "the stream held back most of the answer"
+
+
+def test_a_request_whose_client_left_while_queued_is_not_decoded(server, engine):
+    from fastsd.ocr.batcher import Pending
+
+    heard: list[str | None] = []
+    gone = Pending(noise(1).resize(engine.grid.fit(200, 160)), "Text Recognition:", 12, listener=heard.append)
+    gone.cancelled.set()
+    before = server.batcher.largest_batch, server.batcher.abandoned
+    server.batcher._run([gone])  # what the batcher thread does with a batch of it
+    assert gone.future.cancelled() and heard == [None]
+    assert (server.batcher.largest_batch, server.batcher.abandoned) == before

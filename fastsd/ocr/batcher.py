@@ -1,4 +1,9 @@
-"""The OCR server's batcher: one thread that owns the model and decodes concurrent requests together."""
+"""The OCR server's batcher: one thread that owns the model and decodes concurrent requests together.
+
+Rows of a batch are independent: each has its own ``max_tokens`` and sampling; a streaming row
+hands its text out every ``stream_every`` decode steps through its ``listener``; a row whose client
+went away (``cancelled``) stops at the next check, and a batch ends when its last row does.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from .chat import ApiError, ServeLimits
+from .sampling import Sampling
+from .stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +30,10 @@ class Pending:
     image: Any  # PIL image fitted to the model grid, or None for a text-only request
     prompt: str
     max_tokens: int
+    sampling: Sampling | None = None  # None: greedy
+    listener: Callable[[str | None], None] | None = None  # streaming: text deltas, then None when done
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+    streamed: str = ""  # text handed to the listener so far (a batch retried after OOM resumes after it)
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
 
@@ -40,6 +52,7 @@ class Batcher:
         self.queue: queue.Queue[Pending | None] = queue.Queue(maxsize=limits.max_queue)
         self.batches = 0
         self.largest_batch = 0
+        self.abandoned = 0  # rows stopped mid-decode because their client went away
         self._preparing = 0  # requests the HTTP side has accepted and not yet queued (images decoding)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fastsd-ocr-batcher", daemon=True)
@@ -98,6 +111,14 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[Pending]) -> None:
+        live = []
+        for p in batch:
+            if p.cancelled.is_set():  # gone while it waited: nobody reads its answer
+                p.future.cancel()
+                self._done(p)
+            else:
+                live.append(p)
+        batch = live
         texts = [p for p in batch if p.image is None]
         pages = [p for p in batch if p.image is not None]
         self.batches += 1
@@ -122,20 +143,43 @@ class Batcher:
             log.warning("OCR batch of %d failed: %s", len(items), err)
             for p in items:
                 p.future.set_exception(ApiError(500, f"recognition failed: {err}", "server_error"))
+                self._done(p)
             return
         for p, res in zip(items, results, strict=True):
             p.future.set_result(res)
+            self._done(p)
+
+    @staticmethod
+    def _done(p: Pending) -> None:
+        if p.listener is not None:
+            p.listener(None)
 
     def _decode(self, items: list[Pending]) -> list[tuple[str, int, int, str]]:
         from .engine import PageJob, _guarded
 
         eng = self.engine
+        streams = [TextStream(eng.processor.decode) if p.listener is not None else None for p in items]
+
+        def watch(row: int, tokens: list[int]) -> bool:
+            """At each check: stream the row's new text; stop it at its own cap or when its client left."""
+            p, stream = items[row], streams[row]
+            if stream is not None:
+                stream.feed(tokens[: p.max_tokens])
+                if len(stream.given) > len(p.streamed):
+                    p.listener(stream.given[len(p.streamed) :])
+                    p.streamed = stream.given
+            if p.cancelled.is_set():
+                self.abandoned += 1
+                return True
+            return len(tokens) >= p.max_tokens
+
         cap = max(p.max_tokens for p in items)
         saved = eng.max_new_tokens
-        eng.max_new_tokens = cap  # the batch runs to its largest cap; each row is cut to its own
+        eng.max_new_tokens = cap  # the batch runs to its largest cap; each row stops at its own
+        every = self.limits.stream_every if any(s is not None for s in streams) else 16
         try:
-            jobs = [PageJob(i, p.image, p.prompt) for i, p in enumerate(items)]
-            rows = eng._generate(jobs)
+            jobs = [PageJob(i, p.image, p.prompt, p.sampling) for i, p in enumerate(items)]
+            rows = eng._generate(jobs, watch=watch, check_every=every)
         finally:
             eng.max_new_tokens = saved
         out = []

@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import secrets
 from dataclasses import dataclass
 from typing import Any
+
+from .sampling import Sampling
 
 
 @dataclass
@@ -28,6 +31,8 @@ class ServeLimits:
             (after a batch, every client sends its next page at once; their images take a while to decode).
         allow_urls: fetch ``http(s)://`` image URLs (off by default on a public server).
         url_timeout_s: time allowed for fetching one image URL.
+        stream_every: decode steps between the text chunks of a batch that has streaming requests
+            (each is a host sync; batches without one check every 16 steps).
     """
 
     max_body_bytes: int = 40 * 2**20
@@ -39,6 +44,7 @@ class ServeLimits:
     max_wait_ms: float = 250.0
     allow_urls: bool = True
     url_timeout_s: float = 20.0
+    stream_every: int = 4
 
 
 class ApiError(Exception):
@@ -119,8 +125,57 @@ def decode_image(url: str, limits: ServeLimits) -> Any:
     raise ApiError(400, "image_url must be a data: URI or an http(s) URL", param="image_url")
 
 
-def parse_request(body: dict, limits: ServeLimits, names: tuple[str, ...]) -> tuple[str | None, str, int, bool]:
-    """Check a chat-completions body; returns (image URL or None, prompt, max_tokens, stream).
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a checked chat-completions body asks for."""
+
+    image_url: str | None
+    prompt: str
+    max_tokens: int
+    stream: bool
+    sampling: Sampling  # temperature 0: greedy
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, *, open_low: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not ((low < value if open_low else low <= value) and value <= high)
+    ):
+        words = f"over {low:g} and at most {high:g}" if open_low else f"from {low:g} to {high:g}"
+        raise ApiError(400, f"{name} must be a number {words}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int, low: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ApiError(400, f"{name} must be an integer of at least {low}", param=name)
+    return value
+
+
+def sampling_of(body: dict) -> Sampling:
+    """The request's sampling: OpenAI's ``temperature``/``top_p``/``seed`` and vLLM's ``top_k`` (-1 or 0: off).
+
+    Without a ``seed`` a sampled request gets a random one, as OpenAI's API does.
+
+    Raises:
+        ApiError: 400 for a value out of range.
+    """
+    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, open_low=True)
+    top_k = max(0, _integer(body, "top_k", 0, -1))
+    seed = secrets.randbits(63) if body.get("seed") is None else _integer(body, "seed", 0, -(2**63))
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def parse_request(body: dict, limits: ServeLimits, names: tuple[str, ...]) -> ChatRequest:
+    """Check a chat-completions body.
 
     Raises:
         ApiError: anything a client must fix (400), an unknown model (404), limits (413/400).
@@ -172,13 +227,11 @@ def parse_request(body: dict, limits: ServeLimits, names: tuple[str, ...]) -> tu
         raise ApiError(
             400, f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}", param="max_tokens"
         )
-    temperature = body.get("temperature", 0.0)
-    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
-        raise ApiError(400, "temperature must be a number from 0 to 2", param="temperature")
+    sampling = sampling_of(body)
     n = body.get("n", 1)
     if n not in (1, None):
-        raise ApiError(400, "n must be 1 (decoding is greedy)", param="n")
+        raise ApiError(400, "n must be 1 (one answer per request)", param="n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", param="stream")
-    return (images[0] if images else None), prompt, max_tokens, stream
+    return ChatRequest(images[0] if images else None, prompt, max_tokens, stream, sampling)

@@ -1,8 +1,9 @@
 """OCR engines: GLM-OCR in this process (transformers) or on an OpenAI-compatible server (vLLM/SGLang).
 
 Both take a batch of :class:`PageJob` (a page image at its model-grid size + the exact prompt)
-and return one :class:`Generation` each. The transformers engine decodes greedily with repetition
-penalty 1.1 and a new-token cap, stops pages that start repeating one line (the repetition guard),
+and return one :class:`Generation` each. The transformers engine decodes greedily (a job may carry
+a seeded :class:`~.sampling.Sampling` instead; ``fastsd ocr serve`` passes requests' settings) with
+repetition penalty 1.1 and a new-token cap, stops pages that start repeating one line (the repetition guard),
 picks its batch size from free VRAM unless given, and on CUDA out-of-memory halves the batch and
 retries it. The openai engine sends the same prompts and images as chat-completions requests,
 many at once, which is how throughput scales past one GPU.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +23,7 @@ from ..runtime import usable_vram_bytes
 from ..vlm.client import image_data_url  # noqa: F401 - re-exported: engine.image_data_url is public
 from .processor import PatchGrid, load_processor
 from .prompts import repetition
+from .sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +31,17 @@ DEFAULT_MODEL = "zai-org/GLM-OCR"
 REPETITION_PENALTY = 1.1
 DEFAULT_MAX_NEW_TOKENS = 4096
 MAX_AUTO_BATCH = 64
+GUARD_EVERY = 16  # tokens between two runs of the repetition guard on a row
 
 
 @dataclass
 class PageJob:
-    """One page to recognise: an id the caller routes results by, the image and the prompt."""
+    """One page to recognise: an id the caller routes results by, the image, the prompt, and how to pick tokens."""
 
     key: Any
     image: Any
     prompt: str
+    sampling: Sampling | None = None  # None: greedy (what ``fastsd ocr`` always does)
 
 
 @dataclass
@@ -185,15 +190,42 @@ class TransformersEngine:
         return max(1, min(MAX_AUTO_BATCH, int((free * 0.85 - overhead) // per_page)))
 
     def _stop_check(self, prompt_rows: int):
+        """The repetition guard: every 16 tokens of a row, however often the decoder checks in.
+
+        So a streamed row (checked every few steps) stops at the very token a plain one stops at.
+        """
+        last = [0] * prompt_rows
+
         def should_stop(row: int, tokens: list[int]) -> bool:
+            if len(tokens) // GUARD_EVERY == last[row] // GUARD_EVERY and len(tokens) < self.max_new_tokens:
+                return False
+            last[row] = len(tokens)
             return repetition(self.processor.decode(tokens[-400:])) is not None
 
         return should_stop
 
-    def _generate(self, jobs: list[PageJob]) -> list[tuple[list[int], str]]:
+    def _generate(
+        self,
+        jobs: list[PageJob],
+        *,
+        watch: Callable[[int, list[int]], bool] | None = None,
+        check_every: int = 16,
+    ) -> list[tuple[list[int], str]]:
+        """Token ids and finish (eos/length/stopped) per job.
+
+        Args:
+            watch: also called every ``check_every`` tokens with (row, tokens so far) for rows still
+                running, before the repetition guard; True stops the row (the server streams and
+                cancels through it).
+        """
         import torch
 
         inputs = self.processor.encode([j.image for j in jobs], [j.prompt for j in jobs])
+        guard = self._stop_check(len(jobs))
+
+        def should_stop(row: int, tokens: list[int]) -> bool:
+            return (watch is not None and watch(row, tokens)) or guard(row, tokens)
+
         if self.fast is not None:
             results = self.fast.generate(
                 inputs,
@@ -201,20 +233,25 @@ class TransformersEngine:
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
                 repetition_penalty=self.repetition_penalty,
-                should_stop=self._stop_check(len(jobs)),
+                check_every=check_every,
+                should_stop=should_stop,
+                sampling=[j.sampling for j in jobs],
             )
             return [(r.tokens, r.finish) for r in results]
+        if any(j.sampling is not None and not j.sampling.greedy for j in jobs):
+            raise FastsdError("sampling (temperature > 0) needs fastsd's fast decoder; this engine runs generate")
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        decode = self.processor.decode
         length = inputs["input_ids"].shape[1]
+        eos = set(self.eos_token_ids)
 
         class Guard(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-                if (input_ids.shape[1] - length) % 16 == 0:
+                if (input_ids.shape[1] - length) % check_every == 0:
                     for row, seq in enumerate(input_ids[:, length:].tolist()):
-                        done[row] = repetition(decode(seq[-400:])) is not None
+                        if not eos.intersection(seq):  # finished rows only pad on
+                            done[row] = should_stop(row, seq)
                 return done
 
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -229,7 +266,6 @@ class TransformersEngine:
                 stopping_criteria=StoppingCriteriaList([Guard()]),
             )
         rows = []
-        eos = set(self.eos_token_ids)
         for seq in out[:, length:].tolist():
             cut = next((i for i, t in enumerate(seq) if t in eos), None)
             rows.append((seq[:cut], "eos") if cut is not None else (seq, "length"))

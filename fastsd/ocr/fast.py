@@ -1,4 +1,4 @@
-"""Fast batched greedy decoding for ``GlmOcrForConditionalGeneration``.
+"""Fast batched decoding (greedy, or sampled per row) for ``GlmOcrForConditionalGeneration``.
 
 Why stock ``generate`` is slow for OCR batches: every decode step re-enters Python for ~400 small
 kernels (16 layers x projections, norms, M-RoPE, mask building) plus the logits processors, so one
@@ -12,10 +12,13 @@ weights and modules but runs the decoder with
   ``kv_heads x group`` queries, no KV expansion; repetition penalty as a seen-token mask; EOS and
   ``min_new_tokens`` handled on device), which on CUDA is captured once per batch into a CUDA graph and
   replayed: one launch per token instead of hundreds;
-* host synchronisation only every ``check_every`` steps (EOS of the whole batch, repetition guard).
+* host synchronisation only every ``check_every`` steps (EOS of the whole batch, repetition guard,
+  and the tokens so far for callers that stream them), copying only the tokens new since the last.
 
 The math is the model's: same RMSNorms, MLPs, rotary embedding module and projections; greedy
 tokens equal ``generate(do_sample=False, repetition_penalty=p)`` (tests check this on the tiny model).
+Rows given a :class:`~.sampling.Sampling` with a temperature draw their tokens inside the same
+graphed step (:class:`~.sampling.RowSampler`); a batch with no such row runs the greedy step alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .sampling import RowSampler, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ def _grow(t: torch.Tensor, total: int) -> torch.Tensor:
 
 
 class FastGlmOcr:
-    """Greedy generator over a loaded ``GlmOcrForConditionalGeneration`` (weights shared, not copied).
+    """Batched generator over a loaded ``GlmOcrForConditionalGeneration`` (weights shared, not copied).
 
     Args:
         model: the model (any dtype/device; bitsandbytes-quantized linears work, without CUDA graphs).
@@ -164,12 +169,15 @@ class FastGlmOcr:
         repetition_penalty: float = 1.0,
         check_every: int = 16,
         should_stop: Callable[[int, list[int]], bool] | None = None,
+        sampling: list[Sampling | None] | None = None,
     ) -> list[DecodeResult]:
-        """Greedy-decode a left-padded batch (as :meth:`OcrProcessor.encode` makes it).
+        """Decode a left-padded batch (as :meth:`OcrProcessor.encode` makes it), greedy by default.
 
         Args:
             should_stop: called every ``check_every`` steps with (row, tokens so far) for rows still
-                running; True stops that row (finish ``stopped``) - the repetition guard.
+                running; True stops that row (finish ``stopped``) - the repetition guard, a client
+                gone, a streamer. The list is the decoder's own: read it, do not change it.
+            sampling: one entry per row (None or temperature 0: greedy, as without it).
         """
         t0 = time.perf_counter()
         dev = self.device
@@ -243,6 +251,8 @@ class FastGlmOcr:
         step = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being chosen
         base_pos = positions[:, :, -1].clone()  # (3, B) position of the last prompt token
         penalty = float(repetition_penalty)
+        per_row = [r or Sampling() for r in sampling or []]
+        sampler = RowSampler(per_row, vocab, dev) if any(not r.greedy for r in per_row) else None
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
             if penalty != 1.0:
@@ -252,7 +262,7 @@ class FastGlmOcr:
                 block = (step < min_new_tokens).expand(bsz, len(eos_token_ids))
                 cur = logits.index_select(1, eos)
                 logits = logits.index_copy(1, eos, torch.where(block, torch.full_like(cur, -float("inf")), cur))
-            nxt = logits.argmax(-1)
+            nxt = logits.argmax(-1) if sampler is None else sampler.choose(logits, step)
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
             unfinished.logical_and_(~(nxt[:, None] == eos[None, :]).any(-1))  # isin, graph-safe
             seen.scatter_(1, nxt[:, None], True)
@@ -290,6 +300,8 @@ class FastGlmOcr:
         finish = ["length"] * bsz
         stopped: set[int] = set()
         n_steps = 1
+        so_far: list[list[int]] = [[] for _ in range(bsz)]  # host copy of ``out[:, :copied]``
+        copied = 0
         for i in range(1, max_new_tokens):
             if length + i > total:
                 # out of KV slots: copy into bigger buffers, re-capture (the graph holds the old ones)
@@ -304,9 +316,11 @@ class FastGlmOcr:
             if (i + 1) % check_every == 0 or i == max_new_tokens - 1:
                 running = unfinished.tolist()
                 if should_stop is not None:
-                    done_so_far = out[:, : i + 1].tolist()
+                    for row, new in enumerate(out[:, copied : i + 1].tolist()):
+                        so_far[row] += new
+                    copied = i + 1
                     for row, alive in enumerate(running):
-                        if alive and should_stop(row, done_so_far[row]):
+                        if alive and should_stop(row, so_far[row]):
                             stopped.add(row)
                             unfinished[row] = False
                             running[row] = False

@@ -169,3 +169,40 @@ def repetition(text: str, min_repeats: int = 8, min_chars: int = 160) -> int | N
         if n >= min_repeats and n * unit >= min_chars:
             return len(text) - n * unit + unit
     return None
+
+
+def settled(text: str, sent: int = 0, max_unit: int = 64) -> int:
+    """How much of ``text`` no continuation can take back from the guarded, stripped answer.
+
+    The final answer is ``text + more`` cut by :func:`repetition` and stripped. A streamed prefix
+    must never exceed it, so this keeps back what a repetition could still remove (what follows
+    the first of a run of equal lines when the unfinished line may repeat it, and what follows the
+    first copy of a repeated unit of up to ``max_unit`` characters, partial last copy included) and
+    trailing whitespace. ``sent`` (already settled) bounds the search, so a call costs the new text.
+    """
+    hold = len(text)
+    nl = text.rfind("\n")
+    if nl >= 0:
+        start = text.rfind("\n", 0, nl) + 1
+        last = text[start:nl].strip()
+        if last and last.startswith(text[nl + 1 :].strip()):  # the open line may become a copy of it
+            hold = nl
+            while start > 0:  # back to the first line of the run of copies
+                prev = text.rfind("\n", 0, start - 1) + 1
+                if text[prev : start - 1].strip() != last:
+                    break
+                hold, start = start - 1, prev
+    for unit in range(1, min(max_unit, len(text) - 1) + 1):
+        if text[-1] != text[-1 - unit]:
+            continue  # not periodic at all with this unit (most units: one compare)
+        # the longest suffix whose every character equals the one ``unit`` before it (binary search:
+        # a shorter suffix of a periodic one is periodic); a repetition cuts no earlier than its start
+        lo, hi = 1, max(1, min(len(text) - unit, len(text) - sent))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if text[len(text) - mid :] == text[len(text) - mid - unit : len(text) - unit]:
+                lo = mid
+            else:
+                hi = mid - 1
+        hold = min(hold, len(text) - lo)
+    return max(sent, len(text[:hold].rstrip()))

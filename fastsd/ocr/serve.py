@@ -1,8 +1,8 @@
 """``fastsd ocr serve``: GLM-OCR behind an OpenAI-compatible API, with dynamic batching.
 
 ``POST /v1/chat/completions`` takes what vLLM/SGLang take for GLM-OCR (one ``image_url`` part as a
-data URI or an http(s) URL, a text part with the prompt, ``max_tokens``, ``temperature``,
-``stream``), ``GET /v1/models`` lists the served model, ``GET /health`` answers when up. The
+data URI or an http(s) URL, a text part with the prompt, ``max_tokens``, ``temperature``, ``top_p``,
+``top_k``, ``seed``, ``stream``), ``GET /v1/models`` lists the served model, ``GET /health`` answers when up. The
 GLM-OCR SDK in self-hosted mode and fastsd's own ``--engine openai`` talk to it unchanged.
 
 Requests are not run one by one: a :class:`~.batcher.Batcher` thread takes the first waiting request,
@@ -11,9 +11,21 @@ still being received and decoded by the HTTP side (up to the batch limit), and d
 together with fastsd's fast decoder (static KV cache, CUDA-graph decode), each row stopping at its
 own ``max_tokens``. Under many clients the GPU runs batches as large as in-process OCR does.
 
-Decoding is greedy (GLM-OCR's recommended setting): ``temperature``/``top_p``/``top_k`` are
-accepted and do not change the output. ``stream: true`` is answered as server-sent events whose
-content arrives in one chunk when the request's batch is done.
+Decoding is greedy unless a request asks for ``temperature`` > 0 (GLM-OCR's recommended setting,
+and the SDK's, is 0). A sampled request draws from ``softmax(logits / temperature)`` within its
+``top_k``/``top_p``, inside the same CUDA-graph decode step as the greedy rows beside it
+(:mod:`~.sampling`); its random numbers come from its ``seed`` alone, so the same seed gives the
+same answer whatever batch it lands in, and a request without one gets a random seed. Greedy rows
+are bit-identical to a batch without sampling. A text-only request (the SDK's connection check)
+goes through plain ``generate`` and is always greedy.
+
+``stream: true`` is answered as server-sent ``chat.completion.chunk`` events while the batch
+decodes: the role, then the new text every ``stream_every`` decode steps (detokenized through a
+sliding window so a character is never split, and held back where the repetition guard or the
+final strip could still remove it, so the chunks join to exactly the non-streamed answer), a last
+chunk with ``finish_reason`` and ``usage``, then ``data: [DONE]``. A client that disconnects stops
+its row at the next check; the others go on, and the batch ends when its last row does (rows are
+not refilled mid-batch: a request that arrives meanwhile starts with the next batch).
 
 Safety: a bearer token (``api_key``) is required for every ``/v1`` route when set, and a server
 listening beyond loopback never runs without one (one is generated and printed once). Bodies,
@@ -24,6 +36,7 @@ with a bad image gets one 4xx with the reason, in OpenAI's error shape, and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -111,46 +124,86 @@ def build_app(batcher: Batcher, *, names: tuple[str, ...], api_key: str | None, 
         batcher.preparing(+1)
         try:
             body = await _read_body(request, limits.max_body_bytes)
-            url, prompt, max_tokens, stream = parse_request(body, limits, names)
+            req = parse_request(body, limits, names)
+            if not req.sampling.greedy and getattr(batcher.engine, "fast", None) is None:
+                raise ApiError(400, "this server decodes greedily only (its engine runs generate)", param="temperature")
             image = None
-            if url is not None:
-                image = await run_in_threadpool(_fitted, url, limits, batcher.engine.grid)
-            future = batcher.submit(Pending(image, prompt, max_tokens))
+            if req.image_url is not None:
+                image = await run_in_threadpool(_fitted, req.image_url, limits, batcher.engine.grid)
+            pending = Pending(image, req.prompt, req.max_tokens, req.sampling)
+            if req.stream:
+                deltas: asyncio.Queue[str | None] = asyncio.Queue()
+                pending.listener = _listener(asyncio.get_running_loop(), deltas)
+            batcher.submit(pending)
         finally:
             batcher.preparing(-1)
-        text, completion, prompt_tokens, finish = await asyncio.wrap_future(future)
         rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.get("model") or names[0]
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
+        if req.stream:
+            return StreamingResponse(_events(pending, deltas, rid, model), media_type="text/event-stream")
+        text, completion, prompt_tokens, finish = await asyncio.wrap_future(pending.future)
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": _usage(prompt_tokens, completion),
         }
-        if not stream:
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": usage,
-            }
-
-        def events():
-            base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-            for delta, reason in (
-                ({"role": "assistant", "content": ""}, None),
-                ({"content": text}, None),
-                ({}, finish),
-            ):
-                chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-                if reason is not None:
-                    chunk["usage"] = usage
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _listener(loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue):
+    """What the batcher thread calls with each text delta: puts it on the request's queue in its loop."""
+
+    def put(delta: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the server's loop is closed: nobody listens any more
+            loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+    return put
+
+
+def _usage(prompt_tokens: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(pending: Pending, deltas: asyncio.Queue, rid: str, model: str):
+    """The SSE chunks of a streamed answer as the batcher hands its text over; a client gone cancels the row."""
+    base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+
+    answered = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        sent = []
+        while (delta := await deltas.get()) is not None:
+            sent.append(delta)
+            yield chunk({"content": delta})
+        try:
+            text, completion, prompt_tokens, finish = await asyncio.wrap_future(pending.future)
+        except ApiError as err:  # the status line is long gone: the error is an event, as OpenAI streams it
+            answered = True
+            yield _sse(err.body())
+            yield _sse("[DONE]")
+            return
+        given = "".join(sent)
+        if not text.startswith(given):  # cannot happen while TextStream keeps its promise; say so if it does
+            log.warning("streamed text (%d chars) is not a prefix of the answer; nothing more is sent", len(given))
+        rest = text[len(given) :] if text.startswith(given) else ""
+        if rest:
+            yield chunk({"content": rest})
+        answered = True
+        yield chunk({}, finish, usage=_usage(prompt_tokens, completion))
+        yield _sse("[DONE]")
+    finally:
+        if not answered:
+            pending.cancelled.set()  # the client went away: its row stops at the next check
 
 
 def _fitted(url: str, limits: ServeLimits, grid: Any) -> Any:
