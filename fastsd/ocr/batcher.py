@@ -108,6 +108,10 @@ class Batcher:
                     self.queue.put(None)
                     break
                 batch.append(item)
+                # while requests keep arriving, keep the door open a little longer (up to the cap): after
+                # a batch, clients send their next pages in a trickle, and a batch of one left behind by a
+                # closed window costs a whole decode
+                deadline = min(cap, max(deadline, time.perf_counter() + self.limits.batch_wait_ms / 1000))
             self._run(batch)
 
     def _run(self, batch: list[Pending]) -> None:

@@ -26,7 +26,8 @@ class ServeLimits:
         max_tokens: the largest ``max_tokens`` a request may ask for (also the default).
         max_queue: requests waiting at once; more get 429 (retry later).
         max_batch: requests decoded together (None: the engine's batch size for the page size).
-        batch_wait_ms: how long the first request of a batch waits for company.
+        batch_wait_ms: how long the first request of a batch waits for company; each arrival extends the
+            wait by as much again, up to ``max_wait_ms``.
         max_wait_ms: how long it waits at most while more requests are still being received
             (after a batch, every client sends its next page at once; their images take a while to decode).
         allow_urls: fetch ``http(s)://`` image URLs (off by default on a public server).

@@ -6,8 +6,8 @@ data URI or an http(s) URL, a text part with the prompt, ``max_tokens``, ``tempe
 GLM-OCR SDK in self-hosted mode and fastsd's own ``--engine openai`` talk to it unchanged.
 
 Requests are not run one by one: a :class:`~.batcher.Batcher` thread takes the first waiting request,
-gathers whatever else arrives within ``batch_wait_ms`` - and, up to ``max_wait_ms``, whatever is
-still being received and decoded by the HTTP side (up to the batch limit), and decodes them
+gathers whatever else arrives within ``batch_wait_ms`` of the last arrival - and, up to ``max_wait_ms``,
+whatever is still being received and decoded by the HTTP side (up to the batch limit), and decodes them
 together with fastsd's fast decoder (static KV cache, CUDA-graph decode), each row stopping at its
 own ``max_tokens``. Under many clients the GPU runs batches as large as in-process OCR does.
 
