@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
-from ..models.registry import check_resolution
+from ..models.registry import LORA_ONLY_FAMILIES, check_resolution
 
 METHODS = ("full", "lora")
 SCHEDULES = ("sequential", "joint")
@@ -273,6 +273,8 @@ def resolve(
     if c.vram_budget_gb is None:
         c.vram_budget_gb = preset["vram_budget_gb"]
 
+    if facts["family"] in LORA_ONLY_FAMILIES:
+        _check_flow(c, facts["family"])
     if facts["family"] == "sdxl" and c.method == "full":
         if c.te_steps > 0:
             raise UserInputError(
@@ -293,3 +295,21 @@ def resolve(
     c.min_snr_gamma = c.min_snr_gamma or None  # 0 is off, stored as None (the class docstring)
     c.max_grad_norm = c.max_grad_norm or None
     return c, facts
+
+
+def _check_flow(c: TrainConfig, family: str) -> None:
+    """SD3.5/FLUX.1: LoRA on the transformer only, eager steps, no Min-SNR (a DDPM weighting); FLUX not in fp16.
+
+    FLUX's activations overflow fp16 (NaN losses on a T4), so a T4 preset or ``--precision fp16`` is
+    refused for FLUX rather than trained into NaNs; SD3.5 trains in fp16 with the GradScaler.
+    """
+    if c.method != "lora":
+        raise UserInputError(f"{family} models train as a LoRA only: use --method lora")
+    if c.te_steps:
+        raise UserInputError(f"{family} LoRAs train the transformer only: use --te-steps 0")
+    if family == "flux" and c.precision == "fp16":
+        raise UserInputError(
+            "FLUX.1 overflows fp16 (NaN losses): train it on a bf16 GPU (L4, A100, H100) or with --precision fp32"
+        )
+    c.min_snr_gamma = None  # flow matching weights timesteps by their density instead
+    c.cuda_graph = "off"  # eager steps: the transformer's step is compute-bound, not launch-bound
