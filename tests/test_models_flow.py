@@ -180,5 +180,5 @@ def test_training_facts_of_sd3_and_flux_folders(tiny_sd3, tiny_flux):
         "variant": "dev",
     }
     assert diffusers_family(tiny_sd3)["family"] == "sd3"
-    with pytest.raises(UserInputError, match="transformer folder only"):
+    with pytest.raises(UserInputError, match="is not a Diffusers folder"):
         diffusers_family(tiny_flux / "transformer")
