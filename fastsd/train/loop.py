@@ -233,7 +233,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     sched = models.noise_scheduler
     den = step.Denoiser(
         unet=models.denoiser,
-        text_encoders=models.text_encoders,
+        text_encoders=models.text_encoders if not models.flow else [],  # SD3/FLUX: cached prompts; T5 is freed
         family=family,
         alphas_cumprod=sched.alphas_cumprod.to(device) if not models.flow else torch.zeros(0),
         prediction=sched.config.get("prediction_type", "flow_matching"),
