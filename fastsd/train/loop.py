@@ -221,6 +221,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
 
     # ---- 3. data: images, buckets, latents cached once; the VAE then leaves the GPU
     d, bucketed = _cache_data(session, models, c, image_paths, prior_paths, device, dtype)
+    # SD3/FLUX: prompts embedded now, before the transformer takes the GPU (T5 and it never share it)
+    text = step.encode_frozen_text(models, d, c.sample_prompts, device, autocast) if models.flow else None
 
     # ---- 4. trainable parts: LoRA adapters or fp32 masters; memory and speed plan
     parts = make_trainable(models, c)
@@ -261,6 +263,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     result.timings, result.memory = meter.seconds, meter.peaks
     run = _Run(session, c, models, parts, d, result, meter, device, main, world, total, scaler, torch.Generator(device))
     run.tlog = TrainLog(main)
+    run.text = text or run.text
     stop: dict[str, str | None] = {"reason": None}  # set by SIGTERM or a NaN loss
     old_handler = _on_sigterm(stop)
     loss_sum = torch.zeros((), device=device)
@@ -526,7 +529,7 @@ def _enter_phase(run: _Run, name: str, plan: TrainPlan, den: step.Denoiser, grap
     if name in ("te", "joint"):
         run.text = step.TextCache()
         run.models.text_encoders_to(device)
-    else:  # text encoders are frozen from here on: embed every caption once, then offload them
+    elif not run.text.frozen:  # text encoders are frozen from here on: embed every caption once, then offload them
         run.text = step.encode_frozen_text(run.models, run.data, c.sample_prompts, device, autocast)
 
 
