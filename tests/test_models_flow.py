@@ -170,8 +170,15 @@ def test_prefixed_flux_and_bare_sd3_transformer_files_convert_back(tiny_sd3, tin
     _same_weights(tiny_sd3 / "vae", back / "vae")  # not in the file: the config folder's
 
 
-def test_training_facts_refuse_sd3_and_flux_plainly(tiny_flux):
+def test_training_facts_of_sd3_and_flux_folders(tiny_sd3, tiny_flux):
     from fastsd.models.detect import diffusers_family
 
-    with pytest.raises(UserInputError, match="is a flux model: fastsd trains SD1, SD2 and SDXL"):
-        diffusers_family(tiny_flux)
+    assert diffusers_family(tiny_flux) == {
+        "family": "flux",
+        "prediction_type": "flow_matching",
+        "native_resolution": 1024,
+        "variant": "dev",
+    }
+    assert diffusers_family(tiny_sd3)["family"] == "sd3"
+    with pytest.raises(UserInputError, match="is not a Diffusers folder"):
+        diffusers_family(tiny_flux / "transformer")

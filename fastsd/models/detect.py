@@ -228,7 +228,9 @@ def _detect_file(path: Path) -> Detection:
         det.components = sorted(
             {"unet" if ("unet" in k or "transformer" in k) else "text_encoder" for k in keys if "lora" in k}
         )
-        flow = _flow_lora_family(keys, infos)
+        # fastsd's SD3/FLUX LoRAs name their family (a transformer's width alone misses non-standard sizes)
+        flow = meta.get("fastsd_family") if meta.get("fastsd_family") in ("sd3", "flux") else None
+        flow = flow or _flow_lora_family(keys, infos)
         if flow:
             det.family = flow
             det.components = ["transformer" if c == "unet" else c for c in det.components]
@@ -543,19 +545,26 @@ def diffusers_family(model: str | os.PathLike[str]) -> dict[str, Any]:
     """Family facts of a Diffusers folder from its JSON configs alone (what the trainer plans with).
 
     Returns:
-        ``{"family": "sd1"|"sd2"|"sdxl", "prediction_type": ..., "native_resolution": int}``.
+        ``{"family": "sd1"|"sd2"|"sdxl", "prediction_type": ..., "native_resolution": int}``; SD3/FLUX
+        folders give ``family`` ``sd3``/``flux``, ``prediction_type`` ``flow_matching`` and ``variant``.
 
     Raises:
-        UserInputError: not a Diffusers folder with a UNet.
+        UserInputError: not a Diffusers folder with a UNet or a transformer.
     """
     root = Path(model)
     unet_cfg = root / "unet" / "config.json"
     if not unet_cfg.is_file() and (root / "transformer" / "config.json").is_file():
-        family = _detect_folder(root).family if (root / "model_index.json").is_file() else "SD3/FLUX"
-        raise UserInputError(
-            f"base model {model} is a {family} model: fastsd trains SD1, SD2 and SDXL; SD3.5 and FLUX.1 "
-            "can be generated with and converted, not trained yet"
-        )
+        if not (root / "model_index.json").is_file():
+            raise UserInputError(
+                f"base model {model} is a transformer folder only: pass the whole SD3/FLUX Diffusers folder"
+            )
+        det = _detect_folder(root)
+        return {
+            "family": det.family,
+            "prediction_type": "flow_matching",
+            "native_resolution": native_resolution(det.family),
+            "variant": det.variants[0] if det.variants else "",
+        }
     if not unet_cfg.is_file():
         raise UserInputError(
             f"base model {model} is not a Diffusers folder (no unet/config.json): "
@@ -587,7 +596,7 @@ def native_size(spec: str | os.PathLike[str] | None) -> tuple[str, int] | None:
         return entry.family, entry.resolution
     path = Path(spec).expanduser()
     try:
-        if (path / "unet" / "config.json").is_file():
+        if (path / "unet" / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
             facts = diffusers_family(path)
             return facts["family"], facts["native_resolution"]
         if path.is_file():

@@ -52,8 +52,10 @@ class BaseModel:
 #: Families whose denoiser is a flow-matching transformer (MMDiT / FLUX DiT) with a T5 encoder:
 #: they convert through ``convert_flow`` and load with a ``memplan`` memory plan.
 FLOW_FAMILIES = ("sd3", "flux")
-#: Families fastsd's trainer fine-tunes (DreamBooth full and LoRA).
-TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl")
+#: Families fastsd's trainer fine-tunes (DreamBooth full and LoRA; SD3/FLUX: LoRA only, see LORA_ONLY_FAMILIES).
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+#: Families the trainer fine-tunes with LoRA only (a full fine-tune of an 8-12 B transformer fits no preset).
+LORA_ONLY_FAMILIES = FLOW_FAMILIES
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 #: Sizes are multiples of this (the VAE's 8x downsampling times the UNet's three halvings).

@@ -63,7 +63,7 @@ class Session:
         needed (:meth:`training_size`), so an SDXL session trains at 1024 unless told otherwise.
 
         Raises:
-            UserInputError: a bad name or size, a base model fastsd cannot train (SD3.5, FLUX.1), or the
+            UserInputError: a bad name or size, a base model fastsd cannot train, or the
                 session exists and ``exist_ok`` is False.
         """
         name = normalize_name(name)
@@ -72,7 +72,7 @@ class Session:
         known = BASE_MODELS.get(str(base_model)) if base_model else None
         if known is not None and known.family not in TRAINABLE_FAMILIES:
             raise UserInputError(
-                f"base model {base_model} is a {known.family} model: fastsd trains SD1, SD2 and SDXL sessions; "
+                f"base model {base_model} is a {known.family} model: fastsd trains SD1, SD2, SDXL, SD3.5 and FLUX.1 sessions; "
                 f"{base_model} can be generated with (fastsd webui --model {base_model}) and converted, not trained yet"
             )
         path = fastsd_home(home) / "sessions" / name

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
-from ..models.registry import check_resolution
+from ..models.registry import LORA_ONLY_FAMILIES, check_resolution
 
 METHODS = ("full", "lora")
 SCHEDULES = ("sequential", "joint")
@@ -79,7 +79,10 @@ class TrainConfig:
     stores 0 as ``None``); ``offset_noise`` 0 adds none.
     """
 
-    method: str = _opt("full", "train all weights, or a LoRA", choices=METHODS)
+    method: str = _opt(
+        "auto", "train all weights, or a LoRA; auto: full for SD1/SD2/SDXL, lora for SD3.5/FLUX.1",
+        choices=("auto", *METHODS),
+    )  # fmt: skip
     model: str | None = _opt(
         None,
         "base model: a Diffusers folder, a single file, a registry name, hf:org/repo or URL (fetched/converted "
@@ -208,8 +211,8 @@ def resolve(
     """
     info = session_info or {}
     c = replace(config)
-    if c.method not in METHODS:
-        raise UserInputError(f"unknown method {c.method!r}: use one of {', '.join(METHODS)}")
+    if c.method not in ("auto", *METHODS):
+        raise UserInputError(f"unknown method {c.method!r}: use auto or one of {', '.join(METHODS)}")
     for name, value, allowed in (
         ("schedule", c.schedule, SCHEDULES),
         ("precision", c.precision, PRECISIONS),
@@ -225,16 +228,7 @@ def resolve(
     if num_images is not None and num_images == 0:
         raise UserInputError("the session has no instance images: add a few photos to its instance_images/ first")
 
-    defaults = METHOD_DEFAULTS[c.method]
-    for key in ("unet_steps", "te_steps", "unet_lr", "te_lr"):
-        if getattr(c, key) is None:
-            setattr(c, key, defaults[key])
-    if c.unet_steps <= 0:
-        raise UserInputError(f"unet steps must be > 0 (got {c.unet_steps})")
-    if c.te_steps < 0:
-        raise UserInputError(f"text-encoder steps must be >= 0 (got {c.te_steps}); 0 keeps it frozen")
-    if c.unet_lr <= 0 or (c.te_steps > 0 and c.te_lr <= 0):
-        raise UserInputError(f"learning rates must be > 0 (got unet {c.unet_lr}, text encoder {c.te_lr})")
+    _check_steps(c, fill=False)  # the user's own values, before a model is fetched
     for key in ("batch_size", "grad_accum", "lora_rank", "sample_steps", "log_every", "keep_checkpoints"):
         if getattr(c, key) < 1:
             raise UserInputError(f"{key.replace('_', ' ')} must be >= 1 (got {getattr(c, key)})")
@@ -273,6 +267,11 @@ def resolve(
     if c.vram_budget_gb is None:
         c.vram_budget_gb = preset["vram_budget_gb"]
 
+    if c.method == "auto":  # the model decides: flow-matching transformers train as LoRAs only
+        c.method = "lora" if facts["family"] in LORA_ONLY_FAMILIES else "full"
+    _check_steps(c, fill=True)
+    if facts["family"] in LORA_ONLY_FAMILIES:
+        _check_flow(c, facts["family"])
     if facts["family"] == "sdxl" and c.method == "full":
         if c.te_steps > 0:
             raise UserInputError(
@@ -293,3 +292,37 @@ def resolve(
     c.min_snr_gamma = c.min_snr_gamma or None  # 0 is off, stored as None (the class docstring)
     c.max_grad_norm = c.max_grad_norm or None
     return c, facts
+
+
+def _check_steps(c: TrainConfig, fill: bool) -> None:
+    """Check steps and learning rates; with ``fill``, first take the method's defaults for those left unset."""
+    if fill:
+        defaults = METHOD_DEFAULTS[c.method]
+        for key in ("unet_steps", "te_steps", "unet_lr", "te_lr"):
+            if getattr(c, key) is None:
+                setattr(c, key, defaults[key])
+    if c.unet_steps is not None and c.unet_steps <= 0:
+        raise UserInputError(f"unet steps must be > 0 (got {c.unet_steps})")
+    if c.te_steps is not None and c.te_steps < 0:
+        raise UserInputError(f"text-encoder steps must be >= 0 (got {c.te_steps}); 0 keeps it frozen")
+    te_trains = c.te_steps is None or c.te_steps > 0
+    if (c.unet_lr is not None and c.unet_lr <= 0) or (te_trains and c.te_lr is not None and c.te_lr <= 0):
+        raise UserInputError(f"learning rates must be > 0 (got unet {c.unet_lr}, text encoder {c.te_lr})")
+
+
+def _check_flow(c: TrainConfig, family: str) -> None:
+    """SD3.5/FLUX.1: LoRA on the transformer only, eager steps, no Min-SNR (a DDPM weighting); FLUX not in fp16.
+
+    FLUX's activations overflow fp16 (NaN losses on a T4), so a T4 preset or ``--precision fp16`` is
+    refused for FLUX rather than trained into NaNs; SD3.5 trains in fp16 with the GradScaler.
+    """
+    if c.method != "lora":
+        raise UserInputError(f"{family} models train as a LoRA only: use --method lora")
+    if c.te_steps:
+        raise UserInputError(f"{family} LoRAs train the transformer only: use --te-steps 0")
+    if family == "flux" and c.precision == "fp16":
+        raise UserInputError(
+            "FLUX.1 overflows fp16 (NaN losses): train it on a bf16 GPU (L4, A100, H100) or with --precision fp32"
+        )
+    c.min_snr_gamma = None  # flow matching weights timesteps by their density instead
+    c.cuda_graph = "off"  # eager steps: the transformer's step is compute-bound, not launch-bound

@@ -1,8 +1,9 @@
-"""Exports a run leaves in the session's ``models/``: single-file fp16 checkpoints and kohya LoRA files.
+"""Exports a run leaves in the session's ``models/``: single-file fp16 checkpoints and LoRA files.
 
 A fully fine-tuned model is saved as a Diffusers folder on local scratch disk, then converted to
 one A1111/ComfyUI ``.safetensors`` by :func:`fastsd.models.convert.diffusers_to_single_file`
-(imported only when needed). A LoRA is written directly in kohya's format (:mod:`.lora`).
+(imported only when needed). A LoRA is written directly in kohya's format, an SD3/FLUX LoRA in
+diffusers' peft layout with the ``transformer.`` prefix (:mod:`.lora`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def export_step(session: Any, models: Any, c: Any, step: int, device: Any, *, te
         if te_frozen:
             models.text_encoders_to("cpu")
         return str(session.record_model(dst, kind="full", step=step)["file"])
+    if models.flow:  # SD3/FLUX: the transformer's adapters in diffusers' layout
+        tensors = lora.diffusers_state_dict(models.denoiser, c.lora_alpha, c.lora_rank)
+        lora.save_diffusers(dst, tensors, rank=c.lora_rank, alpha=c.lora_alpha, family=models.family)
+        return str(session.record_model(dst, kind="lora", step=step)["file"])
     comps = models.components()
     parts = {n: comps[n] for n in ["unet", *(models.te_names if te_trained else [])]}
     export_lora(parts, dst, rank=c.lora_rank, alpha=c.lora_alpha, family=models.family)

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from ..errors import FastsdError, UserInputError
-from . import checkpoint, data, graph, memory, optim, sampling, step
+from ..models.registry import FLOW_FAMILIES
+from . import checkpoint, data, flow, graph, memory, optim, sampling, step
 from .config import TrainConfig, resolve
 from .export import export_step
-from .parts import BaseModel, TrainedParts, dtype_of, make_trainable, mark_phase
+from .parts import BaseModel, TrainedParts, dtype_of, load_base, make_trainable, mark_phase
 from .plan import TrainPlan, autotune, make_plan
 from .ranks import distributed
 from .scaler import DeviceScaler
@@ -206,7 +207,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     # ---- 2. models, and the class images of prior preservation
     meter = memory.PhaseMeter(device)
     meter.start("load")
-    models = BaseModel(c.model, family, dtype, c.method == "full")
+    qlora = family in FLOW_FAMILIES and flow.wants_nf4(c.model, family, device, c.vram_budget_gb)
+    models = load_base(c.model, family, dtype, full=c.method == "full", nf4=qlora)
     if hooks.on_models is not None:
         hooks.on_models(models)
     meter.start("cache")
@@ -220,28 +222,32 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
 
     # ---- 3. data: images, buckets, latents cached once; the VAE then leaves the GPU
     d, bucketed = _cache_data(session, models, c, image_paths, prior_paths, device, dtype)
+    # SD3/FLUX: prompts embedded now, before the transformer takes the GPU (T5 and it never share it)
+    text = step.encode_frozen_text(models, d, c.sample_prompts, device, autocast) if models.flow else None
 
     # ---- 4. trainable parts: LoRA adapters or fp32 masters; memory and speed plan
     parts = make_trainable(models, c)
-    plan = make_plan(c, facts, models.unet, trainable=parts.count(), device=device, world=world,
+    plan = make_plan(c, facts, models.denoiser, trainable=parts.count(), device=device, world=world,
                      bucketed=bucketed, scaler=scaler)  # fmt: skip
     if scaler is not None and plan.cuda_graph:
         scaler = DeviceScaler(device)  # GradScaler's arithmetic with no host read: the graph can hold it
+    plan.qlora = qlora
     if main:
         log.info("%s", plan.in_words(c, device.type))
-    _place_unet(models.unet, device, plan.channels_last, c.compile)
+    _place_unet(models.denoiser, device, plan.channels_last, c.compile)
     sched = models.noise_scheduler
     den = step.Denoiser(
-        unet=models.unet,
-        text_encoders=models.text_encoders,
+        unet=models.denoiser,
+        text_encoders=models.text_encoders if not models.flow else [],  # SD3/FLUX: cached prompts; T5 is freed
         family=family,
-        alphas_cumprod=sched.alphas_cumprod.to(device),
-        prediction=sched.config.prediction_type,
+        alphas_cumprod=sched.alphas_cumprod.to(device) if not models.flow else torch.zeros(0),
+        prediction=sched.config.get("prediction_type", "flow_matching"),
         num_timesteps=sched.config.num_train_timesteps,
         channels_last=plan.channels_last,
         offset_noise=c.offset_noise,
         min_snr_gamma=c.min_snr_gamma,
         prior_weight=c.prior_weight,
+        flow=flow.settings_of(models) if models.flow else None,
     )
 
     # ---- 5. resume
@@ -260,6 +266,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     result.timings, result.memory = meter.seconds, meter.peaks
     run = _Run(session, c, models, parts, d, result, meter, device, main, world, total, scaler, torch.Generator(device))
     run.tlog = TrainLog(main)
+    run.text = text or run.text
     stop: dict[str, str | None] = {"reason": None}  # set by SIGTERM or a NaN loss
     old_handler = _on_sigterm(stop)
     loss_sum = torch.zeros((), device=device)
@@ -317,7 +324,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                         up.opt.zero_grad()
                         loss = None
                         torch.cuda.empty_cache()
-                        plan.checkpointed_blocks = memory.apply_checkpointing(models.unet, 1.0)
+                        plan.checkpointed_blocks = memory.apply_checkpointing(models.denoiser, 1.0)
                         plan.checkpoint_fraction = 1.0
                         log.warning("out of memory on the first step: retrying with full gradient checkpointing")
                         continue
@@ -431,7 +438,7 @@ def _cache_data(
     if not examples:
         raise UserInputError("none of the session's images could be read: add JPEG/PNG photos to instance_images/")
     class_examples, _ = data.load_examples(prior_paths, [c.class_prompt or ""] * len(prior_paths), c.resolution, "off")
-    vae_dtype = torch.float32 if (models.family == "sdxl" or device.type == "cpu") else dtype
+    vae_dtype = torch.float32 if (models.family in ("sdxl", *FLOW_FAMILIES) or device.type == "cpu") else dtype
     models.vae.to(device, vae_dtype)
     latents = data.encode_latent_dists(models.vae, examples, device, vae_dtype)
     class_latents = data.encode_latent_dists(models.vae, class_examples, device, vae_dtype)
@@ -448,13 +455,16 @@ def _cache_data(
         time_ids=torch.tensor([[h, w, 0, 0, h, w] for (w, h) in (ex.size for ex in examples)], device=device),
         class_time_ids=torch.tensor([[r, r, 0, 0, r, r]], device=device),
         batch_size=c.batch_size,
+        captions=[ex.caption for ex in examples],
+        class_prompt=c.class_prompt or "",
     )
     return d, bucketed
 
 
 def _place_unet(unet: Any, device: torch.device, channels_last: bool, compile_mode: str) -> None:
-    """The UNet onto the training device, in the planned layout, compiled as asked."""
-    unet.to(device)
+    """The denoiser (UNet or SD3/FLUX transformer) onto the training device, in the planned layout, compiled as asked."""
+    if getattr(unet, "hf_quantizer", None) is None:  # an NF4 transformer is loaded on the GPU already
+        unet.to(device)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if compile_mode != "off":
@@ -522,7 +532,7 @@ def _enter_phase(run: _Run, name: str, plan: TrainPlan, den: step.Denoiser, grap
     if name in ("te", "joint"):
         run.text = step.TextCache()
         run.models.text_encoders_to(device)
-    else:  # text encoders are frozen from here on: embed every caption once, then offload them
+    elif not run.text.frozen:  # text encoders are frozen from here on: embed every caption once, then offload them
         run.text = step.encode_frozen_text(run.models, run.data, c.sample_prompts, device, autocast)
 
 

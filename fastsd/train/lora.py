@@ -1,4 +1,6 @@
-"""LoRA adapters (peft) for the UNet and text encoders, and the kohya/A1111 LoRA file they export to.
+"""LoRA adapters (peft) for the UNet, the SD3/FLUX transformer and text encoders, and the files they export to.
+
+SD3/FLUX LoRAs export in diffusers' peft layout (:func:`diffusers_state_dict`); the UNet families in kohya's:
 
 The kohya format is what A1111, Forge, ComfyUI and diffusers' ``load_lora_weights`` all read:
 one ``.safetensors`` with, per adapted layer, ``<name>.lora_down.weight`` (A), ``<name>.lora_up.weight``
@@ -18,6 +20,18 @@ from .. import storage
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+#: SD3/FLUX transformers: the image stream's projections and the context stream's (``add_*``), as
+#: diffusers' DreamBooth LoRA scripts target them (FLUX's single blocks have ``attn.to_q/k/v`` only).
+TRANSFORMER_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
 
 #: kohya file prefixes per (family, component).
 PREFIXES = {
@@ -43,7 +57,7 @@ def add_lora(model: Any, rank: int, alpha: float, component: str, seed: int = 0)
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+    targets = {"unet": UNET_TARGETS, "transformer": TRANSFORMER_TARGETS}.get(component, TEXT_TARGETS)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -89,6 +103,39 @@ def lora_layers(model: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         if down is not None and up is not None and ADAPTER in down:
             found.append((path, down[ADAPTER].weight, up[ADAPTER].weight))
     return found
+
+
+def diffusers_state_dict(
+    model: Any, alpha: float, rank: int, prefix: str = "transformer", dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """The adapters of ``model`` in the diffusers/peft layout: ``<prefix>.<module>.lora_A/lora_B.weight``.
+
+    This is what ``pipe.load_lora_weights`` reads for SD3/FLUX, and what ComfyUI and Forge map
+    (``transformer.<diffusers module>`` in comfy/lora.py's key map). The file has no alpha: loaders
+    then scale by 1, so ``alpha / rank`` is folded into ``lora_B``.
+    """
+    scale = float(alpha) / rank
+    out: dict[str, torch.Tensor] = {}
+    for module, down, up in lora_layers(model):
+        out[f"{prefix}.{module}.lora_A.weight"] = down.detach().to("cpu", dtype).contiguous()
+        out[f"{prefix}.{module}.lora_B.weight"] = (up.detach().float() * scale).to("cpu", dtype).contiguous()
+    return out
+
+
+def save_diffusers(path: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, family: str) -> Path:
+    """Write a diffusers-layout LoRA file safely (temp + fsync + sha256 verify + rename), with fastsd's metadata."""
+    from safetensors.torch import save
+
+    metadata = {
+        "format": "pt",
+        "fastsd_layout": "diffusers",
+        "fastsd_family": family,
+        "fastsd_rank": str(rank),
+        "fastsd_alpha": str(alpha),  # already folded into lora_B
+        "ss_training_comment": "trained with fastsd",
+    }
+    storage.write_bytes(path, save(tensors, metadata=metadata), verify_sha256=True)
+    return path
 
 
 def save_kohya(path: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, family: str) -> Path:

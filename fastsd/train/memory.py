@@ -20,7 +20,9 @@ GIB = 1024**3
 #: AdamW (3.2 masters + 6.4 state + 3.6 = 16-bit weight casts 1.6 + activations 2.0); SDXL LoRA at
 #: 1024 px peaked 17.74 GiB (4.8 frozen bf16 weights + 12.9, of which ~1.2 GiB were peft's fp32
 #: copies of every adapted layer's input, no longer made: see lora.add_lora).
-ACTIVATIONS_GIB = {"sd1": 2.0, "sd2": 2.0, "sd2-v": 4.5, "sdxl": 11.7}
+ACTIVATIONS_GIB = {"sd1": 2.0, "sd2": 2.0, "sd2-v": 4.5, "sdxl": 11.7, "sd3": 8.0, "flux": 18.0}
+#: (sd3, flux: not measured yet, rough guesses at 1024 px LoRA so that the planner checkpoints on small
+#: GPUs; a GPU run should replace them with the peaks of ``fastsd train --json``.)
 #: Fraction of activation memory that remains with every block checkpointed.
 CHECKPOINTED_FRACTION = 0.2
 #: Optimizer state bytes per trainable parameter.
@@ -96,9 +98,13 @@ def _level_weights(unet: Any) -> list[tuple[float, Any]]:
 def apply_checkpointing(unet: Any, fraction: float) -> int:
     """Checkpoint the blocks holding the largest activations until ``fraction`` of them is covered.
 
+    An SD3/FLUX transformer checkpoints all of its blocks or none (diffusers gates it per model).
+
     Returns:
         How many blocks are checkpointed.
     """
+    if not hasattr(unet, "down_blocks"):
+        return _checkpoint_transformer(unet, fraction)
     if fraction <= 0:
         if getattr(unet, "is_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()
@@ -119,6 +125,17 @@ def apply_checkpointing(unet: Any, fraction: float) -> int:
             covered += w
             count += 1
     return count
+
+
+def _checkpoint_transformer(transformer: Any, fraction: float) -> int:
+    """Every block of an SD3/FLUX transformer recomputed in backward when ``fraction`` > 0; the block count."""
+    if fraction <= 0:
+        if getattr(transformer, "is_gradient_checkpointing", False):
+            transformer.disable_gradient_checkpointing()
+        return 0
+    transformer.enable_gradient_checkpointing()
+    blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+    return len(blocks)
 
 
 def _checkpoint(function: Any, *args: Any, **kwargs: Any) -> Any:

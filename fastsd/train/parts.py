@@ -23,8 +23,12 @@ class BaseModel:
     """The base model's parts (UNet, VAE, tokenizers, text encoders, noise scheduler), all frozen when loaded.
 
     ``train(..., on_models=callback)`` hands the loaded instance to the caller, which is how tests
-    read the trained modules after a run.
+    read the trained modules after a run. SD3.5/FLUX.1 load as :class:`fastsd.train.flow.FlowModel`
+    (:func:`load_base` picks); both name their denoiser ``denoiser`` and its component ``denoiser_name``.
     """
+
+    flow = False
+    denoiser_name = "unet"
 
     def __init__(self, folder: str, family: str, dtype: torch.dtype, full: bool):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -47,6 +51,10 @@ class BaseModel:
         self.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         for m in [self.unet, self.vae, *self.text_encoders]:
             m.requires_grad_(False)
+
+    @property
+    def denoiser(self) -> Any:
+        return self.unet
 
     @property
     def te_names(self) -> list[str]:
@@ -88,6 +96,17 @@ class BaseModel:
         )
 
 
+def load_base(folder: str, family: str, dtype: torch.dtype, *, full: bool, nf4: bool = False) -> Any:
+    """The base model's parts: a :class:`BaseModel` (UNet families) or a ``FlowModel`` (SD3.5, FLUX.1; ``nf4``: QLoRA)."""
+    from ..models.registry import FLOW_FAMILIES
+
+    if family in FLOW_FAMILIES:
+        from .flow import FlowModel
+
+        return FlowModel(folder, family, dtype, nf4=nf4)
+    return BaseModel(folder, family, dtype, full)
+
+
 @dataclass
 class TrainedParts:
     """Which parameters train: LoRA adapters (``lora``) or every weight of a full fine-tune.
@@ -96,7 +115,7 @@ class TrainedParts:
     checkpoint and export); a resumed run starts from the checkpoint's set.
     """
 
-    models: BaseModel
+    models: Any  # BaseModel or flow.FlowModel
     full: bool
     te_train: bool  # the run has text-encoder steps
     lora: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
@@ -110,8 +129,8 @@ class TrainedParts:
 
     def count(self) -> int:
         """Trainable parameters of the whole run (the memory plan's input)."""
-        unet = sum(p.numel() for p in self.params_of("unet"))
-        return unet + (sum(p.numel() for p in self.te_params()) if self.te_train else 0)
+        denoiser = sum(p.numel() for p in self.params_of(self.models.denoiser_name))
+        return denoiser + (sum(p.numel() for p in self.te_params()) if self.te_train else 0)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """``component.parameter`` -> tensor of what has trained so far: a checkpoint's weights."""
@@ -134,13 +153,14 @@ class TrainedParts:
                         own[k].copy_(v)
 
 
-def make_trainable(models: BaseModel, c: Any) -> TrainedParts:
-    """LoRA adapters on the UNet (and the text encoders when they train), or fp32 masters for a full run."""
+def make_trainable(models: Any, c: Any) -> TrainedParts:
+    """LoRA adapters on the denoiser (and the text encoders when they train), or fp32 masters for a full run."""
     parts = TrainedParts(models, full=c.method == "full", te_train=c.te_steps > 0)
     if not parts.full:
         from .lora import add_lora
 
-        parts.lora["unet"] = add_lora(models.unet, c.lora_rank, c.lora_alpha, "unet", seed=c.seed)
+        name = models.denoiser_name
+        parts.lora[name] = add_lora(models.denoiser, c.lora_rank, c.lora_alpha, name, seed=c.seed)
         if parts.te_train:
             for k, (name, te) in enumerate(zip(models.te_names, models.text_encoders, strict=True)):
                 parts.lora[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text", seed=c.seed + 1 + k)
@@ -151,16 +171,17 @@ def make_trainable(models: BaseModel, c: Any) -> TrainedParts:
 
 def mark_phase(parts: TrainedParts, phase: str, unet_lr: float, te_lr: float) -> list[tuple[list[Any], float]]:
     """Switch ``requires_grad`` for ``phase`` (``te``, ``unet``, ``joint``); its optimizer's (params, lr) groups."""
-    train_unet = phase in ("unet", "joint")
+    train_unet = phase in ("unet", "joint")  # the denoiser: a UNet, or an SD3/FLUX transformer
     train_te = phase in ("te", "joint")
+    denoiser = parts.models.denoiser_name
     for comp in parts.models.components():
-        is_te = comp != "unet"
+        is_te = comp != denoiser
         on = train_te if is_te else train_unet
         for p in parts.params_of(comp) if (is_te and parts.te_train) or not is_te else []:
             p.requires_grad_(on)
         if on:
             parts.trained.add(comp)
-    groups = [(parts.params_of("unet"), unet_lr)] if train_unet else []
+    groups = [(parts.params_of(denoiser), unet_lr)] if train_unet else []
     if train_te:
         groups.append((parts.te_params(), te_lr))
     return groups

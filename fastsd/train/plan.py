@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..models.registry import FLOW_FAMILIES
 from . import graph, memory, optim
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class TrainPlan:
     cuda_graph_captured: bool | None = None  # after the run, when cuda_graph: whether capture happened
     cuda_graph_failed: str | None = None  # why capture failed (the run went on eagerly)
     notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
+    qlora: bool = False  # SD3/FLUX: the frozen transformer is NF4 (bitsandbytes)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready keys; the two capture keys only once a graphed run has ended."""
@@ -56,6 +58,8 @@ class TrainPlan:
         parts = [f"plan: {what} on {device} in {self.precision} with the {self.optimizer} optimizer"]
         blocks = self.checkpointed_blocks
         parts.append(f"gradient checkpointing on {blocks} UNet block(s)" if blocks else "no gradient checkpointing")
+        if self.qlora:
+            parts.append("the frozen transformer in NF4 (QLoRA)")
         if self.fused_backward:
             parts.append("optimizer step inside backward (saves the gradients' memory)")
         if self.cuda_graph:
@@ -112,7 +116,7 @@ def make_plan(
             "a CUDA graph (host step counter) nor skip an fp16 overflow on the device; --cuda-graph off keeps it"
         )
     p.cuda_graph = graph.decide(c.cuda_graph, blockers(optimizer=p.optimizer))
-    p.channels_last = c.channels_last
+    p.channels_last = c.channels_last and facts["family"] not in FLOW_FAMILIES  # a transformer has no conv stack
     if p.channels_last and c.compile == "blocks":
         # compiled blocks + channels_last weights crashed on the H100 (inductor's stride asserts
         # saw contiguous weights); compiling the whole UNet handles the layout, blocks do not

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import storage
-from .parts import BaseModel, dtype_of
+from .parts import dtype_of
 from .step import TextCache
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,18 @@ def eager() -> Any:
 
 def render_png(pipe: Any, path: Path, *, size: int, steps: int, seed: int, autocast: Any, **prompt: Any) -> Path:
     """Render one image with ``pipe`` (``prompt``: a text or its embeddings) and save it at ``path``."""
-    gen = torch.Generator(pipe.unet.device).manual_seed(seed)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    gen = torch.Generator(denoiser.device).manual_seed(seed)
     with torch.no_grad(), eager(), autocast:
         lat = pipe(
             **prompt, num_inference_steps=steps, height=size, width=size, generator=gen, output_type="latent"
         ).images
     vae = pipe.vae
+    if hasattr(pipe, "_unpack_latents"):  # FLUX returns its latents packed in 2x2 patches
+        lat = pipe._unpack_latents(lat, size, size, pipe.vae_scale_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3/FLUX VAEs' latent shift
     with torch.no_grad():  # decode outside autocast: the SDXL VAE overflows in fp16
-        image = vae.decode(lat.to(vae.dtype) / vae.config.scaling_factor).sample
+        image = vae.decode(lat.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     image = pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
     storage.write_bytes(path, storage.png_bytes(image))
     return path
@@ -55,7 +59,7 @@ def _autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def class_images(session: Any, models: BaseModel, c: Any, device: torch.device) -> list[Path]:
+def class_images(session: Any, models: Any, c: Any, device: torch.device) -> list[Path]:
     """Class images for prior preservation: the missing ones rendered with the base model, the rest reused."""
     folder = session.class_images_dir(c.class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,15 +80,14 @@ def class_images(session: Any, models: BaseModel, c: Any, device: torch.device) 
                 autocast=autocast,
                 prompt=c.class_prompt,
             )
-        models.unet.to("cpu")
+        if getattr(models.denoiser, "hf_quantizer", None) is None:  # an NF4 transformer stays where it loaded
+            models.denoiser.to("cpu")
         models.text_encoders_to("cpu")
         existing = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return existing[: c.num_class_images]
 
 
-def sample_images(
-    session: Any, models: BaseModel, c: Any, step: int, text: TextCache, device: torch.device
-) -> list[Path]:
+def sample_images(session: Any, models: Any, c: Any, step: int, text: TextCache, device: torch.device) -> list[Path]:
     """Render ``c.sample_prompts`` x ``c.sample_seeds`` with the model as it is at ``step``.
 
     With frozen text encoders (offloaded to the CPU) the prompts' cached embeddings are used.
@@ -100,9 +103,11 @@ def sample_images(
             if text.sample is not None and text.sample_neg is not None:
                 s, n = text.sample, text.sample_neg
                 kwargs = {"prompt_embeds": s["prompt_embeds"][pi : pi + 1].to(dtype)}
-                kwargs["negative_prompt_embeds"] = n["prompt_embeds"][pi : pi + 1].to(dtype)
-                if models.family == "sdxl":
+                if models.family in ("sdxl", "sd3", "flux"):
                     kwargs["pooled_prompt_embeds"] = s["pooled"][pi : pi + 1].to(dtype)
+                if models.family != "flux":  # FLUX.1 has no negative prompt (guidance is an input)
+                    kwargs["negative_prompt_embeds"] = n["prompt_embeds"][pi : pi + 1].to(dtype)
+                if models.family in ("sdxl", "sd3"):
                     kwargs["negative_pooled_prompt_embeds"] = n["pooled"][pi : pi + 1].to(dtype)
             path = session.samples_dir / f"step-{step:06d}-p{pi}-s{seed}.png"
             paths.append(

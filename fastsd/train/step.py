@@ -80,6 +80,8 @@ class StepData:
     time_ids: torch.Tensor  # SDXL size ids per image
     class_time_ids: torch.Tensor
     batch_size: int
+    captions: list[str] = field(default_factory=list)  # SD3/FLUX: embedded through the pipeline, not token ids
+    class_prompt: str = ""
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Denoiser:
     offset_noise: float = 0.0
     min_snr_gamma: float | None = None  # None: no Min-SNR weighting
     prior_weight: float = 1.0
+    flow: Any = None  # SD3/FLUX: flow.FlowSettings (``unet`` is then the transformer, ``t`` holds sigmas)
 
 
 def seed_for(seed: int, step: int, micro: int, rank: int) -> int:
@@ -156,7 +159,12 @@ def _draw(den: Denoiser, gen: torch.Generator, lat_dists: torch.Tensor, tids: to
     noise = torch.randn(mean.shape, generator=gen, device=gen.device)
     if den.offset_noise:
         noise = noise + den.offset_noise * torch.randn((b, mean.shape[1], 1, 1), generator=gen, device=gen.device)
-    t = torch.randint(0, den.num_timesteps, (b,), generator=gen, device=gen.device)
+    if den.flow is not None:  # flow matching: sigmas in (0, 1), logit-normal and shifted
+        from .flow import draw_sigmas
+
+        t = draw_sigmas(den.flow, gen, b, tuple(mean.shape[-2:]))
+    else:
+        t = torch.randint(0, den.num_timesteps, (b,), generator=gen, device=gen.device)
     return Branch(lat, noise, t, tids)
 
 
@@ -177,7 +185,14 @@ def condition(den: Denoiser, b: Branch) -> dict[str, torch.Tensor]:
 
 
 def per_sample_loss(den: Denoiser, b: Branch) -> torch.Tensor:
-    """Denoising MSE per image (epsilon or v target), Min-SNR weighted when ``min_snr_gamma`` is set."""
+    """Denoising MSE per image (epsilon or v target), Min-SNR weighted when ``min_snr_gamma`` is set.
+
+    SD3/FLUX (``den.flow``): the flow-matching velocity loss of :mod:`.flow`.
+    """
+    if den.flow is not None:
+        from .flow import per_sample_loss as flow_loss
+
+        return flow_loss(den.unet, den.flow, b)
     cond = condition(den, b)
     a = den.alphas_cumprod[b.t].view(b.lat.shape[0], 1, 1, 1)
     noisy = a.sqrt() * b.lat + (1 - a).sqrt() * b.noise
@@ -256,8 +271,23 @@ def eager_update(up: Update) -> None:
 def encode_frozen_text(
     models: Any, d: StepData, sample_prompts: list[str], device: torch.device, autocast: Any
 ) -> TextCache:
-    """Embed every caption, the class prompt and the sample prompts once; the text encoders then leave the GPU."""
+    """Embed every caption, the class prompt and the sample prompts once; the text encoders then leave the GPU.
+
+    SD3/FLUX embed through their pipeline's ``encode_prompt``, and their T5 encoder is freed after.
+    """
     text = TextCache()
+    if getattr(models, "flow", False):
+        prompts = list(sample_prompts)
+        with torch.no_grad(), autocast:
+            models.text_encoders_to(device)
+            text.inst = models.encode_prompts(d.captions, device)
+            text.prior = models.encode_prompts([d.class_prompt], device)
+            if prompts:
+                text.sample = models.encode_prompts(prompts, device)
+                text.sample_neg = models.encode_prompts([""] * len(prompts), device)
+        models.free_t5(device)
+        models.text_encoders_to("cpu")
+        return text
     with torch.no_grad(), autocast:
         models.text_encoders_to(device)
         text.inst = data.encode_text(models.text_encoders, d.token_ids, models.family)
