@@ -132,3 +132,14 @@ def test_record_checkpoint_copies_in_one_pass(home, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert entry["files"]["unet/w.bin"] == storage.sha256_file(src / "unet" / "w.bin")
     assert s.verify_checkpoint(entry)
+
+
+def test_show_counts_a_linked_file_once(home):
+    s = Session.create("w", home)
+    first = _save(s, 10, _weights(1, te_frozen=True))
+    second = _save(s, 20, _weights(2, te_frozen=True))
+    space = s.summary()["space"]
+    te = second["sizes"][TE]
+    assert space["checkpoint_bytes"] == sum(second["sizes"].values()) - te  # what the next save adds
+    assert space["used_bytes"] == sum(first["sizes"].values()) + sum(second["sizes"].values()) - te
+    assert "shared with the one before" in space["text"]

@@ -559,12 +559,14 @@ class Session:
         images = self.images()
         own = sum(1 for p in images if self.has_own_caption(p))
         class_dirs = sorted(p for p in (self.path / "class_images").iterdir() if p.is_dir())
+        seen: set[tuple[int, int]] = set()
         checkpoints = [
             {
                 "step": c["step"],
                 "path": c["path"],
                 "ok": self.verify_checkpoint(c, quick=not verify),
                 "bytes": sum((c.get("sizes") or {}).values()),
+                "new_bytes": self._unshared_bytes(c, seen),
             }
             for c in self.checkpoints()
         ]
@@ -595,6 +597,19 @@ class Session:
             "reclaimable": self.reclaimable(),
             "space": space_plan(checkpoints, models),
         }
+
+    def _unshared_bytes(self, entry: dict[str, Any], seen: set[tuple[int, int]]) -> int:
+        """Bytes of a checkpoint's files that no earlier checkpoint in ``seen`` holds (hard links count once)."""
+        total = 0
+        for rel, size in (entry.get("sizes") or {}).items():
+            try:
+                st = (self.path / entry["path"] / rel).stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += size
+        return total
 
     def describe(self, *, verify: bool = False) -> str:
         """What the session holds, in plain words (``fastsd session show``)."""
