@@ -156,6 +156,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd1):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # the text encoder stopped training at step 1: step 5's state links step 3's file, not a copy
+    (at3, at5), te = b.checkpoints(), "weights/text_encoder.safetensors"
+    assert (at3["step"], at5["step"]) == (3, 5) and at3["files"][te] == at5["files"][te]
+    assert (b.path / at3["path"] / te).stat().st_ino == (b.path / at5["path"] / te).stat().st_ino
 
 
 def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):
