@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 
-def _state(gb: float, te_share: float) -> tuple[dict[str, torch.Tensor], dict]:
+def _state(gb: float, te_share: float, device: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights (``component.name``) and an AdamW-shaped optimizer state of about ``gb`` GB."""
     unet_params = int(gb * 1e9 / (12 + 4 * te_share / (1 - te_share)))
     te_params = int(unet_params * te_share / (1 - te_share))
@@ -31,11 +31,12 @@ def _state(gb: float, te_share: float) -> tuple[dict[str, torch.Tensor], dict]:
     weights, state = {}, {}
     per = 4 * 1024 * 1024  # 16 MiB tensors, the size of a large SD1.5 convolution
     for i in range(max(1, unet_params // per)):
-        weights[f"unet.block{i:03d}.weight"] = torch.nn.Parameter(torch.randn(per, generator=g))
-        state[i] = {"step": torch.tensor(100.0), "exp_avg": torch.randn(per, generator=g) * 1e-4,
-                    "exp_avg_sq": torch.rand(per, generator=g) * 1e-8}  # fmt: skip
+        weights[f"unet.block{i:03d}.weight"] = torch.nn.Parameter(torch.randn(per, generator=g).to(device))
+        state[i] = {"step": torch.tensor(100.0), "exp_avg": (torch.randn(per, generator=g) * 1e-4).to(device),
+                    "exp_avg_sq": (torch.rand(per, generator=g) * 1e-8).to(device)}  # fmt: skip
     for i in range(max(1, te_params // per)):
-        weights[f"text_encoder.layer{i:03d}.weight"] = torch.nn.Parameter(torch.randn(per, generator=g), False)
+        te = torch.randn(per, generator=g).to(device)
+        weights[f"text_encoder.layer{i:03d}.weight"] = torch.nn.Parameter(te, requires_grad=False)
     groups = [{"lr": 1e-6, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "params": sorted(state)}]
     return weights, {"state": state, "param_groups": groups}
 
@@ -57,13 +58,14 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=2.0, help="size of the state")
     ap.add_argument("--te-share", type=float, default=0.125, help="share of the weights that is frozen (SD1.5: 0.125)")
     ap.add_argument("--saves", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the state lives (cuda: as in training)")
     ap.add_argument("--root", default=None, help="fastsd home (default: a temp folder, removed after)")
     args = ap.parse_args()
 
     from fastsd.session import Session
     from fastsd.train import checkpoint
 
-    weights, optimizer = _state(args.gb, args.te_share)
+    weights, optimizer = _state(args.gb, args.te_share, args.device)
     with tempfile.TemporaryDirectory(dir=args.root) as home:
         session = Session.create("bench", home)
         before = 0
