@@ -77,8 +77,8 @@ def state_files(
     """A state's files as producers (relative name -> writes its bytes), and the reusable ones.
 
     Weights are written one tensor at a time (each copied to the CPU as its turn comes, while the
-    previous one is being written: :func:`fastsd.models.streamwrite.write_pieces`), so the state
-    never exists twice in RAM. A component none of whose tensors requires a gradient is frozen in
+    previous one is being written: :func:`fastsd.models.streamwrite.write_pieces`), so no whole
+    copy of them is ever made in host memory. A component none of whose tensors requires a gradient is frozen in
     this phase: its file is offered for reuse. The RNG states are captured now, not when written.
     """
     rng_tensors, rng_meta = capture_rng(noise_gen)
@@ -133,7 +133,7 @@ def load(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     try:
         state = json.loads((folder / STATE).read_text())
         weights = load_file(folder / WEIGHTS, device=str(device)) if (folder / WEIGHTS).is_file() else {}
-        for part in sorted((folder / WEIGHTS_DIR).glob("*.safetensors")):
+        for part in sorted((folder / WEIGHTS_DIR).glob("[!.]*.safetensors")):  # never a temp file
             weights.update(load_file(part, device=str(device)))
         rng = load_file(folder / RNG)
         optimizer = torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
