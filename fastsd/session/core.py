@@ -337,13 +337,13 @@ class Session:
         want = (previous["files"][rel], (previous.get("sizes") or {}).get(rel))
         if not old.is_file() or old.stat().st_size != want[1]:
             return None
-        sha, size = storage.stream_digest(linkable[rel])
-        if (sha, size) != want or not storage.link_file(old, target):
-            return None
-        if storage.sha256_file(target) != sha:  # the old copy changed on disk: never pass that on
+        if not storage.link_file(old, target):
+            return None  # refused (Drive): no hashing pass spent on it
+        # The new content must be the old file's, and the old file still what was listed.
+        if storage.stream_digest(linkable[rel]) != want or storage.sha256_file(target) != want[0]:
             target.unlink()
             return None
-        return {"sha256": sha, "size": size}
+        return {"sha256": want[0], "size": want[1]}
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Checkpoints listed in the manifest whose folders exist, oldest first."""
