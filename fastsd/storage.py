@@ -218,6 +218,7 @@ def write_stream(
     produce: Callable[[BinaryIO], None],
     *,
     verify_sha256: bool = False,
+    reread: bool = True,
 ) -> dict[str, Any]:
     """Write a file safely by letting ``produce(fh)`` fill a temporary file.
 
@@ -226,11 +227,17 @@ def write_stream(
         produce: writes the content to the binary file object it is given. Besides ``write``, that
             object has ``copy_range(fd, offset, count)``, which appends a byte range of another
             open file inside the kernel (see :meth:`_HashingWriter.copy_range`).
-        verify_sha256: re-read the file after fsync and return its sha256 (for checkpoints and
-            models: catches a write that Drive silently dropped).
+        verify_sha256: hash the bytes as they are written and return their sha256 (for
+            checkpoints and models); the file's size is checked after fsync either way.
+        reread: with ``verify_sha256``, also re-read the file and compare (catches a write that
+            the file system changed after taking it). False for checkpoints: the re-read costs a
+            second pass over gigabytes right after the write, from the cache that the write just
+            filled, while a truncated or dropped write already fails the size check and a
+            checkpoint is re-hashed in full when a run resumes from it
+            (:func:`fastsd.train.checkpoint.latest`).
 
     Returns:
-        ``{"path", "size", "sha256"}`` (sha256 None unless verified).
+        ``{"path", "size", "sha256"}`` (sha256 None unless ``verify_sha256``).
 
     Raises:
         StorageError: the write failed (disk full, I/O error); the final name is untouched.
@@ -252,11 +259,9 @@ def write_stream(
         size = tmp.stat().st_size
         if size != written:
             raise StorageError(f"{final}: wrote {written} bytes but {size} reached the disk; try again")
-        sha = None
-        if verify_sha256:
-            sha = sha256_file(tmp)
-            if sha != digest.hexdigest():
-                raise StorageError(f"{final}: the file read back differs from what was written; try again")
+        sha = digest.hexdigest() if digest is not None else None
+        if verify_sha256 and reread and sha256_file(tmp) != sha:
+            raise StorageError(f"{final}: the file read back differs from what was written; try again")
         os.replace(tmp, final)
         fsync_dir(final.parent)
         return {"path": str(final), "size": size, "sha256": sha}
@@ -466,6 +471,44 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> dict[str, Any]:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class _Discard:
+    """A file that keeps nothing: :func:`stream_digest` counts and hashes what a producer writes."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def stream_digest(produce: Callable[[BinaryIO], None]) -> tuple[str, int]:
+    """(sha256, size) of what ``produce(fh)`` writes, without writing it anywhere.
+
+    Tells whether a file is the same as one already on disk before paying for the write (a
+    checkpoint's frozen text encoder). ``produce`` must not use ``copy_range``.
+    """
+    writer = _HashingWriter(_Discard(), hashlib.sha256())  # type: ignore[arg-type]
+    writer._sendfile = False
+    produce(writer)  # type: ignore[arg-type]
+    return writer.digest.hexdigest(), writer.count
+
+
+def link_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
+    """Hard-link ``src`` as ``dst`` (a new name, in a folder being built); False where links are refused.
+
+    Only for files nobody changes in place (safe writes replace, never modify), so two names of
+    one file always hold the same bytes and deleting either leaves the other whole. Drive's FUSE
+    mount and some other file systems refuse links: the caller then writes a copy.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        return False
+    return True
+
+
 def png_bytes(image: Any, text: dict[str, str] | None = None, *, compress_level: int | None = None) -> bytes:
     """The PNG encoding of a PIL ``image``, with ``text`` as PNG text chunks: the one PNG encoder.
 
@@ -487,14 +530,22 @@ def png_bytes(image: Any, text: dict[str, str] | None = None, *, compress_level:
 
 
 def copy_file(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, verify_sha256: bool = True
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, verify_sha256: bool = True, reread: bool = True
 ) -> dict[str, Any]:
     """Copy ``src`` to ``dst`` safely; with ``verify_sha256`` the copy is checked against the source.
+
+    Args:
+        verify_sha256: hash the source first, then check the copy's hash against it.
+        reread: False for one pass (checkpoints): the bytes are hashed as they are copied, the
+            source's size is checked after the copy, and neither file is read a second time
+            (see :func:`write_stream`'s ``reread``). The returned sha256 is the copied bytes'.
 
     Raises:
         StorageError: the copy failed or does not match the source.
     """
     src_path = Path(src)
+    if verify_sha256 and not reread:
+        return _copy_once(src_path, Path(dst))
     src_sha = sha256_file(src_path) if verify_sha256 else None
 
     def produce(fh: BinaryIO) -> None:
@@ -505,6 +556,17 @@ def copy_file(
     if verify_sha256 and result["sha256"] != src_sha:
         _unlink_quiet(Path(dst))
         raise StorageError(f"copy of {src_path} to {dst} does not match the source; try again")
+    return result
+
+
+def _copy_once(src: Path, dst: Path) -> dict[str, Any]:
+    """:func:`copy_file` in one pass: read once, hashed on the way, written once (no re-reads)."""
+    with open(src, "rb") as inp:
+        size = os.fstat(inp.fileno()).st_size
+        result = write_stream(dst, lambda fh: fh.copy_range(inp.fileno(), 0, size), verify_sha256=True, reread=False)
+        if os.fstat(inp.fileno()).st_size != size:
+            _unlink_quiet(dst)
+            raise StorageError(f"{src} changed while it was copied to {dst}; try again")
     return result
 
 

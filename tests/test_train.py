@@ -17,8 +17,14 @@ from train_helpers import ModelsBox
 
 from fastsd.errors import FastsdError
 from fastsd.session import Session
-from fastsd.train import TrainConfig, train
+from fastsd.train import TrainConfig, checkpoint, train
 from fastsd.train.parts import BaseModel
+
+
+def _state_weights(session: Session) -> dict[str, torch.Tensor]:
+    """The weights of the session's newest checkpoint, as a resume reads them."""
+    return checkpoint.load(session.path / session.latest_checkpoint()["path"])["weights"]
+
 
 FAST = {"resolution": 64, "allow_resolution": True, "log_every": 1, "save_every": 0, "min_snr_gamma": 5.0}
 
@@ -64,7 +70,7 @@ def test_full_sd1_sequential_trains_te_then_unet(home, tiny_sd1, captured):
     assert len(_changed(unet0, m.unet)) > len(unet0) // 2
     assert len(_changed(te0, m.text_encoders[0])) > len(te0) // 2
     assert not _changed(vae0, m.vae)
-    ckpt = load_file(s.path / s.latest_checkpoint()["path"] / "weights.safetensors")
+    ckpt = _state_weights(s)
     assert {k.split(".")[0] for k in ckpt} == {"unet", "text_encoder"}
     assert s.info["progress"]["step"] == 4
 
@@ -77,7 +83,7 @@ def test_full_sd2_v_prediction_unet_only_keeps_te_frozen(home, tiny_sd2, capture
     assert r.steps == 2
     te0 = dict(_base(tiny_sd2, "text_encoder", CLIPTextModel).named_parameters())
     assert not _changed(te0, captured["models"].text_encoders[0])
-    ckpt = load_file(s.path / s.latest_checkpoint()["path"] / "weights.safetensors")
+    ckpt = _state_weights(s)
     assert {k.split(".")[0] for k in ckpt} == {"unet"}
 
 
@@ -144,12 +150,16 @@ def test_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd1):
     r = train(Session.open("b", home), TrainConfig(**cfg, resume=True))
     assert r.steps == 5 and r.stopped is None
 
-    wa = load_file(a.path / a.latest_checkpoint()["path"] / "weights.safetensors")
+    wa = _state_weights(a)
     b = Session.open("b", home)
-    wb = load_file(b.path / b.latest_checkpoint()["path"] / "weights.safetensors")
+    wb = _state_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # the text encoder stopped training at step 1: step 5's state links step 3's file, not a copy
+    (at3, at5), te = b.checkpoints(), "weights/text_encoder.safetensors"
+    assert (at3["step"], at5["step"]) == (3, 5) and at3["files"][te] == at5["files"][te]
+    assert (b.path / at3["path"] / te).stat().st_ino == (b.path / at5["path"] / te).stat().st_ino
 
 
 def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):

@@ -13,10 +13,11 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import storage
 from ..errors import UserInputError
@@ -233,10 +234,9 @@ class Session:
     def record_checkpoint(self, step: int, source: str | os.PathLike[str]) -> dict[str, Any]:
         """Copy a finished local checkpoint folder into ``checkpoints/step-NNNNNN`` and list it.
 
-        Files are copied (sha256 verified) into a temporary folder that is renamed to its final
-        name once complete; the manifest entry is written last. A crash at any point leaves
-        either the previous manifest with its complete checkpoints, or leftovers that are not
-        listed and that :meth:`clean` removes. Re-recording a step replaces it the same way.
+        Each file is copied in one pass, hashed as it goes (:func:`fastsd.storage.copy_file` with
+        ``reread=False``); the rest is :meth:`write_checkpoint`'s. The trainer writes its states
+        with :meth:`write_checkpoint` directly, with no local copy to record.
 
         Returns:
             The manifest entry: ``{"step", "path", "files": {rel: sha256}, "sizes": {rel: bytes}, "time"}``.
@@ -251,13 +251,66 @@ class Session:
         sources = sorted(p for p in src.rglob("*") if p.is_file())
         if not sources:
             raise UserInputError(f"checkpoint source {src} is empty: nothing to record")
+        copies = {f.relative_to(src).as_posix(): partial(storage.copy_file, f, reread=False) for f in sources}
+        return self._build_checkpoint(step, copies)
+
+    def write_checkpoint(
+        self,
+        step: int,
+        files: Mapping[str, Callable[[BinaryIO], None]],
+        *,
+        reuse: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """Write a checkpoint's files straight into ``checkpoints/step-NNNNNN`` and list it.
+
+        ``files`` maps each relative name to a producer that writes its bytes to the file object
+        it is given (:func:`fastsd.storage.write_stream`): every byte is written once, into the
+        session, and hashed as it is written; nothing is staged elsewhere or read back (the size
+        is checked after fsync; resuming re-hashes the whole checkpoint). The files are built
+        in a temporary folder renamed to its final name once complete, and the manifest entry
+        is written last: a crash at any point leaves either the previous manifest with its
+        complete checkpoints, or unlisted leftovers that :meth:`clean` removes. Re-writing a
+        step replaces it the same way.
+
+        Args:
+            step: the completed step the state belongs to.
+            files: relative name -> producer.
+            reuse: names whose content may equal the newest listed checkpoint's file of that
+                name (a frozen text encoder): their producer first runs into a hash only, and
+                when the hash and size match the file is hard-linked instead of written again.
+                Checkpoint files are never changed in place and pruning deletes names, so a
+                linked file stays whole while any checkpoint lists it. Where links are refused
+                (Drive), or the content differs, it is written.
+
+        Returns:
+            The manifest entry: ``{"step", "path", "files": {rel: sha256}, "sizes": {rel: bytes}, "time"}``.
+
+        Raises:
+            StorageError: a write failed (disk full...); listed checkpoints are untouched.
+        """
+
+        def write(produce: Callable[[BinaryIO], None]) -> Callable[[Path], dict[str, Any]]:
+            return lambda target: storage.write_stream(target, produce, verify_sha256=True, reread=False)
+
+        writers = {rel: write(produce) for rel, produce in files.items()}
+        linkable = {rel: files[rel] for rel in reuse if rel in files}
+        return self._build_checkpoint(step, writers, linkable)
+
+    def _build_checkpoint(
+        self,
+        step: int,
+        writers: Mapping[str, Callable[[Path], dict[str, Any]]],
+        linkable: Mapping[str, Callable[[BinaryIO], None]] | None = None,
+    ) -> dict[str, Any]:
+        """Build ``checkpoints/step-NNNNNN`` from ``writers`` (rel -> write to this path), then list it."""
         dest = self.checkpoints_dir / f"step-{step:06d}"
         rel_dest = dest.relative_to(self.path).as_posix()
+        previous = next((c for c in reversed(self.checkpoints()) if c["path"] != rel_dest), None)
         files, sizes = {}, {}
         with storage.building_folder(dest) as staging:
-            for f in sources:
-                rel = f.relative_to(src).as_posix()
-                result = storage.copy_file(f, staging / rel, verify_sha256=True)
+            for rel, write in writers.items():
+                linked = self._link_unchanged(previous, rel, linkable or {}, staging / rel)
+                result = linked or write(staging / rel)
                 files[rel], sizes[rel] = result["sha256"], result["size"]
             if dest.exists() and any(c["path"] == rel_dest for c in self.info.get("checkpoints", [])):
                 # Unlist first, then swap: a crash in between leaves an unlisted folder, never a
@@ -269,6 +322,28 @@ class Session:
         self.info["checkpoints"].sort(key=lambda c: c["step"])
         self.save()
         return entry
+
+    def _link_unchanged(
+        self,
+        previous: dict[str, Any] | None,
+        rel: str,
+        linkable: Mapping[str, Callable[[BinaryIO], None]],
+        target: Path,
+    ) -> dict[str, Any] | None:
+        """``{"sha256", "size"}`` when ``rel`` equals ``previous``'s file and was hard-linked as ``target``."""
+        if previous is None or rel not in linkable or rel not in previous["files"]:
+            return None
+        old = self.path / previous["path"] / rel
+        want = (previous["files"][rel], (previous.get("sizes") or {}).get(rel))
+        if not old.is_file() or old.stat().st_size != want[1]:
+            return None
+        if not storage.link_file(old, target):
+            return None  # refused (Drive): no hashing pass spent on it
+        # The new content must be the old file's, and the old file still what was listed.
+        if storage.stream_digest(linkable[rel]) != want or storage.sha256_file(target) != want[0]:
+            target.unlink()
+            return None
+        return {"sha256": want[0], "size": want[1]}
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Checkpoints listed in the manifest whose folders exist, oldest first."""
@@ -484,12 +559,14 @@ class Session:
         images = self.images()
         own = sum(1 for p in images if self.has_own_caption(p))
         class_dirs = sorted(p for p in (self.path / "class_images").iterdir() if p.is_dir())
+        seen: set[tuple[int, int]] = set()
         checkpoints = [
             {
                 "step": c["step"],
                 "path": c["path"],
                 "ok": self.verify_checkpoint(c, quick=not verify),
                 "bytes": sum((c.get("sizes") or {}).values()),
+                "new_bytes": self._unshared_bytes(c, seen),
             }
             for c in self.checkpoints()
         ]
@@ -520,6 +597,19 @@ class Session:
             "reclaimable": self.reclaimable(),
             "space": space_plan(checkpoints, models),
         }
+
+    def _unshared_bytes(self, entry: dict[str, Any], seen: set[tuple[int, int]]) -> int:
+        """Bytes of a checkpoint's files that no earlier checkpoint in ``seen`` holds (hard links count once)."""
+        total = 0
+        for rel, size in (entry.get("sizes") or {}).items():
+            try:
+                st = (self.path / entry["path"] / rel).stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += size
+        return total
 
     def describe(self, *, verify: bool = False) -> str:
         """What the session holds, in plain words (``fastsd session show``)."""

@@ -91,11 +91,15 @@ def space_plan(checkpoints: list[dict[str, Any]], models: list[dict[str, Any]]) 
     """What the session's files take and how many fit in free Drive (:data:`FREE_DRIVE_BYTES`).
 
     A checkpoint is written before the oldest one is pruned, so keeping K of them needs room for
-    K + 1 while a save is under way; exports are never pruned. Sizes are the newest of each kind.
+    K + 1 while a save is under way; exports are never pruned. Sizes are the newest of each kind,
+    as they are on disk: a checkpoint's ``new_bytes`` leaves out the files it shares with an older
+    one (a frozen text encoder, hard-linked where the file system allows it; never on Drive), and
+    is what each further save costs.
     """
-    ckpt = next((c["bytes"] for c in reversed(checkpoints) if c.get("bytes")), 0)
+    ckpt = next((_own(c) for c in reversed(checkpoints) if _own(c)), 0)
     export = next((m["size"] for m in reversed(models) if m.get("size")), 0)
-    used = sum(c.get("bytes") or 0 for c in checkpoints) + sum(m.get("size") or 0 for m in models)
+    used = sum(_own(c) for c in checkpoints) + sum(m.get("size") or 0 for m in models)
+    shared = next((c["bytes"] - _own(c) for c in reversed(checkpoints) if _own(c)), 0)
     out: dict[str, Any] = {
         "checkpoint_bytes": ckpt,
         "export_bytes": export,
@@ -104,7 +108,8 @@ def space_plan(checkpoints: list[dict[str, Any]], models: list[dict[str, Any]]) 
     }
     parts = []
     if ckpt:
-        parts.append(f"each checkpoint {human_size(ckpt)}")
+        more = f" (plus {human_size(shared)} shared with the one before)" if shared else ""
+        parts.append(f"each checkpoint {human_size(ckpt)}{more}")
     if export:
         parts.append(f"each export {human_size(export)}")
     parts.append(f"{human_size(used)} in use")
@@ -119,6 +124,12 @@ def space_plan(checkpoints: list[dict[str, Any]], models: list[dict[str, Any]]) 
         else:
             parts.append(f"{drive} cannot hold a checkpoint save next to an export: keep states on local disk")
     return {**out, "text": "; ".join(parts)}
+
+
+def _own(checkpoint: dict[str, Any]) -> int:
+    """Bytes a checkpoint adds on disk: ``new_bytes`` where known, else all of its ``bytes``."""
+    own = checkpoint.get("new_bytes")
+    return int(own if own is not None else checkpoint.get("bytes") or 0)
 
 
 def human_size(n: float) -> str:

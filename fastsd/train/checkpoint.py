@@ -1,30 +1,39 @@
-"""Resumable training states: written to local disk, then synced into the session (verified, last K kept).
+"""Resumable training states, written straight into the session (hashed as written, last K kept).
 
 A state folder holds::
 
-    weights.safetensors   the trained weights (fp32 masters; LoRA: the adapter tensors only)
+    weights/<component>.safetensors   the trained weights of one component (unet, text_encoder...;
+                                      fp32 masters; LoRA: the adapter tensors only)
     rng.safetensors       torch CPU/CUDA RNG states and the noise generator's state
     optimizer.pt          optimizer state (torch.save; loaded only with ``weights_only=True``)
     state.json            step, phase, config, data order, GradScaler, python/numpy RNG, loss history
 
+States written before the split keep all weights in one ``weights.safetensors``; :func:`load`
+reads both. One file per component lets a component that no longer trains (the text encoder after
+its phase) be hard-linked from the previous state instead of written again
+(:meth:`fastsd.session.Session.write_checkpoint`'s ``reuse``).
+
 The learning-rate schedule is a pure function of the step, so the step is its state. Only a
-folder that :meth:`fastsd.session.Session.record_checkpoint` listed counts as complete.
+folder that the session listed counts as complete.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import UserInputError
 
-WEIGHTS = "weights.safetensors"
+WEIGHTS = "weights.safetensors"  # all components in one file: states written before the split
+WEIGHTS_DIR = "weights"
 RNG = "rng.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
@@ -58,21 +67,60 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], noise_ge
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_local(
-    folder: Path,
+def state_files(
     *,
     weights: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     state: dict[str, Any],
     noise_gen: torch.Generator,
-) -> Path:
-    """Write a complete state into ``folder`` (a local scratch folder, not Drive)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}, folder / WEIGHTS)
+) -> tuple[dict[str, Callable[[BinaryIO], None]], list[str]]:
+    """A state's files as producers (relative name -> writes its bytes), and the reusable ones.
+
+    Weights are written one tensor at a time (each copied to the CPU as its turn comes, while the
+    previous one is being written: :func:`fastsd.models.streamwrite.write_pieces`), so no whole
+    copy of them is ever made in host memory. A component none of whose tensors requires a gradient is frozen in
+    this phase: its file is offered for reuse. The RNG states are captured now, not when written.
+    """
     rng_tensors, rng_meta = capture_rng(noise_gen)
-    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, folder / RNG)
-    torch.save(optimizer, folder / OPTIMIZER)
-    (folder / STATE).write_text(json.dumps({**state, "rng": rng_meta}))
+    rng = {k: v.contiguous() for k, v in rng_tensors.items()}
+    state_json = json.dumps({**state, "rng": rng_meta}).encode("utf-8")
+    by_part: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        by_part.setdefault(key.split(".", 1)[0], {})[key] = tensor
+    files: dict[str, Callable[[BinaryIO], None]] = {}
+    reuse = []
+    for part, tensors in sorted(by_part.items()):
+        rel = f"{WEIGHTS_DIR}/{part}.safetensors"
+        files[rel] = partial(write_safetensors, tensors=tensors)
+        if not any(t.requires_grad for t in tensors.values()):
+            reuse.append(rel)
+    files[RNG] = partial(write_safetensors, tensors=rng)
+    files[OPTIMIZER] = partial(_torch_save, optimizer)
+    files[STATE] = lambda fh: fh.write(state_json)
+    return files, reuse
+
+
+def write_safetensors(fh: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` (any device) to ``fh`` as a safetensors file, one tensor in host memory at a time."""
+    from ..models.streamwrite import write_pieces
+    from ..models.tensorfile import safetensors_header
+
+    names = sorted(tensors)
+    header = safetensors_header([(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names], {})
+    write_pieces(fh, header, (tensors[n].detach().to("cpu").contiguous() for n in names))
+
+
+def _torch_save(obj: Any, fh: BinaryIO) -> None:
+    torch.save(obj, fh)
+
+
+def save_local(folder: Path, **parts: Any) -> Path:
+    """Write a complete state into ``folder`` (plain files: tests and tools; the trainer writes into the session)."""
+    from .. import storage
+
+    files, _ = state_files(**parts)
+    for rel, produce in files.items():
+        storage.write_stream(folder / rel, produce)
     return folder
 
 
@@ -84,7 +132,9 @@ def load(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """
     try:
         state = json.loads((folder / STATE).read_text())
-        weights = load_file(folder / WEIGHTS, device=str(device))
+        weights = load_file(folder / WEIGHTS, device=str(device)) if (folder / WEIGHTS).is_file() else {}
+        for part in sorted((folder / WEIGHTS_DIR).glob("[!.]*.safetensors")):  # never a temp file
+            weights.update(load_file(part, device=str(device)))
         rng = load_file(folder / RNG)
         optimizer = torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
     except (OSError, ValueError, RuntimeError) as err:
@@ -95,24 +145,19 @@ def load(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def save_to_session(session: Any, step: int, keep: int, **parts: Any) -> dict[str, Any]:
-    """Save locally, copy into the session (verified sha256), list it, prune to the newest ``keep``.
+    """Write a state into the session (each byte once, hashed as written), list it, prune to the newest ``keep``.
 
     Args:
         session: the :class:`fastsd.session.Session`.
         step: the completed step the state belongs to.
         keep: how many checkpoints the session keeps.
-        parts: ``weights``, ``optimizer``, ``state``, ``noise_gen`` for :func:`save_local`.
+        parts: ``weights``, ``optimizer``, ``state``, ``noise_gen`` for :func:`state_files`.
 
     Returns:
         The manifest entry.
     """
-    from .. import storage
-
-    # The scratch folder is named by its owner (host, pid), so the leftovers of killed runs are
-    # recognised and removed, before they fill the runtime's disk.
-    with storage.scratch_folder(f"ckpt-{step}", "train") as scratch:
-        save_local(scratch, **parts)
-        entry = session.record_checkpoint(step, scratch)
+    files, reuse = state_files(**parts)
+    entry = session.write_checkpoint(step, files, reuse=reuse)
     session.prune_checkpoints(keep)
     return entry
 
