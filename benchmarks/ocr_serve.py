@@ -262,12 +262,29 @@ def main() -> int:
     layout_batch = {"batch_size": args.batch} if args.only == "all" else {}
     detector = LayoutDetector(str(lay), device=device, settings=settings, local_files_only=True, **layout_batch)
     detector.detect(docs[:2])  # warm-up
+
+    def fresh(prefix: str) -> Path:  # a new output folder: ocr() resumes into an old one and skips its pages
+        return Path(tempfile.mkdtemp(dir=work, prefix=prefix))
+
     whole, secs, peak = timed(
-        lambda: list(ocr([str(folder)], out=work / "out-whole", engine_obj=engine, progress=False)), device
+        lambda: list(
+            ocr(
+                [str(folder)],
+                out=fresh("out-whole-"),
+                engine_obj=engine,
+                progress=False,
+            )
+        ),
+        device,
     )
     row("whole-page mode", "ocr()", len(whole), secs, sum(r.tokens for r in whole), peak)
     run = ocr(
-        [str(folder)], out=work / "out-layout", engine_obj=engine, layout=True, layout_obj=detector, progress=False
+        [str(folder)],
+        out=fresh("out-layout-"),
+        engine_obj=engine,
+        layout=True,
+        layout_obj=detector,
+        progress=False,
     )
     (res, secs, peak) = timed(lambda: list(run), device)
     regions = sum(len(r.regions or []) for r in res) / max(1, len(res))

@@ -494,7 +494,9 @@ def _resume(
     start = int(state["state"]["step"])
     parts.trained = set(state["state"]["trained"])
     parts.load(state["weights"])
-    checkpoint.restore_rng(state["rng"], state["state"]["rng"], torch.Generator())
+    # the noise generator lives on the training device (its state has that device's layout: a CPU
+    # generator refuses a CUDA state); each step reseeds it, so this copy only checks the state
+    checkpoint.restore_rng(state["rng"], state["state"]["rng"], torch.Generator(device))
     if scaler is not None and state["state"].get("scaler"):
         scaler.load_state_dict(state["state"]["scaler"])
     log.info("resuming session %s from step %d", session.name, start)
