@@ -90,8 +90,11 @@ Errors show as one line starting with `fastsd: error:` that says what to do.
     code(
         """
 #@title 2. Base model
-#@markdown A registry name (`sd15`, `sd21-512`, `sd21-768`, `sdxl`), `hf:org/repo`, a Hugging Face or Civitai link,
-#@markdown or a path on Drive (a Diffusers folder or a `.safetensors` file). Downloads happen once, into `fastsd/models`.
+#@markdown A registry name (`sd15`, `sd21-512`, `sd21-768`, `sdxl`, `sd35-medium`, `sd35-large`, `flux1-dev`),
+#@markdown `hf:org/repo`, a Hugging Face or Civitai link, or a path on Drive (a Diffusers folder or a `.safetensors`
+#@markdown file). Downloads happen once, into `fastsd/models`. SD3.5 and FLUX.1-dev are gated: accept the licence on
+#@markdown their Hub page and add `HF_TOKEN` in Colab's Secrets. They train as LoRAs; on a T4 SD3.5 trains in fp16,
+#@markdown and FLUX.1 (which overflows fp16) needs a bf16 GPU (L4, A100).
 base_model = "sd15"  #@param {type:"string"}
 model_dir = nb.model_path(base_model, diffusers=True)
 print(f"base model: {model_dir}")
@@ -102,7 +105,7 @@ print(f"base model: {model_dir}")
 #@title 3. Session: start a new one, or continue one
 #@markdown The subject is called `instance_token class_word` in prompts (e.g. `sks dog`). An existing session
 #@markdown is opened as it is: it shows how far it got and whether training can resume. `resolution` 0 trains at
-#@markdown the base model's native size (512 SD1.5, 768 SD2-768, 1024 SDXL).
+#@markdown the base model's native size (512 SD1.5, 768 SD2-768, 1024 SDXL, SD3.5 and FLUX.1).
 session_name = "my_subject"  #@param {type:"string"}
 instance_token = "sks"  #@param {type:"string"}
 class_word = "person"  #@param {type:"string"}
@@ -141,10 +144,11 @@ editor = nb.caption_editor(session)
     code(
         """
 #@title 6. Train
+#@markdown `auto`: `full` for SD1.x/SD2.x/SDXL, `lora` for SD3.5 and FLUX.1 (the only method they train with).
 #@markdown 0 means the method's default (`full`: 1500 UNet + 350 text-encoder steps at 2e-6; `lora`: 1000 steps
 #@markdown at 1e-4); text-encoder steps -1 means the default, 0 keeps it frozen. Checkpoints are saved in the session
 #@markdown every `save_every` steps; with `resume` ticked, running the cell again continues from the latest one.
-method = "full"  #@param ["full", "lora"]
+method = "auto"  #@param ["auto", "full", "lora"]
 steps = 0  #@param {type:"integer"}
 text_encoder_steps = -1  #@param {type:"integer"}
 learning_rate = 0  #@param {type:"number"}

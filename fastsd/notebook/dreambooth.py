@@ -185,7 +185,7 @@ def caption_editor(session: Session, *, thumb: int = 128) -> CaptionEditor:
 def train_config(
     session: Session,
     *,
-    method: str = "full",
+    method: str = "auto",
     steps: int = 0,
     text_encoder_steps: int = -1,
     learning_rate: float = 0.0,
@@ -201,7 +201,7 @@ def train_config(
     """A :class:`fastsd.train.TrainConfig` from the Train form; 0 / -1 / blank mean "the default".
 
     Args:
-        method: ``full`` or ``lora``.
+        method: ``auto`` (``full``; ``lora`` for SD3.5/FLUX.1), ``full`` or ``lora``.
         steps: UNet steps (0: the method's default).
         text_encoder_steps: text-encoder steps (-1: the method's default; 0: frozen).
         learning_rate: UNet learning rate (0: the method's default).
