@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
 from train_helpers import ModelsBox, square_session
 
 from fastsd.errors import UserInputError
 from fastsd.session import Session
-from fastsd.train import TrainConfig, train
+from fastsd.train import TrainConfig, checkpoint, train
 from fastsd.train.config import resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,7 +77,7 @@ def test_lora_through_the_cli_exports_a_file_diffusers_loads(family, request, cl
     assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     assert any(".attn.add_q_proj." in k for k in keys)  # the context stream's projections train too
     assert detect(file).family == family  # the web UI's catalog files it under the right family
-    ckpt = load_file(s.path / s.latest_checkpoint()["path"] / "weights.safetensors")
+    ckpt = checkpoint.load(s.path / s.latest_checkpoint()["path"])["weights"]
     assert {k.split(".")[0] for k in ckpt} == {"transformer"}
 
     plain, with_lora = _render(model), _render(model, file)
@@ -99,8 +98,8 @@ def test_sd3_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd3):
     assert r.steps == 4 and r.stopped is None
 
     a, b = Session.open("a", home), Session.open("b", home)
-    wa = load_file(a.path / a.latest_checkpoint()["path"] / "weights.safetensors")
-    wb = load_file(b.path / b.latest_checkpoint()["path"] / "weights.safetensors")
+    wa = checkpoint.load(a.path / a.latest_checkpoint()["path"])["weights"]
+    wb = checkpoint.load(b.path / b.latest_checkpoint()["path"])["weights"]
     assert wa.keys() == wb.keys() and wa
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
