@@ -40,8 +40,8 @@ from .registry import FLOW_FAMILIES
 TRANSFORMER_B = {
     ("sd3", "medium"): 2.47,
     ("sd3", "sd3.0-medium"): 2.03,
-    ("sd3", "large"): 8.06,
-    ("sd3", "large-turbo"): 8.06,
+    ("sd3", "large"): 8.15,  # 8.06 B of blocks plus the saved 192x192 positional table (0.09 B)
+    ("sd3", "large-turbo"): 8.15,
     ("flux", "dev"): 11.90,
     ("flux", "schnell"): 11.90,
 }
@@ -91,6 +91,8 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line for logs and the UI: ``nf4: transformer nf4, T5 int8, on the GPU (~11.9 GiB VRAM, ~3.0 GiB RAM)``."""
         where = {"none": "on the GPU", "model": "model CPU offload", "sequential": "sequential CPU offload"}
+        if self.name == "cpu":  # no GPU: everything runs in fp32 on the CPU
+            where["none"] = "on the CPU"
         return (
             f"{self.name}: transformer {self.transformer}, T5 {self.t5}, {where.get(self.offload, self.offload)} "
             f"(~{self.vram_gib:.1f} GiB VRAM, ~{self.ram_gib:.1f} GiB RAM)"
