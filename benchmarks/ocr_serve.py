@@ -186,6 +186,9 @@ def serving(args, glm: Path, device: str, docs: list, row):
         _, secs, peak = timed(lambda extra=extra: serve_all(args.pages, extra), device)
         n_batches = server.batcher.batches - batches0
         note = f"{n_batches} batches, largest {server.batcher.largest_batch}"
+        gathered = list(server.batcher.gathered)[-n_batches:] if n_batches else []
+        note += " (" + ", ".join(f"{g.size} in {g.waited_ms:.0f} ms: {g.closed}, {g.still_receiving} coming"
+                                 for g in gathered) + ")"  # fmt: skip
         if first_text:
             note += f"; first text after {sum(first_text) / len(first_text):.2f} s on average"
         rate = row("fastsd ocr serve" + name, f"{args.clients} clients", args.pages, secs, tokens[0], peak, note)

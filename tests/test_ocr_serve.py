@@ -80,7 +80,7 @@ def test_concurrent_clients_are_batched_and_none_mixed_up(server, engine):
     want = [expected(engine, im, p) for im, p in zip(images, prompts, strict=True)]
     assert len(set(want)) > 1, "the pages must read differently for the test to see a mix-up"
     got: dict[int, str] = {}
-    before = server.batcher.batches
+    before, gathered_before = server.batcher.batches, len(server.batcher.gathered)
 
     def client(i: int) -> None:
         r = httpx.post(server.base_url + "/chat/completions", json=body(data_uri(images[i]), prompts[i]), timeout=120)
@@ -93,6 +93,9 @@ def test_concurrent_clients_are_batched_and_none_mixed_up(server, engine):
         t.join()
     assert [got[i] for i in range(8)] == want
     assert server.batcher.largest_batch > 1 and server.batcher.batches - before < 8
+    # each batch says how it was gathered: sizes that add up to the requests, and why it closed
+    gathered = list(server.batcher.gathered)[gathered_before:]
+    assert sum(g.size for g in gathered) == 8 and all(g.closed in ("full", "quiet", "cap") for g in gathered)
 
 
 def test_fastsd_openai_engine_talks_to_the_server(server, engine):

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,6 +39,16 @@ class Pending:
     queued: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """How one batch was gathered: for tuning the waits (``Batcher.gathered`` keeps the latest)."""
+
+    size: int
+    waited_ms: float  # from its first request to the batch's start
+    closed: str  # full: the batch limit; quiet: nothing arrived within batch_wait_ms; cap: max_wait_ms ran out
+    still_receiving: int  # requests the HTTP side was still reading when the batch closed
+
+
 class Batcher:
     """One thread that owns the model: gathers waiting requests into batches and decodes them.
 
@@ -53,6 +64,7 @@ class Batcher:
         self.batches = 0
         self.largest_batch = 0
         self.abandoned = 0  # rows stopped mid-decode because their client went away
+        self.gathered: deque[Gathered] = deque(maxlen=256)  # how the latest batches were gathered
         self._preparing = 0  # requests the HTTP side has accepted and not yet queued (images decoding)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fastsd-ocr-batcher", daemon=True)
@@ -112,6 +124,9 @@ class Batcher:
                 # a batch, clients send their next pages in a trickle, and a batch of one left behind by a
                 # closed window costs a whole decode
                 deadline = min(cap, max(deadline, time.perf_counter() + self.limits.batch_wait_ms / 1000))
+            closed = time.perf_counter()
+            why = "full" if len(batch) >= limit else ("cap" if closed >= cap else "quiet")
+            self.gathered.append(Gathered(len(batch), round((closed - start) * 1000, 1), why, self._preparing))
             self._run(batch)
 
     def _run(self, batch: list[Pending]) -> None:
