@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="Euler a")
     parser.add_argument("--no-api", action="store_true", help="skip the HTTP measurement")
     parser.add_argument("--cache", type=Path, default=None, help="keep the built model here between runs")
+    parser.add_argument("--size", type=int, help="image side (default 512, SDXL 1024, --small 64)")
     args = parser.parse_args()
 
     from diffusers import DiffusionPipeline
@@ -63,7 +64,7 @@ def main() -> None:
 
     small = args.small
     steps = args.steps or (4 if small else 20)
-    size = 64 if small else (1024 if args.model == "sdxl" else 512)
+    size = args.size or (64 if small else (1024 if args.model == "sdxl" else 512))
     repeats = args.repeats or (3 if small else 10)
     device = "cuda" if torch.cuda.is_available() and not small else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
