@@ -514,12 +514,17 @@ def png_bytes(image: Any, text: dict[str, str] | None = None, *, compress_level:
 
     Training images (their source hash), generated images (A1111's ``parameters`` infotext),
     samples, thumbnails and OCR page images are all encoded here. ``compress_level`` None keeps
-    Pillow's default (6).
+    Pillow's default (6). Images of 256x256 px and more go through :mod:`fastsd.pngencode` when
+    several cores are free (the same file format, made in parallel parts).
     """
     import io
 
     from PIL import PngImagePlugin
 
+    from . import pngencode
+
+    if pngencode.can_encode(image):  # large images: deflated on several cores (see pngencode)
+        return pngencode.encode(image, text, 6 if compress_level is None else compress_level)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
