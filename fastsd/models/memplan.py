@@ -218,30 +218,35 @@ def quantization_config(plan: MemoryPlan, family: str) -> Any:
     """diffusers' ``PipelineQuantizationConfig`` for ``plan`` (bitsandbytes), or None when nothing is quantized.
 
     The transformer gets diffusers' ``BitsAndBytesConfig``, the T5 encoder transformers' (the two
-    libraries each have their own class). NF4 computes in the plan's dtype (fp16 on a T4) with
-    double quantization (the absmax scales quantized too: ~0.4 bits/parameter less).
+    libraries each have their own class).
     """
     import torch
-    from diffusers import BitsAndBytesConfig as DiffusersBnb
     from diffusers import PipelineQuantizationConfig
     from transformers import BitsAndBytesConfig as TransformersBnb
 
     compute = getattr(torch, plan.compute_dtype)
     mapping: dict[str, Any] = {}
-    for component, kind, cls in (
-        ("transformer", plan.transformer, DiffusersBnb),
-        (T5_COMPONENT[family], plan.t5, TransformersBnb),
-    ):
-        if kind == "nf4":
-            mapping[component] = cls(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=compute,
-                bnb_4bit_use_double_quant=True,
-            )
-        elif kind == "int8":
-            mapping[component] = cls(load_in_8bit=True)
+    if plan.transformer in ("nf4", "int8"):
+        mapping["transformer"] = transformer_quantization(plan.transformer, compute)
+    if plan.t5 in ("nf4", "int8"):
+        mapping[T5_COMPONENT[family]] = _bnb(TransformersBnb, plan.t5, compute)
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
+
+
+def transformer_quantization(kind: str, compute: Any) -> Any:
+    """diffusers' ``BitsAndBytesConfig`` for an SD3/FLUX transformer in ``nf4`` or ``int8`` (plans and QLoRA)."""
+    from diffusers import BitsAndBytesConfig
+
+    return _bnb(BitsAndBytesConfig, kind, compute)
+
+
+def _bnb(cls: Any, kind: str, compute: Any) -> Any:
+    """A bitsandbytes config of ``cls``: NF4 computing in ``compute`` (fp16 on a T4) with double quantization
+    (the absmax scales quantized too: ~0.4 bits/parameter less), or 8-bit."""
+    if kind == "nf4":
+        return cls(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                   bnb_4bit_use_double_quant=True)  # fmt: skip
+    return cls(load_in_8bit=True)
 
 
 def machine() -> tuple[float, float, bool]:

@@ -137,14 +137,6 @@ def wants_nf4(folder: str, family: str, device: torch.device, budget_gb: float |
     return billions * 2e9 / 2**30 > NF4_ABOVE_BUDGET_SHARE * budget_gb
 
 
-def nf4_config(family: str, dtype: torch.dtype) -> Any:
-    """diffusers' ``BitsAndBytesConfig`` for an NF4 transformer, as :mod:`fastsd.models.memplan` defines it."""
-    from ..models.memplan import MemoryPlan, quantization_config
-
-    plan = MemoryPlan("nf4", "nf4", "bf16", "none", str(dtype).removeprefix("torch."), 0.0, 0.0)
-    return quantization_config(plan, family).quant_mapping["transformer"]
-
-
 class FlowModel:
     """An SD3.5 / FLUX.1 base model's parts for LoRA training, all frozen when loaded.
 
@@ -166,6 +158,8 @@ class FlowModel:
             StableDiffusion3Pipeline,
         )
 
+        from ..models.memplan import transformer_quantization  # the quantization generation uses too
+
         self.family, self.folder, self.nf4 = family, folder, nf4
         pipe_cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
         base = pipe_cls.from_pretrained(folder, transformer=None, vae=None, torch_dtype=dtype)
@@ -173,7 +167,7 @@ class FlowModel:
         self.text_parts = {k: v for k, v in base.components.items() if k.startswith(("text_encoder", "tokenizer"))}
         self.noise_scheduler = base.scheduler
         model_cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
-        quant = {"quantization_config": nf4_config(family, dtype)} if nf4 else {}
+        quant = {"quantization_config": transformer_quantization("nf4", dtype)} if nf4 else {}
         self.transformer = model_cls.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **quant)
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
         for m in [self.transformer, self.vae, *self.text_encoders]:
