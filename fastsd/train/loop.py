@@ -266,7 +266,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     result.timings, result.memory = meter.seconds, meter.peaks
     run = _Run(session, c, models, parts, d, result, meter, device, main, world, total, scaler, torch.Generator(device))
     run.tlog = TrainLog(main)
-    run.text = text or run.text
+    if text is not None:  # SD3/FLUX: the prompts embedded before the transformer took the GPU
+        run.text = text
     stop: dict[str, str | None] = {"reason": None}  # set by SIGTERM or a NaN loss
     old_handler = _on_sigterm(stop)
     loss_sum = torch.zeros((), device=device)

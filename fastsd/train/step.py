@@ -278,7 +278,9 @@ def encode_frozen_text(
     text = TextCache()
     if getattr(models, "flow", False):
         prompts = list(sample_prompts)
-        with torch.no_grad(), autocast:
+        # no autocast: the encoders are loaded in the run's dtype, and fp16 autocast would also run T5's
+        # feed-forward output layers, which transformers keeps in fp32 because they overflow fp16 (T4)
+        with torch.no_grad():
             models.text_encoders_to(device)
             text.inst = models.encode_prompts(d.captions, device)
             text.prior = models.encode_prompts([d.class_prompt], device)
