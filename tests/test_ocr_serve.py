@@ -30,6 +30,15 @@ def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def concurrently(fn, n: int) -> None:
+    """Run ``fn(0) .. fn(n - 1)`` on n threads at once (n clients) and wait for all of them."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def body(url: str, prompt: str = "Text Recognition:", **extra) -> dict:
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
     return {"model": "glm-ocr", "messages": [{"role": "user", "content": content}], **extra}
@@ -86,11 +95,7 @@ def test_concurrent_clients_are_batched_and_none_mixed_up(server, engine):
         r = httpx.post(server.base_url + "/chat/completions", json=body(data_uri(images[i]), prompts[i]), timeout=120)
         got[i] = r.json()["choices"][0]["message"]["content"]
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    concurrently(client, 8)
     assert [got[i] for i in range(8)] == want
     assert server.batcher.largest_batch > 1 and server.batcher.batches - before < 8
     # each batch says how it was gathered: sizes that add up to the requests, and why it closed
@@ -372,11 +377,7 @@ def test_sampling_is_seeded_per_request_and_greedy_at_temperature_0(server, engi
                                                 **extra).choices[0].message.content  # fmt: skip
 
     before = server.batcher.batches
-    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    concurrently(client_thread, 4)
     assert server.batcher.batches - before < 4, "the requests were not batched"
     assert got[0] == first and [got[i] for i in (1, 2, 3)] == [expected(engine, noise(40 + i)) for i in (1, 2, 3)]
 
@@ -400,11 +401,7 @@ def test_concurrent_streaming_clients_are_all_answered_and_none_mixed_up(server,
                           **body(data_uri(images[i]), prompts[i]), max_tokens=12, **extra)  # fmt: skip
 
     before = server.batcher.batches
-    threads = [threading.Thread(target=stream_client, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    concurrently(stream_client, 6)
     assert ["".join(got[i][0]) for i in range(6)] == want
     assert all(got[i][1] in ("stop", "length") for i in range(6))
     assert server.batcher.batches - before < 6, "the streams were not batched"
