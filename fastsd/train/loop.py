@@ -34,7 +34,7 @@ from ..models.registry import FLOW_FAMILIES
 from . import checkpoint, data, flow, graph, memory, optim, sampling, step
 from .config import TrainConfig, resolve
 from .export import export_step
-from .parts import BaseModel, TrainedParts, dtype_of, load_base, make_trainable, mark_phase
+from .parts import BaseModel, TrainedParts, dtype_of, load_base, make_trainable, mark_phase, quantized
 from .plan import TrainPlan, autotune, make_plan
 from .ranks import distributed
 from .scaler import DeviceScaler
@@ -464,7 +464,7 @@ def _cache_data(
 
 def _place_unet(unet: Any, device: torch.device, channels_last: bool, compile_mode: str) -> None:
     """The denoiser (UNet or SD3/FLUX transformer) onto the training device, in the planned layout, compiled as asked."""
-    if getattr(unet, "hf_quantizer", None) is None:  # an NF4 transformer is loaded on the GPU already
+    if not quantized(unet):  # an NF4 transformer is loaded on the GPU already
         unet.to(device)
     if channels_last:
         unet.to(memory_format=torch.channels_last)

@@ -96,6 +96,11 @@ class BaseModel:
         )
 
 
+def quantized(module: Any) -> bool:
+    """Whether ``module`` was loaded quantized (bitsandbytes NF4): it lives on the GPU it loaded on and cannot move."""
+    return getattr(module, "hf_quantizer", None) is not None
+
+
 def load_base(folder: str, family: str, dtype: torch.dtype, *, full: bool, nf4: bool = False) -> Any:
     """The base model's parts: a :class:`BaseModel` (UNet families) or a ``FlowModel`` (SD3.5, FLUX.1; ``nf4``: QLoRA)."""
     from ..models.registry import FLOW_FAMILIES

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import storage
-from .parts import dtype_of
+from .parts import dtype_of, quantized
 from .step import TextCache
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def class_images(session: Any, models: Any, c: Any, device: torch.device) -> lis
                 autocast=autocast,
                 prompt=c.class_prompt,
             )
-        if getattr(models.denoiser, "hf_quantizer", None) is None:  # an NF4 transformer stays where it loaded
+        if not quantized(models.denoiser):  # an NF4 transformer stays where it loaded
             models.denoiser.to("cpu")
         models.text_encoders_to("cpu")
         existing = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
