@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cudagraph import capture
 from .sampling import RowSampler, Sampling
 
 log = logging.getLogger(__name__)
@@ -364,9 +365,7 @@ class FastGlmOcr:
             torch.cuda.current_stream().wait_stream(stream)
             for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
+            graph, _ = capture(fn)
             for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
             return graph

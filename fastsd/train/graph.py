@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..cudagraph import capture
+
 log = logging.getLogger(__name__)
 
 #: Eager steps before capture (the CUDA docs recommend a few; torch.compile compiles in the first).
@@ -101,7 +103,6 @@ class GraphStep:
         self.graph: Any = None
         self.static_in: dict[str, torch.Tensor] = {}
         self.static_loss: torch.Tensor | None = None
-        self._unended_pool: Any = None  # the private pool of a capture whose capture_end failed
 
     @property
     def captured(self) -> bool:
@@ -151,12 +152,7 @@ class GraphStep:
         with contextlib.suppress(RuntimeError):  # an invalidated capture can leave an error behind
             torch.cuda.synchronize()
         gc.collect()
-        pool, self._unended_pool = self._unended_pool, None
-        if pool is not None:
-            device = torch.cuda.current_device()
-            torch._C._cuda_endAllocateToPool(device, pool)  # stop routing allocations into it
-            torch._C._cuda_releasePool(device, pool)  # its blocks become freeable once unused
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the failed capture's pool was released by cudagraph.capture
 
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clear_grads()
@@ -174,25 +170,5 @@ class GraphStep:
         # static buffers live outside the graph's pool; the first replay reads this step's inputs
         self.static_in = {k: v.clone() for k, v in inputs.items()}
         self.clear_grads()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # hand the warm-up's cached blocks back: the graph gets its own pool
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        # what torch.cuda.graph does, spelled out to learn whether capture_end succeeded: a capture
-        # that never ended keeps its private pool referenced for ever (the graph only releases a
-        # pool it finished), so the fallback must release that pool itself
-        pool = torch.cuda.graph_pool_handle()  # known up front: graph.pool() needs a finished capture
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=pool)
-            try:
-                self.static_loss = self.step_fn(self.static_in)
-            finally:
-                try:
-                    graph.capture_end()
-                except Exception:
-                    self._unended_pool = pool
-                    raise
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = graph
+        self.graph, self.static_loss = capture(lambda: self.step_fn(self.static_in))
         log.info("captured the training step in a CUDA graph")

@@ -75,6 +75,8 @@ class CapturedForward:
         import torch
         from torch.utils import _pytree as pytree
 
+        from ..cudagraph import capture
+
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         static = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]
@@ -87,9 +89,7 @@ class CapturedForward:
                 for _ in range(2):  # first calls: cuBLAS/cuDNN setup and allocations outside the graph
                     self.eager(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.eager(*args, **kwargs)
+            graph, out = capture(lambda: self.eager(*args, **kwargs), pool=pool)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, once, said in the log
             self.failed = f"{type(err).__name__}: {err}"
             self.graphs.clear()
