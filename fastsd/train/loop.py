@@ -31,7 +31,7 @@ import torch
 
 from ..errors import FastsdError, UserInputError
 from ..models.registry import FLOW_FAMILIES
-from . import checkpoint, data, flow, graph, memory, optim, sampling, step
+from . import checkpoint, data, flow, gpuwarm, graph, memory, optim, sampling, step
 from .config import TrainConfig, resolve
 from .export import export_step
 from .parts import BaseModel, TrainedParts, dtype_of, load_base, make_trainable, mark_phase, quantized
@@ -136,10 +136,11 @@ def train(
     hooks = _Hooks(on_sample, on_log, on_models)
     if int(os.environ.get("RANK", "0")) != 0:
         # data-parallel workers only read the session; rank 0 writes it and holds its lock
-        return _train(session, config or TrainConfig(), hooks)
+        with gpuwarm.training_attention():
+            return _train(session, config or TrainConfig(), hooks)
     # The lock is held for the whole run (a heartbeat thread keeps it fresh during long steps),
     # so a second training, an add or a 'session rm' is refused instead of racing the trainer.
-    with session.lock(force=force, command="fastsd train"):
+    with session.lock(force=force, command="fastsd train"), gpuwarm.training_attention():
         return _train(session, config or TrainConfig(), hooks)
 
 
@@ -186,6 +187,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     if device.type == "cpu" and dtype == torch.float16:
         raise UserInputError("fp16 training needs a CUDA GPU: use --precision fp32 or bf16 on the CPU")
     _device_settings(device)
+    warming = gpuwarm.start_warmup(device, dtype)  # while the models load (a fresh machine's cold libraries)
     family = facts["family"]
     if c.scale_lr:
         factor = c.batch_size * c.grad_accum * world
@@ -279,6 +281,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     at = start  # the number of completed steps
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = autotune(total - start, plan.cuda_graph)
+    gpuwarm.finish_warmup(warming)
     meter.start("first_step")
     t0 = time.perf_counter()
     t_log, steps_at_log = t0, start
