@@ -114,6 +114,9 @@ def usable_vram_bytes(device: Any = None) -> int:
     """
     import torch
 
+    # torch.device("cuda") has no index, which get_per_process_memory_fraction refuses: name the card
+    index = device if isinstance(device, int) else (torch.device(device).index if device is not None else None)
+    device = torch.cuda.current_device() if index is None else index
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     cached = torch.cuda.memory_reserved(device) - allocated
