@@ -92,8 +92,11 @@ def test_cuda_graph_training_matches_eager(home, tiny_sd1, monkeypatch, cfg, det
     print(f"{len(graph_vs_eager)} tensors moved; worst update cosines graph vs eager: {graph_vs_eager[:3]}; "
           f"eager vs eager: {eager_vs_eager[:3]}")  # fmt: skip
     # The same updates up to rounding: no further from eager than a second eager run is (joint training
-    # has atomics in the text encoder's embedding backward, so eager runs differ slightly too).
-    assert graph_vs_eager[0][1] > min(0.999, eager_vs_eager[0][1] - 0.002), (graph_vs_eager[:5], eager_vs_eager[:5])
+    # has atomics in the text encoder's embedding backward, so eager runs differ slightly too). 8-bit
+    # moments turn the captured kernels' other summation order into a visible difference on small
+    # tensors (biases): 0.9977 on an H100, 0.9979 on an H200; a stale or skipped input gives far less.
+    margin = 0.005 if cfg["optimizer"] == "adamw_lowmem" else 0.002
+    assert graph_vs_eager[0][1] > min(0.999, eager_vs_eager[0][1] - margin), (graph_vs_eager[:5], eager_vs_eager[:5])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw_fused"])
@@ -285,3 +288,33 @@ def test_builtin_ui_denoiser_graph_matches_eager_and_follows_loras(home, tiny_sd
     graphed._graph_lora_state = ("stale",)  # as after a LoRA was loaded or reweighted
     graphed.generate(req)
     assert capturer.captures == 3 and len(capturer.graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_warmup_runs_its_tiny_step_and_ends(dtype, caplog):
+    from fastsd.train import gpuwarm
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    caplog.set_level("DEBUG", logger="fastsd.train.gpuwarm")
+    thread = gpuwarm.start_warmup(torch.device("cuda"), dtype)
+    gpuwarm.finish_warmup(thread)
+    assert not thread.is_alive()
+    assert not [r for r in caplog.records if "warm-up skipped" in r.getMessage()]
+    assert gpuwarm._library_files(), "no CUDA libraries found to read ahead"
+
+
+def test_usable_vram_follows_a_per_process_cap_for_every_way_of_naming_the_card():
+    # the OCR decoder's automatic batch asks with torch.device("cuda"), which has no index
+    from fastsd.runtime import usable_vram_bytes
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(0.25)
+    try:
+        for device in (None, 0, "cuda", torch.device("cuda"), torch.device("cuda:0")):
+            assert 0 < usable_vram_bytes(device) <= 0.25 * total
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
