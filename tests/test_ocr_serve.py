@@ -558,3 +558,32 @@ def test_a_request_whose_client_left_while_queued_is_not_decoded(server, engine)
     server.batcher._run([gone])  # what the batcher thread does with a batch of it
     assert gone.future.cancelled() and heard == [None]
     assert (server.batcher.largest_batch, server.batcher.abandoned) == before
+
+
+def test_requests_arriving_just_after_a_small_batch_started_join_it(engine, monkeypatch):
+    # 32 clients' first pages trickle in: the first one alone must not hold the other 31 for a whole decode
+    from fastsd.ocr.batcher import Batcher, Pending
+
+    seeds = [0, 1, 2, 3]
+    fitted = [noise(s).resize(engine.grid.fit(200, 160), Image.Resampling.BICUBIC) for s in seeds]
+    batcher = Batcher(engine, ServeLimits(max_tokens=12, max_batch=8, batch_wait_ms=1))
+    late = [Pending(im, "Text Recognition:", 12) for im in fitted[1:]]
+    real, sent = engine._generate, []
+
+    def arriving(jobs, **kw):  # the other clients' requests land while the first one's batch decodes
+        if not sent:
+            sent.append(True)
+            for p in late:
+                batcher.submit(p)
+        return real(jobs, **kw)
+
+    monkeypatch.setattr(engine, "_generate", arriving)
+    try:
+        first = batcher.submit(Pending(fitted[0], "Text Recognition:", 12))
+        answers = [f.result(timeout=120)[0] for f in [first, *[p.future for p in late]]]
+    finally:
+        batcher.stop()
+    monkeypatch.undo()
+    assert answers == [expected(engine, noise(s)) for s in seeds]  # the restarted row lost nothing
+    assert batcher.restarts == 1 and [g.size for g in batcher.gathered] == [1, 4]
+    assert batcher.gathered[1].closed.endswith("joined") and batcher.largest_batch == 4

@@ -9,7 +9,8 @@ Requests are not run one by one: a :class:`~.batcher.Batcher` thread takes the f
 gathers whatever else arrives within ``batch_wait_ms`` of the last arrival - and, up to ``max_wait_ms``,
 whatever is still being received and decoded by the HTTP side (up to the batch limit), and decodes them
 together with fastsd's fast decoder (static KV cache, CUDA-graph decode), each row stopping at its
-own ``max_tokens``. Under many clients the GPU runs batches as large as in-process OCR does.
+own ``max_tokens``. Requests that land just after a small batch began join it (the batch restarts
+at its first check). Under many clients the GPU runs batches as large as in-process OCR does.
 
 Decoding is greedy unless a request asks for ``temperature`` > 0 (GLM-OCR's recommended setting,
 and the SDK's, is 0). A sampled request draws from ``softmax(logits / temperature)`` within its
