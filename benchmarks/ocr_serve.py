@@ -27,6 +27,7 @@ import argparse
 import base64
 import io
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -84,7 +85,6 @@ def timed(fn, device: str):
 
 def serving(args, glm: Path, device: str, docs: list, row):
     """Stock transformers one page at a time, fastsd in-process batched, and the server under N clients."""
-    import httpx
 
     from fastsd.ocr.engine import PageJob, TransformersEngine
     from fastsd.ocr.serve import ServeLimits, start
@@ -119,38 +119,70 @@ def serving(args, glm: Path, device: str, docs: list, row):
     gens, secs, peak = timed(batched, device)
     inproc = row("fastsd in-process", f"batch {args.batch}", args.pages, secs, sum(g.tokens for g in gens), peak)
 
-    # the server, N concurrent clients
+    # the server, N concurrent clients in another process (as real clients are: in this one they
+    # would share its GIL with the server's batch loop, and their JSON/base64 work would slow it)
     limits = ServeLimits(max_tokens=args.tokens, max_batch=args.batch, batch_wait_ms=15)
     server = start(engine_obj=engine, port=0, limits=limits, quiet=True)
-    uris = [data_uri(im) for im in fitted[: args.pages]]
-    tokens = [0]
-    first_text: list[float] = []  # seconds from sending to the first streamed text
-    lock = threading.Lock()
+    sizes = [im.size for im in fitted[: args.pages]]
 
-    def ask(c, i: int, extra: dict) -> None:
-        body = {
-            "model": "glm-ocr",
-            "max_tokens": args.tokens,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": uris[i]}},
-                        {"type": "text", "text": "Text Recognition:"},
-                    ],
-                }
-            ],
-            **extra,
-        }
-        body = {**body, "seed": i} if "temperature" in extra else body
+    def serve_all(n: int, extra: dict) -> dict:
+        """Run the clients' process; it builds its requests, then sends when told. Its timings come back."""
+        spec = {"url": server.base_url, "n": n, "clients": args.clients, "tokens": args.tokens, "extra": extra,
+                "page": args.page, "sizes": sizes}  # fmt: skip
+        child = subprocess.Popen([sys.executable, __file__, "--client-child", json.dumps(spec)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert child.stdout.readline().strip() == "ready", "the client process did not start"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, _ = child.communicate(timeout=900)
+        if child.returncode:
+            raise RuntimeError(f"client process exit {child.returncode}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    served = 0.0
+    sampled = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
+    for name, extra in [("", {}), (", streamed", {"stream": True}), (", sampled", sampled)]:
+        serve_all(min(args.clients, args.pages), extra)  # warm-up
+        batches0, restarts0 = server.batcher.batches, server.batcher.restarts
+        server.batcher.largest_batch = 0
+        reset(device)
+        got = serve_all(args.pages, extra)
+        secs, peak = got["seconds"], peak_gib(device)
+        n_batches = server.batcher.batches - batches0
+        note = f"{n_batches} batches ({server.batcher.restarts - restarts0} restarted), largest {server.batcher.largest_batch}"
+        gathered = list(server.batcher.gathered)[-n_batches:] if n_batches else []
+        note += " (" + ", ".join(f"{g.size} in {g.waited_ms:.0f} ms: {g.closed}, {g.still_receiving} coming"
+                                 for g in gathered) + ")"  # fmt: skip
+        if got["first_text"]:
+            note += f"; first text after {sum(got['first_text']) / len(got['first_text']):.2f} s on average"
+        rate = row("fastsd ocr serve" + name, f"{args.clients} clients", args.pages, secs, got["tokens"], peak, note)
+        served = served or rate
+    server.stop()
+    return engine, served, inproc, stock_rate
+
+
+def client_child(spec: dict) -> None:
+    """The clients' process: ``spec["n"]`` requests over ``spec["clients"]`` threads; prints its timings."""
+    import httpx
+
+    w, h = (int(v) for v in spec["page"].lower().split("x"))
+    docs = pages(spec["n"], (w, h))
+    uris = [data_uri(im.resize(tuple(spec["sizes"][i % len(spec["sizes"])]))) for i, im in enumerate(docs)]
+    extra, url = spec["extra"], spec["url"] + "/chat/completions"
+    tokens, first_text, lock = [0], [], threading.Lock()
+
+    def ask(c, i: int) -> None:
+        content = [{"type": "image_url", "image_url": {"url": uris[i]}}, {"type": "text", "text": "Text Recognition:"}]
+        body = {"model": "glm-ocr", "max_tokens": spec["tokens"], "messages": [{"role": "user", "content": content}],
+                **extra, **({"seed": i} if "temperature" in extra else {})}  # fmt: skip
         if not extra.get("stream"):
-            r = c.post(server.base_url + "/chat/completions", json=body)
+            r = c.post(url, json=body)
             r.raise_for_status()
             with lock:
                 tokens[0] += r.json()["usage"]["completion_tokens"]
             return
         sent, first = time.perf_counter(), None
-        with c.stream("POST", server.base_url + "/chat/completions", json=body) as r:
+        with c.stream("POST", url, json=body) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if first is None and '"content":' in line and '"content": ""' not in line:
@@ -161,40 +193,21 @@ def serving(args, glm: Path, device: str, docs: list, row):
         with lock:
             first_text.append(first if first is not None else time.perf_counter() - sent)
 
-    def serve_all(n: int, extra: dict):
-        def client(mine: list[int]) -> None:
-            with httpx.Client(timeout=600) as c:
-                for i in mine:
-                    ask(c, i, extra)
+    def client(mine: list[int]) -> None:
+        with httpx.Client(timeout=600) as c:
+            for i in mine:
+                ask(c, i)
 
-        threads = [
-            threading.Thread(target=client, args=(list(range(k, n, args.clients)),)) for k in range(args.clients)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    served = 0.0
-    sampled = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
-    for name, extra in [("", {}), (", streamed", {"stream": True}), (", sampled", sampled)]:
-        serve_all(min(args.clients, args.pages), extra)  # warm-up
-        tokens[0] = 0
-        first_text.clear()
-        batches0 = server.batcher.batches
-        server.batcher.largest_batch = 0
-        _, secs, peak = timed(lambda extra=extra: serve_all(args.pages, extra), device)
-        n_batches = server.batcher.batches - batches0
-        note = f"{n_batches} batches, largest {server.batcher.largest_batch}"
-        gathered = list(server.batcher.gathered)[-n_batches:] if n_batches else []
-        note += " (" + ", ".join(f"{g.size} in {g.waited_ms:.0f} ms: {g.closed}, {g.still_receiving} coming"
-                                 for g in gathered) + ")"  # fmt: skip
-        if first_text:
-            note += f"; first text after {sum(first_text) / len(first_text):.2f} s on average"
-        rate = row("fastsd ocr serve" + name, f"{args.clients} clients", args.pages, secs, tokens[0], peak, note)
-        served = served or rate
-    server.stop()
-    return engine, served, inproc, stock_rate
+    n, k = spec["n"], spec["clients"]
+    threads = [threading.Thread(target=client, args=(list(range(j, n, k)),)) for j in range(min(k, n))]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens[0], "first_text": first_text}))
 
 
 def main() -> int:
@@ -211,7 +224,11 @@ def main() -> int:
     ap.add_argument("--only", choices=("all", "layout"), default="all",
                     help="layout: only whole-page vs layout mode, at the product's default batch limits")  # fmt: skip
     ap.add_argument("--cap", type=float, help="hard VRAM cap in GiB for the whole process (e.g. 12: a T4's budget)")
+    ap.add_argument("--client-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.client_child:
+        client_child(json.loads(args.client_child))
+        return 0
 
     import torch
 
