@@ -136,11 +136,11 @@ def train(
     hooks = _Hooks(on_sample, on_log, on_models)
     if int(os.environ.get("RANK", "0")) != 0:
         # data-parallel workers only read the session; rank 0 writes it and holds its lock
-        with gpuwarm.training_attention():
+        with gpuwarm.attention_restored():
             return _train(session, config or TrainConfig(), hooks)
     # The lock is held for the whole run (a heartbeat thread keeps it fresh during long steps),
     # so a second training, an add or a 'session rm' is refused instead of racing the trainer.
-    with session.lock(force=force, command="fastsd train"), gpuwarm.training_attention():
+    with session.lock(force=force, command="fastsd train"), gpuwarm.attention_restored():
         return _train(session, config or TrainConfig(), hooks)
 
 
@@ -189,6 +189,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     _device_settings(device)
     warming = gpuwarm.start_warmup(device, dtype)  # while the models load (a fresh machine's cold libraries)
     family = facts["family"]
+    gpuwarm.training_attention(family)  # SD3/FLUX: no cuDNN attention (NaN gradients); undone when train() ends
     if c.scale_lr:
         factor = c.batch_size * c.grad_accum * world
         c.unet_lr, c.te_lr = c.unet_lr * factor, c.te_lr * factor
