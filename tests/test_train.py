@@ -162,6 +162,44 @@ def test_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd1):
     assert (b.path / at3["path"] / te).stat().st_ino == (b.path / at5["path"] / te).stat().st_ino
 
 
+def test_periodic_states_are_written_while_training_goes_on_and_resume_exactly(home, tiny_sd1, monkeypatch):
+    import threading
+
+    cfg = {"method": "full", "te_steps": 1, "unet_steps": 4, "seed": 3, "export": False, **FAST, "save_every": 2}
+    a = make_session(home, tiny_sd1, name="a")
+    train(a, TrainConfig(**cfg))
+
+    # b: step 2's state is held back until step 3 has trained, then the run dies at step 4
+    monkeypatch.setattr(checkpoint, "HOST_HEADROOM_BYTES", 0)  # the tiny state always fits beside the run
+    real, step3, waited = Session.write_checkpoint, threading.Event(), []
+
+    def held(self, step, files, **kw):
+        if step == 2:
+            waited.append(step3.wait(timeout=60))  # times out if the trainer waits for this write
+        return real(self, step, files, **kw)
+
+    def on_log(step, info):
+        if step == 3:
+            step3.set()
+        if step == 4:
+            raise RuntimeError("the runtime died")
+
+    monkeypatch.setattr(Session, "write_checkpoint", held)
+    b = make_session(home, tiny_sd1, name="b")
+    with pytest.raises(RuntimeError, match="runtime died"):
+        train(b, TrainConfig(**cfg), on_log=on_log)
+    monkeypatch.undo()
+    assert waited == [True], "step 3 did not train while step 2's state was being written"
+    b = Session.open("b", home)
+    assert [c["step"] for c in b.checkpoints()] == [2]  # written, listed, nothing of the dead step
+    r = train(b, TrainConfig(**cfg, resume=True))
+    assert r.steps == 5 and r.stopped is None
+    wa, wb = _state_weights(a), _state_weights(Session.open("b", home))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
 def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):
     s = make_session(home, tiny_sd1, n=1)
     monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b, reduction: (a - b) * float("nan"))

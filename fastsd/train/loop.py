@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -174,6 +175,7 @@ class _Run:
     up: step.Update | None = None  # the phase's optimizer and what it trains
     runner: graph.GraphStep | None = None  # the phase's CUDA-graph step, when the plan has one
     last_loss: float | None = None
+    saver: checkpoint.Saver = field(default_factory=checkpoint.Saver)  # periodic states written in the background
 
 
 def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
@@ -360,7 +362,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                     if hooks.on_log is not None:
                         hooks.on_log(at, {**info, "phase": phase})
                 if c.save_every and at % c.save_every == 0 and at < total:
-                    _save_state(run, at)
+                    _save_state(run, at, wait=False)  # written while the next steps run
                 if c.sample_every and at % c.sample_every == 0:
                     _sample(run, hooks, at)
                 if c.export_every and at % c.export_every == 0 and at < total:
@@ -373,6 +375,9 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+        if run.saver.pending:  # a state in flight is listed before anything else
+            with meter.phase("checkpoint"):
+                run.saver.wait(raise_error=sys.exc_info()[1] is None)
 
     # ---- 7. finish: state, exports, summary
     meter.stop()
@@ -543,13 +548,23 @@ def _enter_phase(run: _Run, name: str, plan: TrainPlan, den: step.Denoiser, grap
         run.text = step.encode_frozen_text(run.models, run.data, c.sample_prompts, device, autocast)
 
 
-def _save_state(run: _Run, at: int) -> None:
-    """A resumable checkpoint of step ``at`` into the session (rank 0), then TensorBoard's logs."""
+def _save_state(run: _Run, at: int, wait: bool = True) -> None:
+    """A resumable checkpoint of step ``at`` into the session (rank 0), then TensorBoard's logs.
+
+    ``wait=False`` (the periodic saves) lets :class:`~fastsd.train.checkpoint.Saver` write it on a
+    thread while training goes on; the bookkeeping below then runs once it is listed.
+    """
     if not run.main:
         return
     c, opt = run.c, run.up.opt if run.up is not None else None
+
+    def listed(entry: dict[str, Any]) -> None:
+        run.result.checkpoints.append(str(run.session.path / entry["path"]))
+        run.session.update(progress={"step": entry["step"], "total_steps": run.total})
+        run.tlog.sync(run.session.logs_dir)
+
     with run.meter.phase("checkpoint"):
-        entry = checkpoint.save_to_session(
+        run.saver.save(
             run.session,
             at,
             c.keep_checkpoints,
@@ -566,10 +581,9 @@ def _save_state(run: _Run, at: int) -> None:
                 "loss": run.last_loss,
             },
             noise_gen=run.noise_gen,
+            on_listed=listed,
+            wait=wait,
         )
-        run.result.checkpoints.append(str(run.session.path / entry["path"]))
-        run.session.update(progress={"step": at, "total_steps": run.total})
-        run.tlog.sync(run.session.logs_dir)
 
 
 def _sample(run: _Run, hooks: _Hooks, at: int) -> None:
@@ -585,6 +599,7 @@ def _sample(run: _Run, hooks: _Hooks, at: int) -> None:
 def _export(run: _Run, at: int) -> None:
     if not run.main or not run.c.export:
         return
+    run.saver.wait()  # the session's manifest has one writer at a time
     with run.meter.phase("export"):
         file = export_step(run.session, run.models, run.c, at, run.device, te_trained=run.parts.te_train,
                            te_frozen=run.text.frozen)  # fmt: skip
