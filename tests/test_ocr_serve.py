@@ -587,3 +587,33 @@ def test_requests_arriving_just_after_a_small_batch_started_join_it(engine, monk
     assert answers == [expected(engine, noise(s)) for s in seeds]  # the restarted row lost nothing
     assert batcher.restarts == 1 and [g.size for g in batcher.gathered] == [1, 4]
     assert batcher.gathered[1].closed.endswith("joined") and batcher.largest_batch == 4
+
+
+def test_the_halves_of_a_batch_that_ran_out_of_memory_are_all_answered(engine, monkeypatch):
+    # a batch that runs out of memory is decoded in halves; requests queued meanwhile must not make a
+    # half restart (it would take the other half's place and leave it unanswered)
+    import torch
+
+    from fastsd.ocr.batcher import Batcher, Pending
+
+    fitted = [noise(s).resize(engine.grid.fit(200, 160), Image.Resampling.BICUBIC) for s in range(7)]
+    batcher = Batcher(engine, ServeLimits(max_tokens=12, max_batch=8, batch_wait_ms=200))
+    first, late = [Pending(im, "Text Recognition:", 12) for im in fitted[:4]], fitted[4:]
+    real, sent = engine._generate, []
+
+    def tight(jobs, **kw):
+        if len(jobs) == 4:  # the gathered batch does not fit; others arrive meanwhile
+            if not sent:
+                sent.append([batcher.submit(Pending(im, "Text Recognition:", 12)) for im in late])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real(jobs, **kw)
+
+    monkeypatch.setattr(engine, "_generate", tight)
+    try:
+        for p in first:
+            batcher.submit(p)
+        answers = [p.future.result(timeout=120)[0] for p in first] + [f.result(timeout=120)[0] for f in sent[0]]
+    finally:
+        batcher.stop()
+    monkeypatch.undo()
+    assert answers == [expected(engine, noise(s)) for s in range(7)]

@@ -162,7 +162,9 @@ class Batcher:
         for p in texts:
             self._settle([p], lambda items: [self._text_only(items[0])])
         if pages:
-            self._settle(pages, lambda items: self._decode(items, limit))
+            # only the whole gathered batch may restart: the halves of one that ran out of memory must not
+            # grow back into it
+            self._settle(pages, lambda items: self._decode(items, limit if len(items) == len(pages) else None))
 
     def _settle(self, items: list[Pending], fn: Any) -> None:
         try:
