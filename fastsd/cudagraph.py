@@ -33,9 +33,8 @@ def capture(fn: Callable[[], Any], *, pool: Any = None) -> tuple[Any, Any]:
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()  # cached blocks go back first: the graph allocates from its own pool
-    pool = (
-        torch.cuda.graph_pool_handle() if pool is None else pool
-    )  # known up front: graph.pool() needs an ended capture
+    if pool is None:  # made up front: graph.pool() needs an ended capture
+        pool = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

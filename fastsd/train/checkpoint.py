@@ -92,6 +92,7 @@ def state_files(
     this phase: its file is offered for reuse (``frozen`` names those components when ``weights``
     are host copies, which no longer say). The RNG states are captured now, not when written.
     """
+    frozen = frozen_parts(weights) if frozen is None else frozen
     rng_tensors, rng_meta = capture_rng(noise_gen)
     rng = {k: v.contiguous() for k, v in rng_tensors.items()}
     state_json = json.dumps({**state, "rng": rng_meta}).encode("utf-8")
@@ -103,7 +104,7 @@ def state_files(
     for part, tensors in sorted(by_part.items()):
         rel = f"{WEIGHTS_DIR}/{part}.safetensors"
         files[rel] = partial(write_safetensors, tensors=tensors)
-        if (part in frozen) if frozen is not None else not any(t.requires_grad for t in tensors.values()):
+        if part in frozen:
             reuse.append(rel)
     files[RNG] = partial(write_safetensors, tensors=rng)
     files[OPTIMIZER] = partial(_torch_save, optimizer)
@@ -184,40 +185,20 @@ def frozen_parts(weights: dict[str, torch.Tensor]) -> set[str]:
 
 def to_host(obj: Any) -> Any:
     """A copy of ``obj`` (tensors, and dicts/lists/tuples of them) whose tensors live in host memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_host(v) for v in obj)
-    return obj
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t, obj)
 
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in ``obj`` (as :func:`to_host` walks it)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    from torch.utils import _pytree as pytree
+
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(obj) if isinstance(t, torch.Tensor))
 
 
 #: Host memory a background save leaves free beyond its copy: at least this, or half the copy.
 HOST_HEADROOM_BYTES = 4 * 2**30
-
-
-def host_available_bytes() -> int | None:
-    """``MemAvailable`` of /proc/meminfo (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 class Saver:
@@ -227,11 +208,10 @@ class Saver:
     next :meth:`save`, and :meth:`wait`, first finish the previous one, so at most one state is in
     flight and each is listed before the next is written (its frozen files are linked to). What
     the caller does once a state is listed (``on_listed``) runs in the caller's thread, from
-    :meth:`wait`. ``background=False`` saves in place.
+    :meth:`wait`.
     """
 
-    def __init__(self, background: bool = True) -> None:
-        self.background = background
+    def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._outcome: tuple[dict[str, Any] | None, BaseException | None] = (None, None)
         self._on_listed: Callable[[dict[str, Any]], None] | None = None
@@ -251,10 +231,11 @@ class Saver:
     ) -> None:
         """Save step ``step``'s state; with ``wait`` (or no room for a copy) it is listed when this returns."""
         self.wait()
+        from ..runtime import ram_gb
+
         size = tensor_bytes(weights) + tensor_bytes(optimizer)
-        free = host_available_bytes()
-        room = free is not None and free >= size + max(HOST_HEADROOM_BYTES, size // 2)
-        if wait or not self.background or not room:
+        room = ram_gb()["available_gb"] * 2**30 >= size + max(HOST_HEADROOM_BYTES, size // 2)
+        if wait or not room:
             on_listed(save_to_session(session, step, keep, weights=weights, optimizer=optimizer, state=state,
                                       noise_gen=noise_gen))  # fmt: skip
             return
