@@ -127,6 +127,24 @@ def test_flux_prior_preservation_renders_class_images_and_frees_t5(home, tiny_fl
     assert alive == [False, False]  # T5 freed once the prompts were embedded: nothing holds it while training
 
 
+def test_the_transformer_loads_only_once_t5_is_freed(home, tiny_flux, monkeypatch):
+    """On a T4 an NF4 FLUX transformer (6.7 GB, loaded onto the GPU) and T5 (9.5 GB) must never share it."""
+    from diffusers import FluxTransformer2DModel
+
+    box, t5_alive_at_load = ModelsBox(), []
+    real = FluxTransformer2DModel.from_pretrained.__func__
+
+    def watched(cls, *args, **kwargs):
+        t5_alive_at_load.append(box["models"].text_parts["text_encoder_2"] is not None)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", classmethod(watched))
+    r = train(square_session(home, tiny_flux, "late", images=1), TrainConfig(method="lora", unet_steps=1, **FAST),
+              on_models=box)  # fmt: skip
+    assert r.steps == 1 and t5_alive_at_load == [False]
+    assert r.timings["load"] > 0 and r.timings["cache"] > 0
+
+
 def test_what_flow_families_refuse(home, cli, tiny_sd3, tiny_flux):
     square_session(home, tiny_sd3, "full", images=1)
     r = cli("train", "full", "--method", "full", "--steps", "1", env={**ENV, "FASTSD_HOME": str(home)})

@@ -168,10 +168,25 @@ class FlowModel:
         self.noise_scheduler = base.scheduler
         model_cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
         quant = {"quantization_config": transformer_quantization("nf4", dtype)} if nf4 else {}
-        self.transformer = model_cls.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **quant)
+        self._load_transformer = lambda: model_cls.from_pretrained(
+            folder, subfolder="transformer", torch_dtype=dtype, **quant
+        )
+        self._transformer: Any = None
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-        for m in [self.transformer, self.vae, *self.text_encoders]:
+        for m in [self.vae, *self.text_encoders]:
             m.requires_grad_(False)
+
+    @property
+    def transformer(self) -> Any:
+        """The transformer, frozen, loaded on first use.
+
+        Late because an NF4 transformer loads straight onto the GPU (bitsandbytes quantizes there):
+        the loop embeds the prompts and frees T5 first, so on a T4 the two never share its 15 GB
+        (FLUX.1: T5 9.5 GB + the NF4 transformer 6.7 GB), and the host never holds both.
+        """
+        if self._transformer is None:
+            self._transformer = self._load_transformer().requires_grad_(False)
+        return self._transformer
 
     @property
     def denoiser(self) -> Any:
@@ -195,7 +210,7 @@ class FlowModel:
 
     def encode_prompts(self, prompts: list[str], device: torch.device, chunk: int = 8) -> dict[str, torch.Tensor]:
         """``{"prompt_embeds", "pooled"}`` of ``prompts`` through the pipeline's ``encode_prompt`` (no CFG)."""
-        pipe = self.pipeline()
+        pipe = self.pipeline(with_transformer=False)  # embedding needs none: it may not be loaded yet
         embeds, pooled = [], []
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
@@ -217,12 +232,14 @@ class FlowModel:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def pipeline(self, with_text_encoders: bool = True) -> Any:
-        """A Diffusers pipeline over these modules (text encoders left out when they are offloaded or freed)."""
+    def pipeline(self, with_text_encoders: bool = True, with_transformer: bool = True) -> Any:
+        """A Diffusers pipeline over these modules (text encoders left out when they are offloaded or freed;
+        the transformer left out, and so not loaded, for embedding prompts)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         parts = dict(self.text_parts)
         if not with_text_encoders:
             parts = {k: (None if k.startswith("text_encoder") else v) for k, v in parts.items()}
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
-        return self.pipe_cls(transformer=self.transformer, vae=self.vae, scheduler=sched, **parts)
+        transformer = self.transformer if with_transformer else None
+        return self.pipe_cls(transformer=transformer, vae=self.vae, scheduler=sched, **parts)

@@ -229,6 +229,10 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     d, bucketed = _cache_data(session, models, c, image_paths, prior_paths, device, dtype)
     # SD3/FLUX: prompts embedded now, before the transformer takes the GPU (T5 and it never share it)
     text = step.encode_frozen_text(models, d, c.sample_prompts, device, autocast) if models.flow else None
+    if models.flow:
+        meter.start("load")  # the transformer loads now, T5 freed (FlowModel.transformer); phases add up
+        models.denoiser  # noqa: B018 - the property loads it
+        meter.start("cache")
 
     # ---- 4. trainable parts: LoRA adapters or fp32 masters; memory and speed plan
     parts = make_trainable(models, c)
