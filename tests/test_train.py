@@ -200,6 +200,19 @@ def test_periodic_states_are_written_while_training_goes_on_and_resume_exactly(h
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+def test_states_go_to_the_background_only_with_host_room_and_the_plan_says_how_many(home, tiny_sd1, monkeypatch,
+                                                                                     caplog):  # fmt: skip
+    cfg = {"method": "lora", "unet_steps": 4, "export": False, **{**FAST, "save_every": 2}}
+    monkeypatch.setattr(checkpoint, "HOST_HEADROOM_BYTES", 2**60)  # no host has room for the copy
+    with caplog.at_level("INFO", logger="fastsd.train.checkpoint"):
+        r = train(make_session(home, tiny_sd1, name="full-host"), TrainConfig(**cfg))
+    assert r.plan.checkpoints_in_background == 0 and "written in place" in caplog.text
+    monkeypatch.setattr(checkpoint, "HOST_HEADROOM_BYTES", 0)
+    r = train(make_session(home, tiny_sd1, name="roomy-host"), TrainConfig(**cfg))
+    assert r.plan.checkpoints_in_background == 1  # step 2's; the last state is waited for
+    assert len(r.checkpoints) == 2 and r.plan.to_dict()["checkpoints_in_background"] == 1
+
+
 def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):
     s = make_session(home, tiny_sd1, n=1)
     monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b, reduction: (a - b) * float("nan"))

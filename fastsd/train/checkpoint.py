@@ -215,6 +215,8 @@ class Saver:
         self._thread: threading.Thread | None = None
         self._outcome: tuple[dict[str, Any] | None, BaseException | None] = (None, None)
         self._on_listed: Callable[[dict[str, Any]], None] | None = None
+        self.in_background = 0  # states handed to the thread (the run's plan reports it)
+        self._said_no_room = False
 
     def save(
         self,
@@ -235,6 +237,10 @@ class Saver:
 
         size = tensor_bytes(weights) + tensor_bytes(optimizer)
         room = ram_gb()["available_gb"] * 2**30 >= size + max(HOST_HEADROOM_BYTES, size // 2)
+        if not (wait or room or self._said_no_room):
+            self._said_no_room = True
+            log.info("checkpoints are written in place: a host copy needs %.1f GiB and %.1f GiB is free",
+                     (size + max(HOST_HEADROOM_BYTES, size // 2)) / 2**30, ram_gb()["available_gb"])  # fmt: skip
         if wait or not room:
             on_listed(save_to_session(session, step, keep, weights=weights, optimizer=optimizer, state=state,
                                       noise_gen=noise_gen))  # fmt: skip
@@ -253,6 +259,7 @@ class Saver:
             except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
                 self._outcome = (None, err)
 
+        self.in_background += 1
         self._thread = threading.Thread(target=write, name=f"fastsd-checkpoint-{step}", daemon=True)
         self._thread.start()
 

@@ -414,6 +414,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     result.peak_vram_gb = max(loop_peaks) if loop_peaks else None
     if meter.peaks:
         meter.peaks["process"] = meter.process_peak()
+    plan.checkpoints_in_background = run.saver.in_background
     if run.runner is not None:
         plan.cuda_graph_captured = run.runner.captured
         if run.runner.failed:

@@ -41,13 +41,14 @@ class TrainPlan:
     channels_last: bool = False
     cuda_graph_captured: bool | None = None  # after the run, when cuda_graph: whether capture happened
     cuda_graph_failed: str | None = None  # why capture failed (the run went on eagerly)
+    checkpoints_in_background: int | None = None  # after the run: states written on a thread (the rest in place)
     notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
     qlora: bool = False  # SD3/FLUX: the frozen transformer is NF4 (bitsandbytes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as JSON-ready keys; the two capture keys only once a graphed run has ended."""
+        """The plan as JSON-ready keys; the after-the-run keys only once the run has ended."""
         out = asdict(self)
-        for key in ("cuda_graph_captured", "cuda_graph_failed"):
+        for key in ("cuda_graph_captured", "cuda_graph_failed", "checkpoints_in_background"):
             if out[key] is None:
                 del out[key]
         return out
