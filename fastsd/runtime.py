@@ -77,7 +77,11 @@ class GPU:
 
 
 def gpus() -> list[GPU]:
-    """The CUDA GPUs torch can use (empty without torch or CUDA)."""
+    """The CUDA GPUs torch can use (empty without torch or CUDA).
+
+    A per-process cap (``torch.cuda.set_per_process_memory_fraction``) shrinks what a card reports:
+    a 14.5 GiB cap on a large card plans, presets and budgets as a 15 GB T4 does.
+    """
     try:
         import torch
     except ImportError:
@@ -91,6 +95,10 @@ def gpus() -> list[GPU]:
             free, total = torch.cuda.mem_get_info(i)
         except RuntimeError:
             free, total = 0, props.total_memory
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d=None: 1.0)(i)
+        if fraction < 1.0:
+            total = int(fraction * total)
+            free = min(free, max(0, total - torch.cuda.memory_reserved(i)))
         found.append(
             GPU(
                 index=i,

@@ -147,6 +147,20 @@ def test_t4_plans(family, variant, transformer):
     assert plan.vram_gib < 14.5 and plan.ram_gib < 12
 
 
+def test_a_t4_replays_the_denoiser_only_where_the_plan_leaves_room_for_its_graph():
+    """Under a T4's memory the graph's pool beside SD3.5 Medium (fp16-t5i8) and FLUX.1 (nf4) ran the second
+    1024 px image out of memory; with room to spare (T5 in NF4, a large card) the denoiser is replayed."""
+    t4 = {"vram_gib": 14.74, "ram_gib": 12.7}  # what torch reports for a Colab T4
+    flux, sd3 = memplan.choose_plan("flux", "dev", **t4), memplan.choose_plan("sd3", "medium", **t4)
+    # FLUX.1 in nf4 with T5 in int8 reserved 14.66 GiB under a 14.74 GiB cap, plus the CUDA context: T5 goes NF4
+    assert flux.name == "nf4-t5nf4" and not memplan.room_for_graph(flux, "flux", 14.74)
+    assert sd3.name == "fp16-t5i8" and not memplan.room_for_graph(sd3, "sd3", 14.74)
+    assert memplan.room_for_graph(memplan.choose_plan("sd3", "medium", 24, 32), "sd3", 24)  # an L4/A10: replayed
+    big = memplan.choose_plan("flux", "dev", 80, 200, bf16=True)
+    assert memplan.room_for_graph(big, "flux", 80)
+    assert not memplan.room_for_graph(memplan.choose_plan("sd3", "large", 8, 64), "sd3", 8)  # offloaded
+
+
 def test_plans_follow_the_machine():
     assert memplan.choose_plan("flux", "dev", 80, 200, bf16=True).name == "fp16"
     assert memplan.choose_plan("flux", "dev", 80, 200, bf16=True).transformer == "bf16"
@@ -160,7 +174,7 @@ def test_a_forced_plan_that_does_not_fit_is_refused_naming_the_setting():
         memplan.choose_plan("flux", "dev", **T4, want="fp16")
     message = str(err.value)
     assert "\n" not in message and message.endswith("set fastsd_memory_plan (fastsd webui --memory-plan) to auto")
-    assert message.startswith("fastsd_memory_plan fp16 needs ~34.2 GiB VRAM")
+    assert message.startswith("fastsd_memory_plan fp16 needs ~34.9 GiB VRAM")
     with pytest.raises(UserInputError, match="fits no memory plan here"):
         memplan.choose_plan("flux", "dev", 8, 6)
     with pytest.raises(UserInputError, match="unknown fastsd_memory_plan 'fp8'"):
@@ -178,7 +192,7 @@ def test_quantization_configs_are_diffusers_bitsandbytes_ones():
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig
     from transformers import BitsAndBytesConfig as TransformersBnb
 
-    nf4 = memplan.quantization_config(memplan.choose_plan("flux", "dev", **T4), "flux")
+    nf4 = memplan.quantization_config(memplan.choose_plan("flux", "dev", 24, 32, want="nf4"), "flux")
     assert isinstance(nf4, PipelineQuantizationConfig)
     transformer, t5 = nf4.quant_mapping["transformer"], nf4.quant_mapping["text_encoder_2"]
     assert isinstance(transformer, BitsAndBytesConfig) and transformer.load_in_4bit

@@ -130,6 +130,7 @@ def test_memory_settings_by_vram_and_overrides():
     assert memory_settings("sdxl", 4)["cpu_offload"] is True
     assert memory_settings("sd2", 15) == {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}
     assert memory_settings("sd3", 15)["cpu_offload"] is True  # T4 + SD3.5: T5 and MMDiT do not fit together
+    assert memory_settings("flux", 14.5)["vae_tiling"] is True  # as SD3.5's: larger-than-1024 px decodes tile
     assert memory_settings("sdxl", 15, {"cpu_offload": True, "vae_tiling": "auto"}) == {
         "attention_slicing": False,
         "vae_tiling": True,

@@ -50,9 +50,18 @@ T5_B = 4.76  # T5 v1.1 XXL encoder
 VAE_B = 0.084
 #: Bytes per parameter as stored on the GPU (NF4: 4 bits + block absmax, non-linear layers kept in fp16).
 BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.06, "nf4": 0.56}
-#: GiB for activations at 1024 px, batch 1 (SDPA attention), plus the CUDA context.
-ACTIVATIONS_GIB = {"sd3": 1.6, "flux": 2.3}
+#: GiB a 1024 px image adds to the loaded weights (denoising with CFG where the family has it, then the VAE
+#: decode), as the allocator reserves it: measured 2026-12-03 on an H200 under a T4's cap, eager, peak
+#: reserved minus the loaded weights: SD3.5 Medium ~2.0 (2.58 with its graph's 0.58 GiB pool), FLUX.1-dev 3.04.
+ACTIVATIONS_GIB = {"sd3": 2.0, "flux": 3.0}
 CUDA_CONTEXT_GIB = 0.5
+#: GiB the web UI's captured denoiser (:mod:`fastsd.webui.fastpath`) keeps in its graph's pool for as long
+#: as the model is loaded, at 1024 px (measured 2026-12-03 on an H200: SD3.5 Medium with CFG 0.58,
+#: FLUX.1-dev 1.11). Not in a plan's estimate: a plan without this much room left runs the denoiser eagerly.
+GRAPH_POOL_GIB = {"sd3": 0.6, "flux": 1.1}
+#: GiB the allocator held but could not use beside such a pool (a permanent pool splits the free memory):
+#: 0.93 when SD3.5 Medium's fp16-t5i8 plan ran out under a 14.5 GiB cap with its graph, same day.
+GRAPH_FRAGMENTATION_GIB = 1.0
 #: RAM the process needs besides offloaded weights (Python, torch, CUDA host side, one tensor in flight).
 PROCESS_RAM_GIB = 3.0
 #: What a plan may use: a little under the card and the machine, as allocators fragment.
@@ -155,6 +164,17 @@ def estimate(family: str, variant: str, name: str, *, bf16: bool = False, sizes:
     else:  # one block at a time on the GPU
         vram, ram = act + 0.5, PROCESS_RAM_GIB + tr + t5 + rest
     return MemoryPlan(name, tr_kind, t5_kind, offload, "bfloat16" if bf16 else "float16", vram, ram)
+
+
+def room_for_graph(plan: MemoryPlan, family: str, vram_gib: float) -> bool:
+    """Whether a GPU of ``vram_gib`` holds ``plan``, the captured denoiser's pool (:data:`GRAPH_POOL_GIB`) and
+    the memory that pool strands (:data:`GRAPH_FRAGMENTATION_GIB`).
+
+    Under a T4's memory the pool beside a tight plan ran the second 1024 px image out of memory (SD3.5
+    Medium fp16-t5i8, FLUX.1-dev nf4); FLUX.1 nf4 run eagerly fitted (14.03 GiB of a 14.74 GiB cap).
+    """
+    need = plan.vram_gib + GRAPH_POOL_GIB[family] + GRAPH_FRAGMENTATION_GIB
+    return plan.offload == "none" and need <= vram_gib * HEADROOM
 
 
 def choose_plan(

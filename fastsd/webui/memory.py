@@ -14,7 +14,8 @@ MEMORY_PRESETS: tuple[tuple[float, tuple[str, ...], dict[str, bool]], ...] = (
     (6.5, (), {"attention_slicing": True, "vae_tiling": True, "cpu_offload": True}),
     (12.5, ("sd1", "sd2"), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
     (12.5, (), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),
-    (20, ("sd3",), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),  # T4: T5 + MMDiT
+    # T4: T5 + the transformer leave little room; their VAEs tile only images over 1024 px (their sample_size)
+    (20, ("sd3", "flux"), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": True}),
     (20, ("sdxl",), {"attention_slicing": False, "vae_tiling": True, "cpu_offload": False}),
     (float("inf"), (), {"attention_slicing": False, "vae_tiling": False, "cpu_offload": False}),
 )
