@@ -80,6 +80,31 @@ CASES: dict[str, dict] = {
         "peer_steps": 20,
         "peer": ("train_dreambooth_lora_sdxl.py", ["--learning_rate", "1e-4", "--rank", "4"]),
     },
+    # the background checkpoint writer: the sd15-full-500 run with four full states in its 500 steps
+    "sd15-full-saves": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--te-steps", "100", "--steps", "400", "--save-every", "125"],
+    },
+    # SD3.5 / FLUX.1 LoRA (issue 17), 1024 px, against train_dreambooth_lora_sd3/flux.py, rank 4 both, the
+    # peers' default 16-bit LoRA otherwise. FLUX's peer caches latents (its option; fastsd always caches); SD3's
+    # cannot: with --cache_latents and bf16 it feeds bf16 pixels to its fp32 VAE and stops (2026-12-03, 58eb52c)
+    "sd35-medium-lora": {
+        "kind": "sd35-medium",
+        "res": 1024,
+        "fastsd": ["--method", "lora", "--steps", "150", "--save-every", "0"],
+        "steps": 150,
+        "peer_steps": 30,
+        "peer": ("train_dreambooth_lora_sd3.py", ["--learning_rate", "1e-4", "--rank", "4"]),
+    },
+    "flux1-dev-lora": {
+        "kind": "flux1-dev",
+        "res": 1024,
+        "fastsd": ["--method", "lora", "--steps", "60", "--save-every", "0"],
+        "steps": 60,
+        "peer_steps": 15,
+        "peer": ("train_dreambooth_lora_flux.py", ["--learning_rate", "1e-4", "--rank", "4", "--cache_latents"]),
+    },
     # cold first step with and without cuDNN autotuning (UNet only, 60 steps, no checkpoint/export)
     "first-step-autotune-on": {
         "kind": "sd15",
@@ -110,7 +135,40 @@ CASES: dict[str, dict] = {
         "cap": 14.5,
         "cfg": {"method": "lora", "precision": "fp16", "optimizer": "adamw_lowmem", "vram_budget_gb": 14.0},
     },
+    # the T4 plans of issue 17 under a T4's 14.5 GiB: SD3.5 Medium LoRA in fp16, FLUX.1-dev QLoRA (bf16: fp16 NaNs)
+    "cap-sd35-medium-lora-fp16-14": {
+        "kind": "sd35-medium",
+        "res": 1024,
+        "cap": 14.5,
+        "cfg": {"method": "lora", "precision": "fp16", "optimizer": "adamw_lowmem", "vram_budget_gb": 14.0},
+    },
+    "cap-flux1-dev-qlora-14": {
+        "kind": "flux1-dev",
+        "res": 1024,
+        "cap": 14.5,
+        "cfg": {"method": "lora", "precision": "bf16", "optimizer": "adamw_lowmem", "vram_budget_gb": 14.0},
+    },
 }
+#: model kinds benchmarks/flow.py builds (SD3.5 / FLUX.1 from their real configs); the others come from train.py
+FLOW_KINDS = ("sd35-medium", "sd35-large", "flux1-dev")
+
+
+def build(kind: str, folder: Path, small: bool) -> Path:
+    """The random-weight Diffusers folder of ``kind`` under ``folder``'s parent (built once, reused)."""
+    if kind not in FLOW_KINDS:
+        from train import build_model
+
+        return build_model(kind, folder, small=small)
+    if not (folder / "model_index.json").is_file():
+        spec = json.dumps({"name": kind, "work": str(folder.parent), "small": small})
+        p = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "flow.py"), "--build-child", spec],
+            capture_output=True,
+            text=True,
+        )
+        if p.returncode:
+            raise RuntimeError(f"building {kind} failed: {(p.stdout + p.stderr)[-1500:]}")
+    return folder
 
 
 def images(folder: Path, res: int, n: int = 4) -> Path:
@@ -249,6 +307,8 @@ def cap_child(spec: dict) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
+    from flow import RssSampler
+
     from fastsd.train import TrainConfig, train
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -268,6 +328,8 @@ def cap_child(spec: dict) -> None:
         **spec["cfg"],
     }
     out: dict = {"config": spec["cfg"]}
+    rss = RssSampler()  # RAM: a T4 runtime has 12.7 GB
+    rss.start()
     try:
         r = train(spec["session"], TrainConfig(**cfg), home=spec["home"])
         out.update(steps=r.steps, timings=r.timings, memory=r.memory, it_per_s=round(r.it_per_s, 2))
@@ -280,6 +342,7 @@ def cap_child(spec: dict) -> None:
     except Exception as err:  # noqa: BLE001 - the point is to report it
         out["error"] = f"{type(err).__name__}: {err}"[:600]
         out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    out["peak_rss_anon_gib"] = rss.stop()
     print(json.dumps(out), flush=True)
 
 
@@ -325,8 +388,6 @@ def main() -> None:
     if args.cap_child:
         cap_child(json.loads(args.cap_child))
         return
-    from train import build_model
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fastsd-e2e-"))
     start = time.perf_counter()
     rows: list[dict] = []
@@ -352,15 +413,18 @@ def main() -> None:
         try:
             if kind not in models:
                 t = time.perf_counter()
-                models[kind] = build_model(kind, work / kind, small=args.small)
+                models[kind] = build(kind, work / kind, args.small)
                 emit({"built": kind, "seconds": round(time.perf_counter() - t, 1)})
+            if args.small and kind in FLOW_KINDS:
+                case = {**case, "res": 256}  # the tiny SD3's position table ends at 256 px
             imgs = images(work / f"images-{case['res']}", case["res"])
             home = work / "home"
             if "cap" in case:
                 emit(run_cap(name, case, models[kind], imgs, home, args.cap_steps))
                 continue
             if args.small:
-                case = {**case, "fastsd": [*case["fastsd"], "--gpu", "cpu", "--te-steps", "1", "--save-every", "2"],
+                te = [] if kind in FLOW_KINDS else ["--te-steps", "1"]  # flow LoRAs train the transformer only
+                case = {**case, "fastsd": [*case["fastsd"], "--gpu", "cpu", *te, "--save-every", "2"],
                         "steps": 3, "small": True}  # fmt: skip
             emit(run_fastsd(name, case, models[kind], imgs, home, 3 if args.small else args.steps))
             if case.get("peer") and args.peer_dir:

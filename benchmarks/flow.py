@@ -190,6 +190,7 @@ def build_child(spec: dict) -> dict:
     name, work, small = spec["name"], Path(spec["work"]), spec["small"]
     family, _, tiny = MODELS[name]
     folder, shared = work / name, work / ("t5-tiny" if small else "t5-xxl")
+    work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="tokenizers-", dir=work))
     out: dict[str, Any] = {"built": name, "folder": str(folder)}
     t = time.perf_counter()
