@@ -213,6 +213,19 @@ def test_states_go_to_the_background_only_with_host_room_and_the_plan_says_how_m
     assert len(r.checkpoints) == 2 and r.plan.to_dict()["checkpoints_in_background"] == 1
 
 
+def test_out_of_memory_outside_the_steps_is_one_line_naming_what_to_lower(home, tiny_sd1, monkeypatch):
+    from fastsd.train import loop
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 MiB. GPU 0 has ...")
+
+    monkeypatch.setattr(loop, "_cache_data", full)
+    with pytest.raises(FastsdError) as err:
+        train(make_session(home, tiny_sd1, n=1), TrainConfig(method="lora", unet_steps=1, **FAST))
+    message = str(err.value)
+    assert "\n" not in message and "(Tried to allocate 1024.00 MiB)" in message and "--vram-budget" in message
+
+
 def test_nan_loss_stops_and_says_so(home, tiny_sd1, monkeypatch):
     s = make_session(home, tiny_sd1, n=1)
     monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b, reduction: (a - b) * float("nan"))

@@ -142,7 +142,10 @@ def train(
     # The lock is held for the whole run (a heartbeat thread keeps it fresh during long steps),
     # so a second training, an add or a 'session rm' is refused instead of racing the trainer.
     with session.lock(force=force, command="fastsd train"), gpuwarm.attention_restored():
-        return _train(session, config or TrainConfig(), hooks)
+        try:
+            return _train(session, config or TrainConfig(), hooks)
+        except torch.OutOfMemoryError as err:  # outside a step (caching, capture, sampling, export): one line too
+            raise memory.oom_outside_steps(err) from None
 
 
 @dataclass

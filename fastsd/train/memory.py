@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from typing import Any
 
 import torch
@@ -214,6 +215,20 @@ class PhaseMeter:
             for k, v in p.items():
                 out[k] = max(v, out.get(k, 0.0))
         return out
+
+
+def oom_outside_steps(err: Exception) -> Exception:
+    """CUDA out of memory outside the training steps (there :func:`oom_error` says more) as one line.
+
+    Seen under a hard 10 GiB cap for SDXL LoRA after the step's CUDA graph took its pool (issue 16).
+    """
+    from ..errors import FastsdError
+
+    asked = re.search(r"Tried to allocate [\d.]+ [KMG]iB", str(err))
+    return FastsdError(
+        f"CUDA out of memory outside the training steps{f' ({asked.group(0)})' if asked else ''}: lower "
+        "--vram-budget (the planner then leaves more room), or try --method lora or a lower --resolution"
+    )
 
 
 def oom_error(c: Any, step: int, device: torch.device, save: Any) -> Exception:
