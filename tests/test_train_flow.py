@@ -155,9 +155,15 @@ def test_what_flow_families_refuse(home, cli, tiny_sd3, tiny_flux):
         resolve(TrainConfig(method="lora", gpu="t4"), session_info=info, num_images=1, gpu_list=[])
     with pytest.raises(UserInputError, match="--te-steps 0"):
         resolve(TrainConfig(method="lora", te_steps=5), session_info=info, num_images=1, gpu_list=[])
-    c, facts = resolve(TrainConfig(method="lora", gpu="t4"), session_info={"base_model": str(tiny_sd3)},
+    c, facts = resolve(TrainConfig(method="lora", gpu="t4", resolution=256), session_info={"base_model": str(tiny_sd3)},
                        num_images=1, gpu_list=[])  # fmt: skip
     assert (facts["family"], c.precision, c.cuda_graph, c.min_snr_gamma) == ("sd3", "fp16", "off", None)
+    # past SD3's learned position table (the tiny model's ends at 256 px) the step would fail deep in diffusers
+    r = cli("train", "full", "--steps", "1", "--resolution", "512", "--allow-resolution",
+            env={**ENV, "FASTSD_HOME": str(home)})  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "fastsd: error: 512 px is beyond this sd3 model's position table (256 px): use --resolution 256 or lower"
+    ]
 
 
 def test_sigmas_follow_the_schedulers_shift(tiny_flux):

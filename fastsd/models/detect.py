@@ -559,12 +559,19 @@ def diffusers_family(model: str | os.PathLike[str]) -> dict[str, Any]:
                 f"base model {model} is a transformer folder only: pass the whole SD3/FLUX Diffusers folder"
             )
         det = _detect_folder(root)
-        return {
+        facts = {
             "family": det.family,
             "prediction_type": "flow_matching",
             "native_resolution": native_resolution(det.family),
             "variant": det.variants[0] if det.variants else "",
         }
+        transformer = _json(root / "transformer" / "config.json")
+        vae_cfg = root / "vae" / "config.json"
+        if transformer.get("pos_embed_max_size") and vae_cfg.is_file():  # SD3's learned position table
+            scale = 2 ** (len(_json(vae_cfg).get("block_out_channels", (0,) * 4)) - 1)  # Medium 6144 px, Large 3072
+            patch = int(transformer.get("patch_size", 2))
+            facts["max_resolution"] = int(transformer["pos_embed_max_size"]) * patch * scale
+        return facts
     if not unet_cfg.is_file():
         raise UserInputError(
             f"base model {model} is not a Diffusers folder (no unet/config.json): "

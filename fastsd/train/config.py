@@ -254,6 +254,11 @@ def resolve(
         family=facts["family"],
         allow_above=c.allow_resolution,
     )
+    if facts.get("max_resolution") and c.resolution > facts["max_resolution"]:
+        raise UserInputError(
+            f"{c.resolution} px is beyond this {facts['family']} model's position table ({facts['max_resolution']} px): "
+            f"use --resolution {facts['max_resolution']} or lower"
+        )
 
     preset_name = detect_preset(gpu_list) if c.gpu == "auto" else c.gpu
     if preset_name not in PRESETS:
