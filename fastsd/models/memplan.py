@@ -171,7 +171,7 @@ def room_for_graph(plan: MemoryPlan, family: str, vram_gib: float) -> bool:
     the memory that pool strands (:data:`GRAPH_FRAGMENTATION_GIB`).
 
     Under a T4's memory the pool beside a tight plan ran the second 1024 px image out of memory (SD3.5
-    Medium fp16-t5i8, FLUX.1-dev nf4); FLUX.1 nf4 run eagerly fitted (14.03 GiB of a 14.74 GiB cap).
+    Medium fp16-t5i8, FLUX.1-dev nf4); FLUX.1 in nf4, run eagerly, fitted (14.03 GiB of a 14.74 GiB cap).
     """
     need = plan.vram_gib + GRAPH_POOL_GIB[family] + GRAPH_FRAGMENTATION_GIB
     return plan.offload == "none" and need <= vram_gib * HEADROOM

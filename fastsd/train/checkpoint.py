@@ -236,11 +236,12 @@ class Saver:
         from ..runtime import ram_gb
 
         size = tensor_bytes(weights) + tensor_bytes(optimizer)
-        room = ram_gb()["available_gb"] * 2**30 >= size + max(HOST_HEADROOM_BYTES, size // 2)
+        need, free = size + max(HOST_HEADROOM_BYTES, size // 2), ram_gb()["available_gb"] * 2**30
+        room = free >= need
         if not (wait or room or self._said_no_room):
             self._said_no_room = True
             log.info("checkpoints are written in place: a host copy needs %.1f GiB and %.1f GiB is free",
-                     (size + max(HOST_HEADROOM_BYTES, size // 2)) / 2**30, ram_gb()["available_gb"])  # fmt: skip
+                     need / 2**30, free / 2**30)  # fmt: skip
         if wait or not room:
             on_listed(save_to_session(session, step, keep, weights=weights, optimizer=optimizer, state=state,
                                       noise_gen=noise_gen))  # fmt: skip
