@@ -95,7 +95,7 @@ def gpus() -> list[GPU]:
             free, total = torch.cuda.mem_get_info(i)
         except RuntimeError:
             free, total = 0, props.total_memory
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d=None: 1.0)(i)
+        fraction = _memory_fraction(torch, i)
         if fraction < 1.0:
             total = int(fraction * total)
             free = min(free, max(0, total - torch.cuda.memory_reserved(i)))
@@ -113,6 +113,11 @@ def gpus() -> list[GPU]:
     return found
 
 
+def _memory_fraction(torch: Any, index: int) -> float:
+    """The per-process cap on card ``index`` as a share of it (1.0 uncapped, or on a torch without the getter)."""
+    return getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d=None: 1.0)(index)
+
+
 def usable_vram_bytes(device: Any = None) -> int:
     """Bytes of GPU memory this process can still allocate: free on the card plus its own cached blocks,
     and never more than a per-process cap (``torch.cuda.set_per_process_memory_fraction``) leaves.
@@ -128,8 +133,7 @@ def usable_vram_bytes(device: Any = None) -> int:
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     cached = torch.cuda.memory_reserved(device) - allocated
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d=None: 1.0)(device)
-    cap = fraction * total
+    cap = _memory_fraction(torch, device) * total
     return int(max(0, min(free + cached, cap - allocated)))
 
 

@@ -161,6 +161,31 @@ def test_a_t4_replays_the_denoiser_only_where_the_plan_leaves_room_for_its_graph
     assert not memplan.room_for_graph(memplan.choose_plan("sd3", "large", 8, 64), "sd3", 8)  # offloaded
 
 
+def test_a_capped_card_plans_as_the_card_it_emulates(monkeypatch):
+    """set_per_process_memory_fraction on an H200 (how a T4 is emulated, or room kept for another model)."""
+    import types
+
+    import torch
+
+    from fastsd.webui import memory
+
+    gib, fraction = 2**30, 14.5 / 139.8
+    props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=int(139.8 * gib))
+    for name, fake in {
+        "is_available": lambda: True,
+        "device_count": lambda: 1,
+        "get_device_properties": lambda i: props,
+        "mem_get_info": lambda i: (int(139 * gib), props.total_memory),
+        "get_per_process_memory_fraction": lambda i: fraction,
+        "memory_reserved": lambda i=None: 0,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake, raising=False)
+    assert memory.vram_gib() == 14.5
+    vram, _, bf16 = memplan.machine()
+    plan = memplan.choose_plan("flux", "dev", vram, 12.7, bf16=bf16)
+    assert plan.transformer == "nf4" and not memplan.room_for_graph(plan, "flux", vram)
+
+
 def test_plans_follow_the_machine():
     assert memplan.choose_plan("flux", "dev", 80, 200, bf16=True).name == "fp16"
     assert memplan.choose_plan("flux", "dev", 80, 200, bf16=True).transformer == "bf16"
