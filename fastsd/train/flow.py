@@ -16,6 +16,7 @@ and the T5 encoder is then freed.
 
 from __future__ import annotations
 
+import functools
 import gc
 from dataclasses import dataclass
 from typing import Any
@@ -171,12 +172,11 @@ class FlowModel:
         self._load_transformer = lambda: model_cls.from_pretrained(
             folder, subfolder="transformer", torch_dtype=dtype, **quant
         )
-        self._transformer: Any = None
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
         for m in [self.vae, *self.text_encoders]:
             m.requires_grad_(False)
 
-    @property
+    @functools.cached_property
     def transformer(self) -> Any:
         """The transformer, frozen, loaded on first use.
 
@@ -184,9 +184,7 @@ class FlowModel:
         the loop embeds the prompts and frees T5 first, so on a T4 the two never share its 15 GB
         (FLUX.1: T5 9.5 GB + the NF4 transformer 6.7 GB), and the host never holds both.
         """
-        if self._transformer is None:
-            self._transformer = self._load_transformer().requires_grad_(False)
-        return self._transformer
+        return self._load_transformer().requires_grad_(False)
 
     @property
     def denoiser(self) -> Any:

@@ -15,6 +15,7 @@ the device, and the VAE and frozen text encoders leave the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -135,13 +136,12 @@ def train(
     if not isinstance(session, Session):
         session = Session.open(str(session), home)
     hooks = _Hooks(on_sample, on_log, on_models)
-    if int(os.environ.get("RANK", "0")) != 0:
-        # data-parallel workers only read the session; rank 0 writes it and holds its lock
-        with gpuwarm.attention_restored():
-            return _train(session, config or TrainConfig(), hooks)
-    # The lock is held for the whole run (a heartbeat thread keeps it fresh during long steps),
-    # so a second training, an add or a 'session rm' is refused instead of racing the trainer.
-    with session.lock(force=force, command="fastsd train"), gpuwarm.attention_restored():
+    # Rank 0 holds the session's lock for the whole run (a heartbeat thread keeps it fresh during long
+    # steps), so a second training, an add or a 'session rm' is refused instead of racing the trainer;
+    # data-parallel workers only read the session.
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock = session.lock(force=force, command="fastsd train") if main else contextlib.nullcontext()
+    with lock, gpuwarm.attention_restored():
         try:
             return _train(session, config or TrainConfig(), hooks)
         except torch.OutOfMemoryError as err:  # outside a step (caching, capture, sampling, export): one line too

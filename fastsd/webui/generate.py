@@ -300,14 +300,14 @@ class PipelineManager:
             pipe.enable_sequential_cpu_offload(device=self.device)
         elif not self.memory["cpu_offload"]:
             pipe.to(self.device)
-        self._apply_fast_path()
+        self._apply_fast_path(vram)
 
-    def _apply_fast_path(self) -> None:
+    def _apply_fast_path(self, vram: float) -> None:
         """Replay the denoiser from CUDA graphs unless turned off, offloaded, or (SD3/FLUX on "auto") the
         memory plan leaves no room for the graph's pool (see :mod:`.fastpath`)."""
         wanted = self.options.get("fastsd_cuda_graph", "auto")
         if wanted == "auto" and self.plan is not None and self.device.startswith("cuda"):
-            wanted = memplan.room_for_graph(self.plan, self.family, memory.vram_gib())
+            wanted = memplan.room_for_graph(self.plan, self.family, vram)
             if not wanted:
                 log.info("the %s plan leaves no room for the denoiser's CUDA graph: it runs eagerly", self.plan.name)
         if wanted is not False and self.device.startswith("cuda") and not self.memory.get("cpu_offload"):
