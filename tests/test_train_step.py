@@ -139,3 +139,31 @@ def test_samples_are_seeded_named_by_step_and_the_cached_prompt_renders_as_the_t
     cached = sampling.sample_images(s, models, c, 4, text, cpu)
     for a, b in zip(with_text, cached, strict=True):  # the embeddings path is the prompt's image
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+
+
+def test_small_budgets_decode_large_samples_in_tiles_and_leave_the_vae_as_it_was(tiny_sdxl):
+    """On the T4 preset an SDXL sample's fp32 decode (5.1 GiB at 1024 px) was the run's peak: a budget where the
+    built-in UI tiles its VAE decodes training samples in 512 px tiles, blended into the same image size."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    cuda = torch.device("cuda")
+    assert sampling.tiled_decode_for(SimpleNamespace(vram_budget_gb=14.0), "sdxl", cuda)  # the T4 preset
+    assert not sampling.tiled_decode_for(SimpleNamespace(vram_budget_gb=72.0), "sdxl", cuda)  # an H100
+    assert not sampling.tiled_decode_for(SimpleNamespace(vram_budget_gb=14.0), "sdxl", torch.device("cpu"))
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae").eval()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = sampling.TILE_PX * 2
+    lat = torch.randn(
+        1, vae.config.latent_channels, size // factor, size // factor, generator=torch.Generator().manual_seed(0)
+    )
+    before = vae.tile_sample_min_size, vae.tile_latent_min_size
+    calls = []
+    real = vae.tiled_decode
+    vae.tiled_decode = lambda z, **kw: calls.append(z.shape) or real(z, **kw)
+    with torch.no_grad():
+        whole, tiled = sampling._decode(vae, lat, False), sampling._decode(vae, lat, True)
+    assert calls and whole.shape == tiled.shape == (1, 3, size, size) and torch.isfinite(tiled).all()
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == before
