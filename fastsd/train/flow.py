@@ -161,11 +161,14 @@ class FlowModel:
 
         from ..models.memplan import transformer_quantization  # the quantization generation uses too
 
-        self.family, self.folder, self.nf4 = family, folder, nf4
+        self.family, self.folder, self.nf4, self.dtype = family, folder, nf4, dtype
         pipe_cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
-        base = pipe_cls.from_pretrained(folder, transformer=None, vae=None, torch_dtype=dtype)
+        t5_name = T5_COMPONENT[family]
+        # T5 is left out here and loaded where it runs (text_encoders_to): see _load_t5
+        base = pipe_cls.from_pretrained(folder, transformer=None, vae=None, torch_dtype=dtype, **{t5_name: None})
         self.pipe_cls = pipe_cls
         self.text_parts = {k: v for k, v in base.components.items() if k.startswith(("text_encoder", "tokenizer"))}
+        self.t5_state = "not loaded"  # then "loaded", then "freed" once every prompt is embedded
         self.noise_scheduler = base.scheduler
         model_cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
         quant = {"quantization_config": transformer_quantization("nf4", dtype)} if nf4 else {}
@@ -203,8 +206,29 @@ class FlowModel:
         return {"transformer": self.transformer}
 
     def text_encoders_to(self, device: torch.device | str) -> None:
+        if self.t5_state == "not loaded" and torch.device(device).type != "cpu":
+            self._load_t5(device)
         for te in self.text_encoders:
             te.to(device)
+
+    def _load_t5(self, device: torch.device | str) -> None:
+        """Load the T5 encoder straight onto ``device``, tensor by tensor.
+
+        Loaded on the host and then moved, T5-XXL (4.8 B parameters) is held whole in RAM: 9.5 GB in
+        16 bits, more while a bf16 file is cast to fp16 for a T4 (13.7 GiB anonymous RSS measured for
+        SD3.5 Medium under a T4's cap, 2026-12-03, against Colab's 12.7 GB). Streamed onto the GPU
+        the host holds one tensor at a time.
+        """
+        from transformers import T5EncoderModel
+
+        name = T5_COMPONENT[self.family]
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        where = {"device_map": {"": str(dev)}} if dev.type != "cpu" else {}
+        t5 = T5EncoderModel.from_pretrained(self.folder, subfolder=name, torch_dtype=self.dtype, **where)
+        self.text_parts[name] = t5.requires_grad_(False).eval()
+        self.t5_state = "loaded"
 
     def encode_prompts(self, prompts: list[str], device: torch.device, chunk: int = 8) -> dict[str, torch.Tensor]:
         """``{"prompt_embeds", "pooled"}`` of ``prompts`` through the pipeline's ``encode_prompt`` (no CFG)."""
@@ -226,6 +250,7 @@ class FlowModel:
     def free_t5(self, device: torch.device) -> None:
         """Drop the T5 encoder once every prompt is embedded (9.5 GB in 16 bits for the real models)."""
         self.text_parts[T5_COMPONENT[self.family]] = None
+        self.t5_state = "freed"
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -235,6 +260,8 @@ class FlowModel:
         the transformer left out, and so not loaded, for embedding prompts)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if with_text_encoders and self.t5_state == "not loaded":
+            self._load_t5("cpu")  # prior preservation renders class images before any prompt is embedded
         parts = dict(self.text_parts)
         if not with_text_encoders:
             parts = {k: (None if k.startswith("text_encoder") else v) for k, v in parts.items()}
