@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def capture(fn: Callable[[], Any], *, pool: Any = None) -> tuple[Any, Any]:
+def capture(fn: Callable[[], Any], *, pool: Any = None, stream: Any = None) -> tuple[Any, Any]:
     """``fn()`` captured into a new ``torch.cuda.CUDAGraph`` on a side stream: ``(graph, fn's output)``.
 
     Args:
         fn: the work to capture (warm it up first: its first calls allocate and set up libraries).
         pool: a memory pool to share with other graphs (``graph.pool()`` of one); default a new one.
+        stream: the side stream to capture on (the one ``fn`` was warmed up on); default a new one.
 
     Raises:
         Whatever the capture raised, once the pool of a capture that did not end is released: its
@@ -36,7 +37,7 @@ def capture(fn: Callable[[], Any], *, pool: Any = None) -> tuple[Any, Any]:
     if pool is None:  # made up front: graph.pool() needs an ended capture
         pool = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
+    stream = stream if stream is not None else torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         graph.capture_begin(pool=pool)

@@ -266,6 +266,24 @@ def test_capped_memory_lora_run_stays_under_its_budget(home, tiny_sd1):
     assert r.memory["process"]["reserved_gb"] <= 2.0
 
 
+def test_a_graph_released_for_mid_run_images_is_captured_again_with_the_same_updates(
+    home, tiny_sd1, monkeypatch, deterministic
+):
+    """Where the budget has no room for sample images beside the step's graph pool, the loop releases the
+    graph before them and captures it again after: the run trains as one that kept its graph."""
+    from fastsd.train import memory
+
+    cfg = {"method": "lora", "te_steps": 0, "unet_steps": 10, "optimizer": "adamw_fused", "unet_lr": 1e-3,
+           "sample_every": 5, "sample_prompts": ["a photo"], "sample_steps": 2}  # fmt: skip
+    kept, r_kept = _train(monkeypatch, home, tiny_sd1, "kept", "on", **cfg)
+    monkeypatch.setattr(memory, "room_for_images", lambda **kw: False)
+    released, r_rel = _train(monkeypatch, home, tiny_sd1, "released", "on", **cfg)
+    assert r_kept.plan.cuda_graph_captures == 1 and r_rel.plan.cuda_graph_captures == 2
+    assert not r_rel.plan.images_beside_graph and len(r_rel.samples) == len(r_kept.samples) > 0
+    cos = _update_cosines(_base_unet(tiny_sd1), kept, released)
+    assert cos and cos[0][1] > 0.999, cos[:3]
+
+
 def test_builtin_ui_denoiser_graph_matches_eager_and_follows_loras(home, tiny_sdxl, deterministic):
     """The built-in UI replays the UNet from CUDA graphs by default: same images as eager, one
     capture per shape, and a LoRA change drops the graphs (they baked in the old adapters)."""

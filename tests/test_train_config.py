@@ -42,6 +42,17 @@ def test_t4_preset_is_fp16_8bit_and_overridable(tiny_sd1):
     assert (c.unet_steps, c.te_steps, c.unet_lr) == (1000, 0, 1e-4)
 
 
+def test_a_preset_budget_is_never_more_than_the_card_has(tiny_sd1):
+    """A 12 GB RTX card matches the L4 preset (bf16, under 38 GB), whose 21 GiB budget it does not have."""
+    c, facts = resolve(TrainConfig(model=str(tiny_sd1)), gpu_list=[_gpu("NVIDIA GeForce RTX 3060", 12.0)])
+    assert (c.gpu, c.vram_budget_gb, facts["optimizer_from_preset"]) == ("l4", 11.4, True)
+    c, _ = resolve(TrainConfig(model=str(tiny_sd1)), gpu_list=[_gpu("Tesla T4", 14.75, bf16=False)])
+    assert c.vram_budget_gb == 14.0  # the T4 preset's own
+    c, facts = resolve(TrainConfig(model=str(tiny_sd1), vram_budget_gb=30, optimizer="adamw"),
+                       gpu_list=[_gpu("NVIDIA GeForce RTX 3060", 12.0)])  # fmt: skip
+    assert c.vram_budget_gb == 30 and not facts["optimizer_from_preset"]  # what the user sets is kept
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -76,7 +87,8 @@ def test_sdxl_full_rules(tiny_sdxl):
 
 def test_sd2_768_is_v_prediction(tiny_sd2):
     c, facts = resolve(TrainConfig(model=str(tiny_sd2)), gpu_list=[])
-    assert facts == {"family": "sd2", "prediction_type": "v_prediction", "native_resolution": 768}
+    assert facts == {"family": "sd2", "prediction_type": "v_prediction", "native_resolution": 768,
+                     "optimizer_from_preset": True}  # fmt: skip
     assert c.resolution == 768
 
 

@@ -202,7 +202,18 @@ def test_planner_matches_h100_measurements():
     sdxl = memory.plan(budget_gb=10, family_key="sdxl", pixels_ratio=1, batch=1, trainable=2_900_000,
                        frozen_bytes=int(4.8 * gib), optimizer="adamw_fused", low_precision=True,
                        allow_in_backward=True, checkpointing="auto", fused_backward=None)  # fmt: skip
-    assert sdxl["checkpoint_fraction"] >= 0.6 and sdxl["estimate_gb"] <= 10
+    assert sdxl["checkpoint_fraction"] >= 0.6 and sdxl["estimate_gb"] <= 10 - memory.fragmentation_gib(10)
+
+
+def test_a_tight_budget_keeps_no_graph_pool_beside_sample_images():
+    """Under a hard 10 GiB cap an SDXL LoRA run's sample image ran out of memory beside the step's CUDA-graph
+    pool (1.95 GiB, H200 2026-12-03): the plan has the loop release the graph for images; a large budget keeps it."""
+    assert memory.fragmentation_gib(9) == 0.5 and memory.fragmentation_gib(72) == pytest.approx(3.6)
+    tight = {"family_key": "sdxl", "pixels_ratio": 1.0, "budget_gb": 10}
+    assert not memory.room_for_images(estimate_gb=8.5, **tight)
+    assert memory.room_for_images(estimate_gb=8.5, **{**tight, "budget_gb": 72})
+    assert memory.room_for_images(estimate_gb=3.0, family_key="sd1", pixels_ratio=1.0, budget_gb=9)
+    assert memory.room_for_images(estimate_gb=50.0, family_key="sd1", pixels_ratio=1.0, budget_gb=None)  # no budget
 
 
 def test_lowmem_chunked_update_equals_whole_update(monkeypatch):
@@ -291,3 +302,91 @@ def test_flow_training_turns_cudnn_attention_off_and_gives_it_back(home, tiny_sd
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
     assert seen == {"unet": before, "flux": False}
     assert gpuwarm.start_warmup(torch.device("cpu"), torch.float32) is None  # nothing to load on a CPU
+
+
+def _oom_once(monkeypatch, owner, name):
+    """Make ``owner.name`` raise CUDA out of memory on its first call, as a too-tight first step does."""
+    real, calls = getattr(owner, name), []
+
+    def once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, once)
+
+
+def test_a_graph_run_out_of_memory_in_its_first_forward_retries_with_full_checkpointing(home, tiny_sd1, monkeypatch):
+    """The first (eager warm-up) step of a graphed run that runs out of memory before the optimizer touched
+    a weight is retried with every block checkpointed, as an eager run's is (it failed outright under a
+    hard 9 GiB cap on an H200, 2026-12-03)."""
+    from fastsd.train import step
+
+    _oom_once(monkeypatch, step, "loss_of")
+    cfg = {"method": "lora", "te_steps": 0, "unet_steps": 2, "optimizer": "adamw_fused"}
+    _, _, plan = _trained(monkeypatch, home, tiny_sd1, "retry", cfg, force_graph=True)
+    assert plan.cuda_graph is True and plan.checkpoint_fraction == 1.0 and plan.checkpointed_blocks > 0
+
+
+def test_out_of_memory_inside_the_optimizer_step_is_not_retried(home, tiny_sd1, monkeypatch):
+    """Half-updated weights cannot be trained on: out of memory in the optimizer is the one-line error."""
+    from fastsd.errors import FastsdError
+    from fastsd.train import optim
+
+    _oom_once(monkeypatch, optim.Optim, "step")
+    cfg = {"method": "lora", "te_steps": 0, "unet_steps": 2, "optimizer": "adamw_fused"}
+    with pytest.raises(FastsdError, match=r"^CUDA out of memory at step 0 .*: try ") as err:
+        _trained(monkeypatch, home, tiny_sd1, "no-retry", cfg, force_graph=True)
+    assert "state saved" not in str(err.value)
+
+
+def _plan_for(tiny_sd1, monkeypatch, *, optimizer, from_preset, budget, precision="bf16", cuda_graph="auto"):
+    """make_plan for an SD1.5-sized full fine-tune (860 M trained weights) on a CUDA device of ``budget`` GiB."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from fastsd.train import optim, plan
+
+    monkeypatch.setattr(optim, "resolve_kind", lambda kind, device: kind)  # as with bitsandbytes on a GPU
+    c = SimpleNamespace(method="full", vram_budget_gb=budget, resolution=512, batch_size=1, prior_preservation=False,
+                        optimizer=optimizer, precision=precision, grad_accum=1, gradient_checkpointing="auto",
+                        fused_backward=None, cuda_graph=cuda_graph, channels_last=False, compile="off", lora_rank=4,
+                        sample_every=0, export_every=0)  # fmt: skip
+    facts = {"native_resolution": 512, "family": "sd1", "optimizer_from_preset": from_preset}
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
+    scaler = object() if precision == "fp16" else None
+    return plan.make_plan(c, facts, unet, trainable=859_520_964, device=torch.device("cuda"), world=1,
+                          bucketed=False, scaler=scaler)  # fmt: skip
+
+
+def test_a_presets_fp32_adamw_that_cannot_fit_the_budget_becomes_adamw_lowmem(tiny_sd1, monkeypatch):
+    """A capped 10 GiB H200 got the H100 preset's fused AdamW (8 bytes of state per weight) and ran out of memory
+    at step 2 (2026-12-04); the plan now takes 8-bit moments and says so."""
+    p = _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_fused", from_preset=True, budget=10.0)
+    assert p.optimizer == "adamw_lowmem" and p.estimate_gb <= 10
+    assert any("instead of the preset's adamw_fused" in n for n in p.notes)
+    roomy = _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_fused", from_preset=True, budget=72.0)
+    assert roomy.optimizer == "adamw_fused" and not roomy.notes
+
+
+def test_a_run_that_cannot_fit_its_budget_is_refused_in_one_line(tiny_sd1, monkeypatch):
+    from fastsd.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"^this run needs about 1\d\.\d GiB of VRAM, over its --vram-budget of "
+                                             r"10 GiB .*--optimizer adamw_lowmem, or --method lora"):  # fmt: skip
+        _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_fused", from_preset=False, budget=10.0)  # the user's choice
+    with pytest.raises(UserInputError, match="over its --vram-budget of 5 GiB"):
+        _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_lowmem", from_preset=False, budget=5.0)
+
+
+def test_a_graphed_fp16_full_fine_tune_counts_its_gradients_beside_its_activations(tiny_sd1, monkeypatch):
+    """The T4 preset's SD1.5 full fine-tune, graphed, reserved 13.7 GiB where the eager rule (the peak holds the
+    casts and activations or the gradients) estimated 9.3 (H200, 2026-12-04): a graph's pool keeps both."""
+    graphed = _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_lowmem", from_preset=False, budget=14.0,
+                        precision="fp16")  # fmt: skip
+    eager = _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_lowmem", from_preset=False, budget=14.0,
+                      precision="fp16", cuda_graph="off")  # fmt: skip
+    assert graphed.cuda_graph and not eager.cuda_graph
+    assert graphed.estimate_gb - eager.estimate_gb > 2.5 and 11.0 < graphed.estimate_gb <= 14.0

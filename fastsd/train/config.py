@@ -167,6 +167,22 @@ class TrainConfig:
         return asdict(self)
 
 
+#: VRAM a budget taken from a preset leaves to the CUDA context and libraries (a T4's 14.6 GiB: the T4 preset's 14).
+CONTEXT_GIB = 0.6
+
+
+def preset_budget(preset: dict[str, Any], gpu_list: list[Any]) -> float | None:
+    """A preset's VRAM budget, never more than this GPU has.
+
+    The presets name a GPU class, and a card is matched by name or else by bf16 and size: an RTX
+    card of 12 or 16 GB gets the L4 preset, whose 21 GiB budget it does not have.
+    """
+    budget = preset["vram_budget_gb"]
+    if budget is None or not gpu_list:
+        return budget
+    return min(budget, round(gpu_list[0].vram_total_gb - CONTEXT_GIB, 1))
+
+
 def detect_preset(gpu_list: list[Any] | None = None) -> str:
     """GPU preset name from the first CUDA GPU: ``t4``, ``l4``, ``a100``, ``h100`` or ``cpu``."""
     if gpu_list is None:
@@ -260,6 +276,10 @@ def resolve(
             f"use --resolution {facts['max_resolution']} or lower"
         )
 
+    if gpu_list is None:
+        from ..runtime import gpus
+
+        gpu_list = gpus()
     preset_name = detect_preset(gpu_list) if c.gpu == "auto" else c.gpu
     if preset_name not in PRESETS:
         raise UserInputError(f"unknown GPU preset {c.gpu!r}: use auto or one of {', '.join(PRESETS)}")
@@ -267,10 +287,11 @@ def resolve(
     c.gpu = preset_name
     if c.precision == "auto":
         c.precision = preset["precision"]
+    facts["optimizer_from_preset"] = c.optimizer == "auto"  # the planner may then pick a leaner one
     if c.optimizer == "auto":
         c.optimizer = preset["optimizer"]
     if c.vram_budget_gb is None:
-        c.vram_budget_gb = preset["vram_budget_gb"]
+        c.vram_budget_gb = preset_budget(preset, gpu_list)
 
     if c.method == "auto":  # the model decides: flow-matching transformers train as LoRAs only
         c.method = "lora" if facts["family"] in LORA_ONLY_FAMILIES else "full"

@@ -16,6 +16,7 @@ the device, and the VAE and frozen text encoders leave the GPU.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -292,11 +293,16 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = autotune(total - start, plan.cuda_graph)
     gpuwarm.finish_warmup(warming)
+    if device.type == "cuda":  # what caching left cached goes back: the steps allocate on their own stream
+        gc.collect()
+        torch.cuda.empty_cache()
     meter.start("first_step")
     t0 = time.perf_counter()
     t_log, steps_at_log = t0, start
     mid_update = False
     retried_oom = False
+    up: step.Update | None = None
+    runner: graph.GraphStep | None = None
     try:
         for phase, p_start, p_end in phases:
             if at >= p_end:
@@ -313,13 +319,15 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                     break
                 up.opt.set_lr(optim.lr_factor(at - p_start, p_end - p_start, c.lr_schedule, c.warmup_steps))
                 try:
-                    mid_update = up.opt.in_backward or runner is not None  # a graph step updates as it goes
+                    mid_update = up.opt.in_backward  # the in-backward optimizer updates as backward goes
                     for micro in range(c.grad_accum):
                         run.noise_gen.manual_seed(step.seed_for(c.seed, at, micro, rank))
                         inp = step.draw_inputs(
                             d, run.text, den, run.noise_gen, (at * c.grad_accum + micro) * world + rank
                         )
                         if runner is not None:
+                            # a replay updates the weights as it goes; an eager warm-up step says when (up.updating)
+                            mid_update = mid_update or runner.captured
                             loss_sum += runner(inp.flat())  # forward, backward and optimizer step: one replay
                             continue
                         with autocast:
@@ -332,6 +340,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                         step.eager_update(up)
                     mid_update = False
                 except torch.OutOfMemoryError:
+                    mid_update = mid_update or up.updating
                     if not retried_oom and at == start and c.gradient_checkpointing == "auto" and not mid_update:
                         # the estimate was too optimistic: checkpoint everything and try the step again
                         retried_oom = True
@@ -370,7 +379,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                         hooks.on_log(at, {**info, "phase": phase})
                 if c.save_every and at % c.save_every == 0 and at < total:
                     _save_state(run, at, wait=False)  # written while the next steps run
-                if c.sample_every and at % c.sample_every == 0:
+                if c.sample_every and at % c.sample_every == 0 and at < total:  # the last step's: after the steps
                     _sample(run, hooks, at)
                 if c.export_every and at % c.export_every == 0 and at < total:
                     _export(run, at)
@@ -387,6 +396,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                 run.saver.wait(raise_error=sys.exc_info()[1] is None)
 
     # ---- 7. finish: state, exports, summary
+    del up, runner  # run.up / run.runner own them: _steps_over frees them before the images and the export
     meter.stop()
     result.seconds = time.perf_counter() - t0
     result.steps = at
@@ -409,7 +419,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     else:
         if main and c.save_final and (not result.checkpoints or not result.checkpoints[-1].endswith(f"{at:06d}")):
             _save_state(run, at)
-        if c.sample_every and at % c.sample_every:
+        _steps_over(run)
+        if c.sample_every:
             _sample(run, hooks, at)
         _export(run, at)
     meter.stop()
@@ -419,7 +430,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
         meter.peaks["process"] = meter.process_peak()
     plan.checkpoints_in_background = run.saver.in_background
     if run.runner is not None:
-        plan.cuda_graph_captured = run.runner.captured
+        plan.cuda_graph_captured = run.runner.captures > 0
+        plan.cuda_graph_captures = run.runner.captures
         if run.runner.failed:
             plan.cuda_graph_failed = run.runner.failed[:300]
     run.tlog.close(session.logs_dir)
@@ -594,9 +606,33 @@ def _save_state(run: _Run, at: int, wait: bool = True) -> None:
         )
 
 
+def _steps_over(run: _Run) -> None:
+    """No step follows: the graph's pool, the gradients and the optimizer's state leave the GPU.
+
+    The last state is saved (or handed to the writer as a host copy) by now, so the final images
+    and the export run in the memory the steps held (a full SD1.5 state in fused AdamW: 6.4 GB).
+    """
+    if run.runner is not None:
+        run.runner.release()
+    if run.up is not None:
+        run.up.clear_grads()
+        run.up.opt.close()
+        run.up = None
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _between_steps(run: _Run) -> None:
+    """Before images or an export in the middle of a run: release the graph's pool when the budget has no room beside it."""
+    if run.runner is not None and not run.result.plan.images_beside_graph:
+        run.runner.release()  # the next step captures again (about a second)
+
+
 def _sample(run: _Run, hooks: _Hooks, at: int) -> None:
     if not run.main or not run.c.sample_prompts:
         return
+    _between_steps(run)
     with run.meter.phase("sample"):
         paths = sampling.sample_images(run.session, run.models, run.c, at, run.text, run.device)
     run.result.samples.extend(paths)
@@ -608,6 +644,7 @@ def _export(run: _Run, at: int) -> None:
     if not run.main or not run.c.export:
         return
     run.saver.wait()  # the session's manifest has one writer at a time
+    _between_steps(run)
     with run.meter.phase("export"):
         file = export_step(run.session, run.models, run.c, at, run.device, te_trained=run.parts.te_train,
                            te_frozen=run.text.frozen)  # fmt: skip

@@ -24,6 +24,16 @@ GIB = 1024**3
 ACTIVATIONS_GIB = {"sd1": 2.0, "sd2": 2.0, "sd2-v": 4.5, "sdxl": 11.7, "sd3": 8.0, "flux": 18.0}
 #: (sd3, flux: not measured yet, rough guesses at 1024 px LoRA so that the planner checkpoints on small
 #: GPUs; a GPU run should replace them with the peaks of ``fastsd train --json``.)
+#: What the allocator reserves beyond what is allocated, kept out of the budget the planner fills: max of
+#: this many GiB and :data:`FRAGMENTATION_SHARE` of the budget. Measured as reserved less allocated over a
+#: first (eager) step on an H200 (2026-12-03): SD1.5 LoRA 0.24, SDXL LoRA 0.34, SD1.5 full 0.56 GiB.
+FRAGMENTATION_GIB = 0.5
+FRAGMENTATION_SHARE = 0.05
+#: VRAM (GiB) one sample image takes beside the training state at the family's native resolution,
+#: batch 1: the denoiser's inference activations and the VAE decode (fp32 where the VAE must be).
+#: Measured on an H200 (2026-12-03) as the sample phase's allocated peak less the steps': SD1.5 LoRA
+#: 0.76 at 512 px, SDXL LoRA on the T4 preset 4.3 at 1024 px. sd2-v/sd3/flux: scaled guesses.
+IMAGE_GIB = {"sd1": 0.8, "sd2": 0.8, "sd2-v": 1.8, "sdxl": 4.3, "sd3": 4.3, "flux": 5.0}
 #: Fraction of activation memory that remains with every block checkpointed.
 CHECKPOINTED_FRACTION = 0.2
 #: Optimizer state bytes per trainable parameter.
@@ -43,8 +53,13 @@ def plan(
     allow_in_backward: bool,
     checkpointing: str,
     fused_backward: bool | None,
+    graphed: bool = False,
 ) -> dict[str, Any]:
     """Choose checkpointing fraction (0..1) and in-backward stepping for a VRAM budget.
+
+    ``graphed``: the step is a CUDA graph replay, whose pool keeps every block the step ever held
+    (the casts and activations freed in backward are not reused for the gradients), so the peak
+    counts the gradients in full.
 
     Returns:
         ``{"checkpoint_fraction", "fused_backward", "estimate_gb"}``; with no budget (CPU) nothing
@@ -56,13 +71,15 @@ def plan(
     def fixed(in_backward: bool) -> float:
         # the 16-bit weight casts are freed as backward consumes them while the gradients appear, so
         # (measured) the peak holds either casts + activations or the full gradients, not both
-        grads = 0 if in_backward else max(0.0, trainable * 4 - casts - act)
+        # (eager: measured; a graph's pool holds both: the SD1.5 full T4 preset reserved 13.7 GiB where the
+        # either-or estimate said 9.3, H200 2026-12-04)
+        grads = 0 if in_backward else trainable * 4 if graphed else max(0.0, trainable * 4 - casts - act)
         return trainable * (4 + STATE_BYTES.get(optimizer, 8)) + grads + casts + frozen_bytes
 
     in_backward = bool(fused_backward) and allow_in_backward
     fraction = {"on": 1.0, "off": 0.0}.get(checkpointing, 0.0)
     if budget_gb is not None:
-        budget = budget_gb * GIB
+        budget = budget_gb * GIB - fragmentation_gib(budget_gb) * GIB
         if fused_backward is None and allow_in_backward and fixed(False) + act > budget:
             in_backward = True
         if checkpointing == "auto":
@@ -73,6 +90,24 @@ def plan(
                 fraction = round(min(1.0, fraction), 2)
     estimate = fixed(in_backward) + act * (1 - fraction * (1 - CHECKPOINTED_FRACTION))
     return {"checkpoint_fraction": fraction, "fused_backward": in_backward, "estimate_gb": round(estimate / GIB, 2)}
+
+
+def fragmentation_gib(budget_gb: float) -> float:
+    """The part of a VRAM budget the allocator's fragmentation takes (planned for nothing else)."""
+    return max(FRAGMENTATION_GIB, FRAGMENTATION_SHARE * budget_gb)
+
+
+def room_for_images(*, estimate_gb: float, budget_gb: float | None, family_key: str, pixels_ratio: float) -> bool:
+    """Whether sample images (or an export) between steps fit beside a CUDA graph's pool.
+
+    A captured step keeps its activations' pool reserved between replays, so what runs between two
+    steps needs its memory on top of the steps' (with eager steps it reuses their freed blocks).
+    Without the room the loop releases the graph first and captures again after.
+    """
+    if budget_gb is None:
+        return True
+    need = estimate_gb + IMAGE_GIB.get(family_key, 1.0) * pixels_ratio
+    return need <= budget_gb - fragmentation_gib(budget_gb)
 
 
 def _level_weights(unet: Any) -> list[tuple[float, Any]]:

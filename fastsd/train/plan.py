@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserInputError
 from ..models.registry import FLOW_FAMILIES
 from . import graph, memory, optim
 
@@ -40,15 +41,17 @@ class TrainPlan:
     cuda_graph: bool = False  # the step is a CUDA graph replay
     channels_last: bool = False
     cuda_graph_captured: bool | None = None  # after the run, when cuda_graph: whether capture happened
+    cuda_graph_captures: int | None = None  # after the run: captures (more than 1 when released for images)
     cuda_graph_failed: str | None = None  # why capture failed (the run went on eagerly)
     checkpoints_in_background: int | None = None  # after the run: states written on a thread (the rest in place)
+    images_beside_graph: bool = True  # mid-run samples/exports fit beside the graph's pool (else it is released)
     notes: list[str] = field(default_factory=list)  # choices the plan made for the user, and why
     qlora: bool = False  # SD3/FLUX: the frozen transformer is NF4 (bitsandbytes)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready keys; the after-the-run keys only once the run has ended."""
         out = asdict(self)
-        for key in ("cuda_graph_captured", "cuda_graph_failed", "checkpoints_in_background"):
+        for key in ("cuda_graph_captured", "cuda_graph_captures", "cuda_graph_failed", "checkpoints_in_background"):
             if out[key] is None:
                 del out[key]
         return out
@@ -86,37 +89,71 @@ def make_plan(
     bucketed: bool,
     scaler: Any,
 ) -> TrainPlan:
-    """Plan the run and apply its gradient checkpointing to ``unet`` (LoRA already added: its size counts)."""
+    """Plan the run and apply its gradient checkpointing to ``unet`` (LoRA already added: its size counts).
+
+    The optimizer is the one asked for, except: the T4 preset's bitsandbytes AdamW becomes
+    ``adamw_lowmem`` to graph its step (:func:`_lowmem_for_graph`), and a preset's fp32-state AdamW
+    (8 bytes per weight) becomes ``adamw_lowmem`` (2) when the budget cannot hold it otherwise.
+
+    Raises:
+        UserInputError: the run cannot fit its VRAM budget even so (one line naming what to change).
+    """
     full = c.method == "full"
     frozen_bytes = sum(p.numel() * p.element_size() for p in unet.parameters() if not full)
     family_key = "sd2-v" if facts["native_resolution"] == 768 else facts["family"]
-    estimate = memory.plan(
-        budget_gb=c.vram_budget_gb if device.type == "cuda" else None,
-        family_key=family_key,
-        pixels_ratio=(c.resolution / facts["native_resolution"]) ** 2,
-        batch=c.batch_size * (2 if c.prior_preservation else 1),
-        trainable=trainable,
-        frozen_bytes=frozen_bytes,
-        optimizer=c.optimizer,
-        low_precision=c.precision != "fp32",
-        allow_in_backward=scaler is None and c.grad_accum == 1 and world == 1,
-        checkpointing=c.gradient_checkpointing,
-        fused_backward=c.fused_backward,
-    )
-    p = TrainPlan(**estimate)
-    p.checkpointed_blocks = memory.apply_checkpointing(unet, p.checkpoint_fraction)
-    p.optimizer = optim.resolve_kind(c.optimizer, device)
-    p.precision = c.precision
-    p.bucketed = bucketed
+    budget = c.vram_budget_gb if device.type == "cuda" else None
+    ratio = (c.resolution / facts["native_resolution"]) ** 2
     blockers = partial(graph.blockers, device=device, precision=c.precision, grad_accum=c.grad_accum, world=world,
                        bucketed=bucketed)  # fmt: skip
-    if _lowmem_for_graph(c, p.optimizer, blockers):
-        p.optimizer = "adamw_lowmem"
-        p.notes.append(
+
+    def estimate_with(kind: str) -> dict[str, Any]:
+        return memory.plan(
+            budget_gb=budget,
+            family_key=family_key,
+            pixels_ratio=ratio,
+            batch=c.batch_size * (2 if c.prior_preservation else 1),
+            trainable=trainable,
+            frozen_bytes=frozen_bytes,
+            optimizer=kind,
+            low_precision=c.precision != "fp32",
+            allow_in_backward=scaler is None and c.grad_accum == 1 and world == 1,
+            checkpointing=c.gradient_checkpointing,
+            fused_backward=c.fused_backward,
+            graphed=c.cuda_graph != "off" and not blockers(optimizer=kind),
+        )
+
+    notes = []
+    kind = optim.resolve_kind(c.optimizer, device)
+    if _lowmem_for_graph(c, kind, blockers):
+        kind = "adamw_lowmem"
+        notes.append(
             "adamw_lowmem instead of bitsandbytes' adamw8bit (same 8-bit moments), which cannot be replayed in "
             "a CUDA graph (host step counter) nor skip an fp16 overflow on the device; --cuda-graph off keeps it"
         )
+    estimate = estimate_with(kind)
+    if budget and estimate["estimate_gb"] > budget and facts.get("optimizer_from_preset") and kind in FP32_STATE:
+        lean = estimate_with("adamw_lowmem")
+        notes.append(
+            f"adamw_lowmem (8-bit moments) instead of the preset's {kind}, whose 8 bytes of state per weight do not "
+            f"fit --vram-budget {budget:g} (about {estimate['estimate_gb']:.1f} GiB)"
+        )
+        kind, estimate = "adamw_lowmem", lean
+    if budget and estimate["estimate_gb"] > budget:
+        raise UserInputError(_over_budget(c, kind, estimate["estimate_gb"], budget))
+    p = TrainPlan(**estimate, notes=notes)
+    p.checkpointed_blocks = memory.apply_checkpointing(unet, p.checkpoint_fraction)
+    p.optimizer = kind
+    p.precision = c.precision
+    p.bucketed = bucketed
     p.cuda_graph = graph.decide(c.cuda_graph, blockers(optimizer=p.optimizer))
+    if p.cuda_graph:
+        p.images_beside_graph = memory.room_for_images(
+            estimate_gb=p.estimate_gb, budget_gb=budget, family_key=family_key, pixels_ratio=ratio
+        )
+        if not p.images_beside_graph and (c.sample_every or c.export_every):
+            p.notes.append(
+                "the graph is released for mid-run samples and exports (no room beside it) and captured again"
+            )
     p.channels_last = c.channels_last and facts["family"] not in FLOW_FAMILIES  # a transformer has no conv stack
     if p.channels_last and c.compile == "blocks":
         # compiled blocks + channels_last weights crashed on the H100 (inductor's stride asserts
@@ -124,6 +161,29 @@ def make_plan(
         p.channels_last = False
         log.info("channels_last is off with compile=blocks")
     return p
+
+
+#: Optimizers keeping fp32 moments (8 bytes per trained weight).
+FP32_STATE = ("adamw_fused", "adamw")
+
+
+def _over_budget(c: Any, kind: str, need_gb: float, budget_gb: float) -> str:
+    """The one line for a run that cannot fit its budget, naming the settings that would make it fit."""
+    tips = []
+    if c.gradient_checkpointing == "off":
+        tips.append("--gradient-checkpointing auto")
+    if kind in FP32_STATE:
+        tips.append("--optimizer adamw_lowmem")
+    if c.batch_size > 1:
+        tips.append("--batch-size 1")
+    if c.method == "full":
+        tips.append("--method lora")
+    tips.append(f"a lower --resolution than {c.resolution}")
+    return (
+        f"this run needs about {need_gb:.1f} GiB of VRAM, over its --vram-budget of {budget_gb:g} GiB "
+        f"(with {kind}{', every block checkpointed' if c.gradient_checkpointing != 'off' else ''}): "
+        f"try {', or '.join(tips)}"
+    )
 
 
 def _lowmem_for_graph(c: Any, kind: str, blockers: Any) -> bool:

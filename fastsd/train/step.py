@@ -228,6 +228,8 @@ class Update:
     foreach: bool  # clip with foreach kernels (CUDA)
     scaler: Any = None  # fp16: GradScaler (eager) or scaler.DeviceScaler (graphed)
     world: int = 1
+    #: the weights are being changed (an error now leaves a half-updated model: the step cannot be retried)
+    updating: bool = False
 
     def clear_grads(self) -> None:
         for p in self.trainables:
@@ -242,8 +244,10 @@ def graph_step(den: Denoiser, up: Update, autocast: Any, flat: dict[str, torch.T
     """
     with autocast:
         loss = loss_of(den, StepInputs.from_flat(flat))
+    up.updating = up.opt.in_backward  # the in-backward optimizer changes weights as the gradients appear
     (up.scaler.scale(loss) if up.scaler is not None else loss).backward()
     if not up.opt.in_backward:
+        up.updating = True
         if up.scaler is not None:
             up.scaler.unscale_(up.opt.opt)
         if up.max_grad_norm:
@@ -251,6 +255,7 @@ def graph_step(den: Denoiser, up: Update, autocast: Any, flat: dict[str, torch.T
         up.opt.step(up.scaler)
         if up.scaler is not None:
             up.scaler.update()
+    up.updating = False
     return loss.detach()
 
 
