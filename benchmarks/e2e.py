@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +98,7 @@ CASES: dict[str, dict] = {
         "steps": 150,
         "peer_steps": 30,
         "peer": ("train_dreambooth_lora_sd3.py", ["--learning_rate", "1e-4", "--rank", "4"]),
+        "peer_env": {"PEER_NO_CUDNN_SDPA": "1"},  # equal settings: fastsd trains SD3/FLUX without cuDNN attention
     },
     "flux1-dev-lora": {
         "kind": "flux1-dev",
@@ -104,6 +107,8 @@ CASES: dict[str, dict] = {
         "steps": 60,
         "peer_steps": 15,
         "peer": ("train_dreambooth_lora_flux.py", ["--learning_rate", "1e-4", "--rank", "4", "--cache_latents"]),
+        # its step 1 hit a CUDA illegal memory access on 2026-12-03; the same cuDNN attention fastsd avoids
+        "peer_env": {"PEER_NO_CUDNN_SDPA": "1"},
     },
     # cold first step with and without cuDNN autotuning (UNet only, 60 steps, no checkpoint/export)
     "first-step-autotune-on": {
@@ -129,6 +134,12 @@ CASES: dict[str, dict] = {
     "cap-sd15-lora-9": {"kind": "sd15", "res": 512, "cap": 9.0, "cfg": {"method": "lora", "vram_budget_gb": 9.0}},
     "cap-sdxl-lora-10": {"kind": "sdxl", "res": 1024, "cap": 10.0, "cfg": {"method": "lora", "vram_budget_gb": 10.0}},
     "cap-unet+te-14": {"kind": "sd15", "res": 512, "cap": 14.0, "cfg": {"method": "full", "vram_budget_gb": 14.0}},
+    "cap-sd15-full-fp16-14": {  # the T4 preset's SD1.5 full fine-tune (UNet + TE schedule); target: <= 9 GiB
+        "kind": "sd15",
+        "res": 512,
+        "cap": 14.5,
+        "cfg": {"method": "full", "precision": "fp16", "optimizer": "adamw_lowmem", "vram_budget_gb": 14.0},
+    },
     "cap-sdxl-lora-fp16-14": {  # the T4 preset's precision (8-bit moments in torch: no bitsandbytes here)
         "kind": "sdxl",
         "res": 1024,
@@ -194,8 +205,16 @@ def fastsd(*args: str, env: dict | None = None) -> tuple[float, str]:
     return time.perf_counter() - t, p.stdout
 
 
-def run_fastsd(name: str, case: dict, model: Path, imgs: Path, home: Path, steps: int | None) -> dict:
+def fresh_session(name: str, home: Path) -> str:
+    """The case's session name, any earlier run's session of that name removed (a re-run in the same workdir)."""
     sess = name.replace("+", "_")
+    if (home / "sessions" / sess).exists():
+        fastsd("session", "rm", sess, "--root", str(home), "--yes")
+    return sess
+
+
+def run_fastsd(name: str, case: dict, model: Path, imgs: Path, home: Path, steps: int | None) -> dict:
+    sess = fresh_session(name, home)
     t_new, _ = fastsd("session", "new", sess, "--root", str(home), "--base-model", str(model),
                       "--resolution", str(case["res"]))  # fmt: skip
     t_add, _ = fastsd("session", "add", sess, str(imgs), "--root", str(home), "--crop", "center")
@@ -250,7 +269,8 @@ def run_peer(name: str, case: dict, model: Path, imgs: Path, work: Path, peer_di
         "--train_batch_size", "1", "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
         "--mixed_precision", "no" if case.get("small") else "bf16", "--seed", "42", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **case.get("peer_env", {})}  # fmt: skip
     t = time.perf_counter()
     p = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "peer_run.py"), str(result), str(peer_dir / script), *args],
@@ -288,7 +308,7 @@ def fp32_copy(model: Path, folder: Path, emit) -> Path:
 
 def run_cap(name: str, case: dict, model: Path, imgs: Path, home: Path, steps: int) -> dict:
     """One capped fastsd run in a child process (the cap is per process)."""
-    sess = name.replace("+", "_")
+    sess = fresh_session(name, home)
     fastsd("session", "new", sess, "--root", str(home), "--base-model", str(model), "--resolution", str(case["res"]))
     fastsd("session", "add", sess, str(imgs), "--root", str(home), "--crop", "center")
     spec = json.dumps({"session": sess, "home": str(home), "cap": case["cap"], "cfg": case["cfg"], "steps": steps})
@@ -328,6 +348,16 @@ def cap_child(spec: dict) -> None:
         **spec["cfg"],
     }
     out: dict = {"config": spec["cfg"]}
+    plan_lines: list[str] = []
+
+    class PlanLog(logging.Handler):  # the plan in words (estimate, checkpointing): kept for runs that fail
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if msg.startswith("plan:") or "retrying" in msg or "capture failed" in msg:
+                plan_lines.append(msg[:400])
+
+    logging.getLogger("fastsd").addHandler(PlanLog())
+    logging.getLogger("fastsd").setLevel(logging.INFO)
     rss = RssSampler()  # RAM: a T4 runtime has 12.7 GB
     rss.start()
     try:
@@ -335,13 +365,16 @@ def cap_child(spec: dict) -> None:
         out.update(steps=r.steps, timings=r.timings, memory=r.memory, it_per_s=round(r.it_per_s, 2))
         plan = r.plan.to_dict()
         out["plan"] = {k: plan.get(k) for k in ("optimizer", "checkpoint_fraction", "fused_backward", "cuda_graph",
-                                                "cuda_graph_captured", "cuda_graph_failed")}  # fmt: skip
+                                                "cuda_graph_captured", "cuda_graph_failed", "estimate_gb",
+                                                "images_beside_graph")}  # fmt: skip
         proc = r.memory.get("process", {})
         out["within_cap"] = proc.get("reserved_gb", 0) <= spec["cap"]
         out["within_budget"] = proc.get("reserved_gb", 0) <= spec["cfg"]["vram_budget_gb"]
     except Exception as err:  # noqa: BLE001 - the point is to report it
         out["error"] = f"{type(err).__name__}: {err}"[:600]
+        out["where"] = [f"{f.name}:{f.lineno} {f.line}" for f in traceback.extract_tb(err.__traceback__)[-4:]]
         out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    out["plan_log"] = plan_lines
     out["peak_rss_anon_gib"] = rss.stop()
     print(json.dumps(out), flush=True)
 

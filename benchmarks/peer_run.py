@@ -20,6 +20,7 @@ scripts never reset the peak). The parent measures the wall time from before thi
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 import time
@@ -60,6 +61,12 @@ def main() -> None:
             saves.append((t, time.perf_counter() - t))
 
     accelerate.Accelerator.save_state = timed_save
+    if os.environ.get("PEER_NO_CUDNN_SDPA") == "1":
+        # the cuDNN attention backward of torch 2.11 gives non-finite FLUX gradients (fastsd turns it off for
+        # SD3/FLUX the same way, train/gpuwarm.py); the peer gets the same exclusion, and the record says so
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     sys.argv = [script, *args]
     error = None
     try:
@@ -73,6 +80,8 @@ def main() -> None:
     import torch
 
     res: dict = {"error": error, "steps": len(updates), "wall_in_process_s": round(end - T0, 2)}
+    if os.environ.get("PEER_NO_CUDNN_SDPA") == "1":
+        res["cudnn_sdpa"] = False
     if updates and "loop_start" in marks:
         ls, last = marks["loop_start"], updates[-1]
         inside = sum(d for t, d in saves if t < last)  # a checkpoint on the last step follows its update
