@@ -8,6 +8,7 @@ diffusers' peft layout with the ``transformer.`` prefix (:mod:`.lora`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,15 @@ def export_lora(modules: dict[str, Any], dst: Path, *, rank: int, alpha: float, 
     return lora.save_kohya(dst, tensors, rank=rank, alpha=alpha, family=family)
 
 
-def export_step(session: Any, models: Any, c: Any, step: int, device: Any, *, te_trained: bool, te_frozen: bool) -> str:
+def export_step(session: Any, models: Any, c: Any, step: int, device: Any, *, te_trained: bool, te_frozen: bool,
+                before_record: Callable[[], Any] = lambda: None) -> str:  # fmt: skip
     """The model of ``step`` in the session's ``models/``: one fp16 single file, or a kohya LoRA; its recorded file.
 
     Args:
         te_trained: the run trains the text encoders (a LoRA then carries their adapters).
         te_frozen: the text encoders are offloaded for good (they go back to the CPU after a full export).
+        before_record: runs once the file is written, before it is listed in ``session.json`` (the trainer
+            finishes a state being written in the background there: the manifest has one writer at a time).
     """
     from .sampling import eager
 
@@ -49,12 +53,15 @@ def export_step(session: Any, models: Any, c: Any, step: int, device: Any, *, te
         models.vae.to("cpu")
         if te_frozen:
             models.text_encoders_to("cpu")
+        before_record()
         return str(session.record_model(dst, kind="full", step=step)["file"])
     if models.flow:  # SD3/FLUX: the transformer's adapters in diffusers' layout
         tensors = lora.diffusers_state_dict(models.denoiser, c.lora_alpha, c.lora_rank)
         lora.save_diffusers(dst, tensors, rank=c.lora_rank, alpha=c.lora_alpha, family=models.family)
+        before_record()
         return str(session.record_model(dst, kind="lora", step=step)["file"])
     comps = models.components()
     parts = {n: comps[n] for n in ["unet", *(models.te_names if te_trained else [])]}
     export_lora(parts, dst, rank=c.lora_rank, alpha=c.lora_alpha, family=models.family)
+    before_record()
     return str(session.record_model(dst, kind="lora", step=step)["file"])

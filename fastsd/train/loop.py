@@ -418,11 +418,12 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
         log.info("interrupted at step %d: state saved; continue with --resume", at)
     else:
         if main and c.save_final and (not result.checkpoints or not result.checkpoints[-1].endswith(f"{at:06d}")):
-            _save_state(run, at)
+            _save_state(run, at, wait=False)  # written while the images and the export are made
         _steps_over(run)
         if c.sample_every:
             _sample(run, hooks, at)
         _export(run, at)
+        _finish_writing(run)
     meter.stop()
     loop_peaks = [meter.peaks[k]["allocated_gb"] for k in ("first_step", "warmup", "steps") if k in meter.peaks]
     result.peak_vram_gb = max(loop_peaks) if loop_peaks else None
@@ -641,14 +642,21 @@ def _sample(run: _Run, hooks: _Hooks, at: int) -> None:
 
 
 def _export(run: _Run, at: int) -> None:
+    """The model of step ``at`` into the session, written while a state in flight finishes (listed after it)."""
     if not run.main or not run.c.export:
         return
-    run.saver.wait()  # the session's manifest has one writer at a time
     _between_steps(run)
     with run.meter.phase("export"):
         file = export_step(run.session, run.models, run.c, at, run.device, te_trained=run.parts.te_train,
-                           te_frozen=run.text.frozen)  # fmt: skip
+                           te_frozen=run.text.frozen, before_record=partial(_finish_writing, run))  # fmt: skip
     run.result.models.append(file)
+
+
+def _finish_writing(run: _Run) -> None:
+    """Wait for the state in flight (timed as checkpointing) and list it: the session's manifest has one writer."""
+    if run.saver.pending:
+        with run.meter.phase("checkpoint"):
+            run.saver.wait()
 
 
 def _current_lr(opt: Any) -> float:
