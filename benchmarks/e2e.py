@@ -253,6 +253,7 @@ def run_fastsd(name: str, case: dict, model: Path, imgs: Path, home: Path, steps
                 "fused_backward",
                 "cuda_graph_captured",
                 "cuda_graph_failed",
+                "checkpoints_in_background",
             )
         },  # fmt: skip
         "env": case.get("env"),
