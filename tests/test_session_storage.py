@@ -224,3 +224,33 @@ def test_temp_cleanup_survives_a_folder_removed_while_it_looks(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "scandir", scandir)
     assert storage.clean_temp_files(tmp_path) == [dead]
+
+
+def test_large_writes_are_hashed_beside_the_write_and_the_hash_is_the_files(tmp_path, monkeypatch):
+    """A checkpoint's big tensors are hashed on a helper thread while written: the recorded sha256 is still
+    the file's, in order, for writes above and below the size that goes to the thread, and through copy_range."""
+    import hashlib
+
+    big, small = os.urandom(3 * storage.HASH_BESIDE_WRITE_BYTES + 7), os.urandom(1000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(big)
+    threads = []
+    real = storage._hasher().submit
+
+    def watched(fn, *args):
+        threads.append(len(args[0]) if args else 0)
+        return real(fn, *args)
+
+    monkeypatch.setattr(storage._hasher(), "submit", watched)
+
+    def produce(fh):
+        fh.write(small)
+        fh.write(memoryview(bytearray(big)))
+        with open(src, "rb") as f:
+            fh.copy_range(f.fileno(), 5, len(big) - 5)
+
+    out = storage.write_stream(tmp_path / "x.bin", produce, verify_sha256=True)
+    data = (tmp_path / "x.bin").read_bytes()
+    assert data == small + big + big[5:] and out["size"] == len(data)
+    assert out["sha256"] == hashlib.sha256(data).hexdigest() == storage.sha256_file(tmp_path / "x.bin")
+    assert threads and all(n >= storage.HASH_BESIDE_WRITE_BYTES for n in threads)  # the small write stayed inline
