@@ -22,8 +22,9 @@ GIB = 1024**3
 #: 1024 px peaked 17.74 GiB (4.8 frozen bf16 weights + 12.9, of which ~1.2 GiB were peft's fp32
 #: copies of every adapted layer's input, no longer made: see lora.add_lora).
 ACTIVATIONS_GIB = {"sd1": 2.0, "sd2": 2.0, "sd2-v": 4.5, "sdxl": 11.7, "sd3": 8.0, "flux": 18.0}
-#: (sd3, flux: not measured yet, rough guesses at 1024 px LoRA so that the planner checkpoints on small
-#: GPUs; a GPU run should replace them with the peaks of ``fastsd train --json``.)
+#: sd3: measured for SD3.5 Medium LoRA at 1024 px, fp16, eager, on an H200 under a T4's cap (2026-12-04):
+#: the steps allocated 12.71 GiB over the 4.73 of the frozen transformer and the adapters, 7.98 GiB of
+#: activations. flux: still a rough guess at 1024 px LoRA, so that the planner checkpoints on small GPUs.
 #: What the allocator reserves beyond what is allocated, kept out of the budget the planner fills: max of
 #: this many GiB and :data:`FRAGMENTATION_SHARE` of the budget. Measured as reserved less allocated over a
 #: first (eager) step on an H200 (2026-12-03): SD1.5 LoRA 0.24, SDXL LoRA 0.34, SD1.5 full 0.56 GiB.
