@@ -26,6 +26,10 @@ COMPILE = ("off", "blocks", "full")
 CUDA_GRAPH = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
+#: VRAM a budget taken from a preset leaves to the CUDA context and libraries (a T4's 14.6 GiB: the T4 preset's 14).
+CONTEXT_GIB = 0.6
+
+
 #: Settings by GPU class. ``vram_budget_gb`` is what training may use (room is left for sampling).
 PRESETS: dict[str, dict[str, Any]] = {
     # T4: no real bf16, so fp16 + GradScaler; 15 GB, so 8-bit Adam.
@@ -128,7 +132,8 @@ class TrainConfig:
         "needs it; bf16/fp32, one process, no accumulation)",
         cli=False,
     )
-    vram_budget_gb: float | None = _opt(None, "VRAM to plan for (default: the preset's)", flag="--vram-budget",
+    vram_budget_gb: float | None = _opt(None, f"VRAM to plan for, GiB (default: the preset's, at most the card's less {CONTEXT_GIB})",
+                                        flag="--vram-budget",
                                         metavar="GB")  # fmt: skip
     channels_last: bool = _opt(True, "channels-last memory layout", metavar="on|off")
     compile: str = _opt("off", "torch.compile the UNet blocks or all of it", choices=COMPILE)
@@ -165,10 +170,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-#: VRAM a budget taken from a preset leaves to the CUDA context and libraries (a T4's 14.6 GiB: the T4 preset's 14).
-CONTEXT_GIB = 0.6
 
 
 def preset_budget(preset: dict[str, Any], gpu_list: list[Any]) -> float | None:
