@@ -20,11 +20,12 @@ GIB = 1024**3
 #: checkpointing. Measured on an H100 (torch 2.11): SD1.5 full at 512 px peaked 13.27 GiB with fused
 #: AdamW (3.2 masters + 6.4 state + 3.6 = 16-bit weight casts 1.6 + activations 2.0); SDXL LoRA at
 #: 1024 px peaked 17.74 GiB (4.8 frozen bf16 weights + 12.9, of which ~1.2 GiB were peft's fp32
-#: copies of every adapted layer's input, no longer made: see lora.add_lora).
+#: copies of every adapted layer's input, no longer made: see lora.add_lora). SD3.5 Medium LoRA at
+#: 1024 px, fp16, eager, on an H200 under a T4's cap (2026-12-04): the steps allocated 12.71 GiB over
+#: the 4.73 of the frozen transformer and the adapters, 7.98 GiB of activations. flux: still a rough
+#: guess at 1024 px LoRA, so that the planner checkpoints on small GPUs.
 ACTIVATIONS_GIB = {"sd1": 2.0, "sd2": 2.0, "sd2-v": 4.5, "sdxl": 11.7, "sd3": 8.0, "flux": 18.0}
-#: sd3: measured for SD3.5 Medium LoRA at 1024 px, fp16, eager, on an H200 under a T4's cap (2026-12-04):
-#: the steps allocated 12.71 GiB over the 4.73 of the frozen transformer and the adapters, 7.98 GiB of
-#: activations. flux: still a rough guess at 1024 px LoRA, so that the planner checkpoints on small GPUs.
+
 #: What the allocator reserves beyond what is allocated, kept out of the budget the planner fills: max of
 #: this many GiB and :data:`FRAGMENTATION_SHARE` of the budget. Measured as reserved less allocated over a
 #: first (eager) step on an H200 (2026-12-03): SD1.5 LoRA 0.24, SDXL LoRA 0.34, SD1.5 full 0.56 GiB.
@@ -32,9 +33,10 @@ FRAGMENTATION_GIB = 0.5
 FRAGMENTATION_SHARE = 0.05
 #: VRAM (GiB) one sample image takes beside the training state at the family's native resolution,
 #: batch 1: the denoiser's inference activations and the VAE decode (fp32 where the VAE must be).
-#: Measured on an H200 (2026-12-03) as the sample phase's allocated peak less the steps': SD1.5 LoRA
-#: 0.76 at 512 px, SDXL LoRA on the T4 preset 4.3 at 1024 px. sd2-v/sd3/flux: scaled guesses.
-IMAGE_GIB = {"sd1": 0.8, "sd2": 0.8, "sd2-v": 1.8, "sdxl": 4.3, "sd3": 4.3, "flux": 5.0}
+#: Measured on an H200 as the sample phase's allocated peak less the steps': SD1.5 LoRA 0.76 at 512 px
+#: (2026-12-03), SDXL LoRA on the T4 preset 5.1 at 1024 px with the whole decode, 1.5 with it tiled
+#: (2026-12-04; :mod:`.sampling` tiles on budgets of 20 GiB and less). sd2-v/sd3/flux: scaled guesses.
+IMAGE_GIB = {"sd1": 0.8, "sd2": 0.8, "sd2-v": 1.8, "sdxl": 5.1, "sd3": 5.1, "flux": 6.0}
 #: Fraction of activation memory that remains with every block checkpointed.
 CHECKPOINTED_FRACTION = 0.2
 #: Optimizer state bytes per trainable parameter.
