@@ -299,7 +299,6 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     meter.start("first_step")
     t0 = time.perf_counter()
     t_log, steps_at_log = t0, start
-    mid_update = False
     retried_oom = False
     up: step.Update | None = None
     runner: graph.GraphStep | None = None
@@ -319,15 +318,15 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                     break
                 up.opt.set_lr(optim.lr_factor(at - p_start, p_end - p_start, c.lr_schedule, c.warmup_steps))
                 try:
-                    mid_update = up.opt.in_backward  # the in-backward optimizer updates as backward goes
+                    up.updating = up.opt.in_backward  # the in-backward optimizer updates as backward goes
                     for micro in range(c.grad_accum):
                         run.noise_gen.manual_seed(step.seed_for(c.seed, at, micro, rank))
                         inp = step.draw_inputs(
                             d, run.text, den, run.noise_gen, (at * c.grad_accum + micro) * world + rank
                         )
                         if runner is not None:
-                            # a replay updates the weights as it goes; an eager warm-up step says when (up.updating)
-                            mid_update = mid_update or runner.captured
+                            # a replay updates the weights as it goes; an eager warm-up step says when (graph_step)
+                            up.updating = runner.captured
                             loss_sum += runner(inp.flat())  # forward, backward and optimizer step: one replay
                             continue
                         with autocast:
@@ -336,12 +335,10 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                         loss_sum += loss.detach()
                     if not up.opt.in_backward and runner is None:
-                        mid_update = True
                         step.eager_update(up)
-                    mid_update = False
+                    up.updating = False
                 except torch.OutOfMemoryError:
-                    mid_update = mid_update or up.updating
-                    if not retried_oom and at == start and c.gradient_checkpointing == "auto" and not mid_update:
+                    if not retried_oom and at == start and c.gradient_checkpointing == "auto" and not up.updating:
                         # the estimate was too optimistic: checkpoint everything and try the step again
                         retried_oom = True
                         up.opt.zero_grad()
@@ -352,7 +349,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
                         log.warning("out of memory on the first step: retrying with full gradient checkpointing")
                         continue
                     raise memory.oom_error(
-                        c, at, device, partial(_save_state, run) if not mid_update else None
+                        c, at, device, partial(_save_state, run) if not up.updating else None
                     ) from None
                 loss_count += c.grad_accum
                 at += 1
@@ -413,7 +410,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
         )
     if stop["reason"] == "interrupted":
         result.stopped = "interrupted"
-        if at > start and not mid_update:
+        if at > start and not (run.up is not None and run.up.updating):  # a half-updated model is not saved
             _save_state(run, at)
         log.info("interrupted at step %d: state saved; continue with --resume", at)
     else:

@@ -261,6 +261,7 @@ def graph_step(den: Denoiser, up: Update, autocast: Any, flat: dict[str, torch.T
 
 def eager_update(up: Update) -> None:
     """After the micro-batches' backward passes: average over ranks, unscale, clip, step, zero."""
+    up.updating = True
     if up.world > 1:
         allreduce_grads(up.trainables, up.world)
     if up.scaler is not None:
@@ -271,6 +272,7 @@ def eager_update(up: Update) -> None:
     if up.scaler is not None:
         up.scaler.update()
     up.opt.zero_grad()
+    up.updating = False
 
 
 def encode_frozen_text(
