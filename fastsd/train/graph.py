@@ -26,6 +26,7 @@ If capture fails anyway, :class:`GraphStep` logs a warning and the run continues
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -68,12 +69,12 @@ def blockers(
     return out
 
 
-def decide(mode: str, reasons: list[str]) -> bool:
+def decide(mode: str, reasons: list[str], *, warn: bool = True) -> bool:
     """``cuda_graph`` setting + blockers -> whether to capture; ``on`` with blockers warns and runs eagerly."""
     if mode == "off":
         return False
     if reasons:
-        if mode == "on":
+        if mode == "on" and warn:
             log.warning("cuda_graph on ignored: %s", "; ".join(reasons))
         return False
     return True
@@ -146,15 +147,9 @@ class GraphStep:
         pool; while any tensor holds a block of it, the pool stays reserved and the eager step
         that follows runs out of memory under a tight budget (seen: ``unet+te`` at 9 GiB).
         """
-        import gc
-
-        self.graph = None
-        self.static_in, self.static_loss = {}, None
-        self.clear_grads()
         with contextlib.suppress(RuntimeError):  # an invalidated capture can leave an error behind
             torch.cuda.synchronize()
-        gc.collect()
-        torch.cuda.empty_cache()  # the failed capture's pool was released by cudagraph.capture
+        self._drop()  # the failed capture's pool was released by cudagraph.capture
 
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.clear_grads()
@@ -167,13 +162,14 @@ class GraphStep:
         export) would need its memory on top of it; released, they reuse it. The next call captures at
         once: the libraries were set up by the warm-up steps.
         """
-        if self.graph is None:
-            return
+        if self.graph is not None:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget the graph, its buffers and the gradients in its pool, and hand the freed blocks back."""
         self.graph = None
         self.static_in, self.static_loss = {}, None
         self.clear_grads()
-        import gc
-
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -119,7 +119,7 @@ def make_plan(
             allow_in_backward=scaler is None and c.grad_accum == 1 and world == 1,
             checkpointing=c.gradient_checkpointing,
             fused_backward=c.fused_backward,
-            graphed=c.cuda_graph != "off" and not blockers(optimizer=kind),
+            graphed=graph.decide(c.cuda_graph, blockers(optimizer=kind), warn=False),
         )
 
     notes = []
