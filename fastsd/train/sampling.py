@@ -57,11 +57,12 @@ def render_png(pipe: Any, path: Path, *, size: int, steps: int, seed: int, autoc
     vae = pipe.vae
     if hasattr(pipe, "_unpack_latents"):  # FLUX returns its latents packed in 2x2 patches
         lat = pipe._unpack_latents(lat, size, size, pipe.vae_scale_factor)
-    if lat.device.type == "cuda":  # the denoiser's freed blocks go back before the decode's larger ones
+    tiled = tiled and size > TILE_PX
+    if tiled and lat.device.type == "cuda":  # a tight budget: the denoiser's freed blocks go back before the decode
         torch.cuda.empty_cache()
     shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3/FLUX VAEs' latent shift
     with torch.no_grad():  # decode outside autocast: the SDXL VAE overflows in fp16
-        image = _decode(vae, lat.to(vae.dtype) / vae.config.scaling_factor + shift, tiled and size > TILE_PX)
+        image = _decode(vae, lat.to(vae.dtype) / vae.config.scaling_factor + shift, tiled)
     image = pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
     storage.write_bytes(path, storage.png_bytes(image))
     return path
@@ -105,6 +106,7 @@ def class_images(session: Any, models: Any, c: Any, device: torch.device) -> lis
         pipe = models.pipeline().to(device)
         pipe.set_progress_bar_config(disable=True)
         autocast = _autocast(device, c.precision)
+        tiled = tiled_decode_for(c, models.family, device)
         for k in range(len(existing), c.num_class_images):
             render_png(
                 pipe,
@@ -113,7 +115,7 @@ def class_images(session: Any, models: Any, c: Any, device: torch.device) -> lis
                 steps=c.sample_steps,
                 seed=c.seed * 7919 + k,
                 autocast=autocast,
-                tiled=tiled_decode_for(c, models.family, device),
+                tiled=tiled,
                 prompt=c.class_prompt,
             )
         if not quantized(models.denoiser):  # an NF4 transformer stays where it loaded
@@ -132,6 +134,7 @@ def sample_images(session: Any, models: Any, c: Any, step: int, text: TextCache,
     models.vae.to(device)
     pipe = models.pipeline(with_text_encoders=not text.frozen)
     pipe.set_progress_bar_config(disable=True)
+    tiled = tiled_decode_for(c, models.family, device)
     paths = []
     for pi, prompt in enumerate(c.sample_prompts):
         for seed in c.sample_seeds:
@@ -154,7 +157,7 @@ def sample_images(session: Any, models: Any, c: Any, step: int, text: TextCache,
                     steps=c.sample_steps,
                     seed=seed,
                     autocast=_autocast(device, c.precision),
-                    tiled=tiled_decode_for(c, models.family, device),
+                    tiled=tiled,
                     **kwargs,
                 )
             )
