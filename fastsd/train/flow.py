@@ -223,9 +223,7 @@ class FlowModel:
 
         name = T5_COMPONENT[self.family]
         dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        where = {"device_map": {"": str(dev)}} if dev.type != "cpu" else {}
+        where = {"device_map": {"": str(dev)}} if dev.type != "cpu" else {}  # as ocr.engine.quantized_load places
         t5 = T5EncoderModel.from_pretrained(self.folder, subfolder=name, torch_dtype=self.dtype, **where)
         self.text_parts[name] = t5.requires_grad_(False).eval()
         self.t5_state = "loaded"
