@@ -157,7 +157,7 @@ def test_t4_preset_swaps_bitsandbytes_for_lowmem_only_to_graph(monkeypatch, prec
     c = SimpleNamespace(method="lora", vram_budget_gb=14.0, resolution=512, batch_size=1, prior_preservation=False,
                         optimizer="adamw8bit", precision=precision, grad_accum=1, gradient_checkpointing="off",
                         fused_backward=None, cuda_graph=mode, channels_last=False, compile="off", lora_rank=4,
-                        sample_every=0, export_every=0)  # fmt: skip
+                        sample_every=0, export_every=0, master_weights="fp32")  # fmt: skip
     facts = {"native_resolution": 512, "family": "sd1"}
     p = plan.make_plan(c, facts, torch.nn.Linear(2, 2), trainable=1000, device=torch.device("cuda"), world=1,
                        bucketed=bucketed, scaler=object() if precision == "fp16" else None)  # fmt: skip

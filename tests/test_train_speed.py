@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -341,7 +342,9 @@ def test_out_of_memory_inside_the_optimizer_step_is_not_retried(home, tiny_sd1, 
     assert "state saved" not in str(err.value)
 
 
-def _plan_for(tiny_sd1, monkeypatch, *, optimizer, from_preset, budget, precision="bf16", cuda_graph="auto"):
+def _plan_for(
+    tiny_sd1, monkeypatch, *, optimizer, from_preset, budget, precision="bf16", cuda_graph="auto", master_weights="fp32"
+):
     """make_plan for an SD1.5-sized full fine-tune (860 M trained weights) on a CUDA device of ``budget`` GiB."""
     from types import SimpleNamespace
 
@@ -353,7 +356,7 @@ def _plan_for(tiny_sd1, monkeypatch, *, optimizer, from_preset, budget, precisio
     c = SimpleNamespace(method="full", vram_budget_gb=budget, resolution=512, batch_size=1, prior_preservation=False,
                         optimizer=optimizer, precision=precision, grad_accum=1, gradient_checkpointing="auto",
                         fused_backward=None, cuda_graph=cuda_graph, channels_last=False, compile="off", lora_rank=4,
-                        sample_every=0, export_every=0)  # fmt: skip
+                        sample_every=0, export_every=0, master_weights=master_weights)  # fmt: skip
     facts = {"native_resolution": 512, "family": "sd1", "optimizer_from_preset": from_preset}
     unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
     scaler = object() if precision == "fp16" else None
@@ -375,10 +378,25 @@ def test_a_run_that_cannot_fit_its_budget_is_refused_in_one_line(tiny_sd1, monke
     from fastsd.errors import UserInputError
 
     with pytest.raises(UserInputError, match=r"^this run needs about 1\d\.\d GiB of VRAM, over its --vram-budget of "
-                                             r"10 GiB .*--optimizer adamw_lowmem, or --method lora"):  # fmt: skip
+                                             r"10 GiB .*--optimizer adamw_lowmem, or --master-weights 16bit --optimizer adamw_lowmem, "
+                                             r"or --method lora"):  # fmt: skip
         _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_fused", from_preset=False, budget=10.0)  # the user's choice
     with pytest.raises(UserInputError, match="over its --vram-budget of 5 GiB"):
         _plan_for(tiny_sd1, monkeypatch, optimizer="adamw_lowmem", from_preset=False, budget=5.0)
+
+
+def test_16bit_weights_fit_an_sd15_full_fine_tune_where_fp32_masters_cannot(tiny_sd1, monkeypatch):
+    """The T4 preset's settings (fp16, 8-bit moments, graphed) at a 9 GiB budget: fp32 masters need 4 bytes of
+    weight, 4 of gradient and 2 of fp16 cast per weight and are refused, naming the 16-bit option; 16-bit weights
+    (2 + 2, no cast) fit."""
+    from fastsd.errors import UserInputError
+
+    t4 = {"optimizer": "adamw_lowmem", "from_preset": False, "budget": 9.0, "precision": "fp16"}
+    with pytest.raises(UserInputError, match=r"--master-weights 16bit(,|$)"):
+        _plan_for(tiny_sd1, monkeypatch, **t4)
+    p = _plan_for(tiny_sd1, monkeypatch, **t4, master_weights="16bit")
+    assert p.estimate_gb <= 9.0 and p.cuda_graph and p.master_weights == "16bit"
+    assert "fp16 weights updated with stochastic rounding" in p.in_words(SimpleNamespace(method="full"), "cuda")
 
 
 def test_a_graphed_fp16_full_fine_tune_counts_its_gradients_beside_its_activations(tiny_sd1, monkeypatch):

@@ -21,6 +21,7 @@ METHODS = ("full", "lora")
 SCHEDULES = ("sequential", "joint")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw_lowmem", "adamw_fused", "adamw")
+MASTER_WEIGHTS = ("auto", "fp32", "16bit")
 GRAD_CHECKPOINTING = ("auto", "on", "off")
 COMPILE = ("off", "blocks", "full")
 CUDA_GRAPH = ("auto", "on", "off")
@@ -32,12 +33,13 @@ CONTEXT_GIB = 0.6
 
 #: Settings by GPU class. ``vram_budget_gb`` is what training may use (room is left for sampling).
 PRESETS: dict[str, dict[str, Any]] = {
-    # T4: no real bf16, so fp16 + GradScaler; 15 GB, so 8-bit Adam.
-    "t4": {"precision": "fp16", "optimizer": "adamw8bit", "vram_budget_gb": 14.0},
-    "l4": {"precision": "bf16", "optimizer": "adamw8bit", "vram_budget_gb": 21.0},
-    "a100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 36.0},
-    "h100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 72.0},
-    "cpu": {"precision": "fp32", "optimizer": "adamw", "vram_budget_gb": None},
+    # T4: no real bf16, so fp16 + GradScaler; 15 GB, so 8-bit Adam; 15 GB of Drive, so a full fine-tune
+    # keeps 16-bit weights (stochastic rounding): a 4 GB state for SD1.5 instead of 6-11 GB.
+    "t4": {"precision": "fp16", "optimizer": "adamw8bit", "vram_budget_gb": 14.0, "master_weights": "16bit"},
+    "l4": {"precision": "bf16", "optimizer": "adamw8bit", "vram_budget_gb": 21.0, "master_weights": "fp32"},
+    "a100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 36.0, "master_weights": "fp32"},
+    "h100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 72.0, "master_weights": "fp32"},
+    "cpu": {"precision": "fp32", "optimizer": "adamw", "vram_budget_gb": None, "master_weights": "fp32"},
 }
 
 #: Defaults that differ between methods (LoRA learns much faster at higher rates).
@@ -123,6 +125,12 @@ class TrainConfig:
     gpu: str = _opt("auto", "settings preset (auto: from the GPU)", choices=("auto", *PRESETS))
     precision: str = _opt("auto", "mixed precision", choices=PRECISIONS)
     optimizer: str = _opt("auto", "AdamW flavour", choices=OPTIMIZERS)
+    master_weights: str = _opt(
+        "auto",
+        "a full fine-tune's trained weights: fp32 masters (exact), or 16-bit in the run's precision, updated with "
+        "stochastic rounding (half the VRAM and checkpoint size; needs adamw_lowmem); auto: the preset's (16bit on a T4)",
+        choices=MASTER_WEIGHTS,
+    )
     gradient_checkpointing: str = _opt(
         "auto", "recompute activations to save VRAM (auto: as the VRAM budget needs)", choices=GRAD_CHECKPOINTING
     )
@@ -234,6 +242,7 @@ def resolve(
         ("schedule", c.schedule, SCHEDULES),
         ("precision", c.precision, PRECISIONS),
         ("optimizer", c.optimizer, OPTIMIZERS),
+        ("master_weights", c.master_weights, MASTER_WEIGHTS),
         ("gradient_checkpointing", c.gradient_checkpointing, GRAD_CHECKPOINTING),
         ("compile", c.compile, COMPILE),
         ("cuda_graph", c.cuda_graph, CUDA_GRAPH),
@@ -296,6 +305,7 @@ def resolve(
 
     if c.method == "auto":  # the model decides: flow-matching transformers train as LoRAs only
         c.method = "lora" if facts["family"] in LORA_ONLY_FAMILIES else "full"
+    _resolve_master_weights(c, preset, optimizer_from_preset=facts["optimizer_from_preset"])
     _check_steps(c, fill=True)
     if facts["family"] in LORA_ONLY_FAMILIES:
         _check_flow(c, facts["family"])
@@ -319,6 +329,32 @@ def resolve(
     c.min_snr_gamma = c.min_snr_gamma or None  # 0 is off, stored as None (the class docstring)
     c.max_grad_norm = c.max_grad_norm or None
     return c, facts
+
+
+def _resolve_master_weights(c: TrainConfig, preset: dict[str, Any], *, optimizer_from_preset: bool) -> None:
+    """Fill ``master_weights`` (LoRA adapters are always fp32) and check what 16-bit weights need.
+
+    16-bit weights are updated with stochastic rounding, which only ``adamw_lowmem`` does: a preset's
+    optimizer gives way to it; asked for with another optimizer or fp32 precision, they are refused
+    (and ``auto`` keeps fp32 masters there).
+    """
+    if c.master_weights == "auto":
+        fits = c.precision != "fp32" and (optimizer_from_preset or c.optimizer == "adamw_lowmem")
+        wanted = c.method == "full" and fits and preset.get("master_weights") == "16bit"
+        c.master_weights = "16bit" if wanted else "fp32"
+    if c.master_weights != "16bit":
+        return
+    if c.method != "full":
+        raise UserInputError("--master-weights 16bit is for full fine-tunes (LoRA adapters stay fp32): drop it")
+    if c.precision == "fp32":
+        raise UserInputError("--master-weights 16bit needs --precision fp16 or bf16 (the weights' dtype)")
+    if c.optimizer != "adamw_lowmem":
+        if not optimizer_from_preset:
+            raise UserInputError(
+                f"--master-weights 16bit needs --optimizer adamw_lowmem (stochastic rounding), not {c.optimizer}: "
+                "change one of them"
+            )
+        c.optimizer = "adamw_lowmem"
 
 
 def _check_steps(c: TrainConfig, fill: bool) -> None:

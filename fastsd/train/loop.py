@@ -37,7 +37,7 @@ from ..models.registry import FLOW_FAMILIES
 from . import checkpoint, data, flow, gpuwarm, graph, memory, optim, sampling, step
 from .config import TrainConfig, resolve
 from .export import export_step
-from .parts import BaseModel, TrainedParts, dtype_of, load_base, make_trainable, mark_phase, quantized
+from .parts import BaseModel, TrainedParts, dtype_of, load_base, make_trainable, mark_phase, master_dtype, quantized
 from .plan import TrainPlan, autotune, make_plan
 from .ranks import distributed
 from .scaler import DeviceScaler
@@ -217,7 +217,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     meter = memory.PhaseMeter(device)
     meter.start("load")
     qlora = family in FLOW_FAMILIES and flow.wants_nf4(c.model, family, device, c.vram_budget_gb)
-    models = load_base(c.model, family, dtype, full=c.method == "full", nf4=qlora)
+    models = load_base(c.model, family, dtype, full=c.method == "full", nf4=qlora, masters=master_dtype(c))
     if hooks.on_models is not None:
         hooks.on_models(models)
     meter.start("cache")
@@ -242,8 +242,9 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     parts = make_trainable(models, c)
     plan = make_plan(c, facts, models.denoiser, trainable=parts.count(), device=device, world=world,
                      bucketed=bucketed, scaler=scaler)  # fmt: skip
-    if scaler is not None and plan.cuda_graph:
-        scaler = DeviceScaler(device)  # GradScaler's arithmetic with no host read: the graph can hold it
+    if scaler is not None and (plan.cuda_graph or c.master_weights == "16bit"):
+        # GradScaler's arithmetic with no host read (the graph can hold it), and fp16 gradients (GradScaler refuses them)
+        scaler = DeviceScaler(device)
     plan.qlora = qlora
     if main:
         log.info("%s", plan.in_words(c, device.type))
@@ -264,6 +265,10 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     )
 
     # ---- 5. resume
+    if (
+        c.master_weights == "16bit"
+    ):  # the stochastic rounding's random bits: same seed, same run (a resume restores them)
+        (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(step.seed_for(c.seed, 0, 0, rank))
     start, resume_state = _resume(session, c, parts, scaler, device)
     if start >= total:
         raise UserInputError(

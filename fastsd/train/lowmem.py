@@ -22,6 +22,17 @@ Under fp16 loss scaling (:class:`~fastsd.train.scaler.DeviceScaler`) the scaler 
 ``optimizer.found_inf`` before :meth:`LowMemAdamW.step`; where it is 1 (an overflowing step) every
 write goes through ``torch.where`` and keeps the old weights, moments and step count, bit for bit,
 with no host synchronisation: what GradScaler's skipped ``step`` does, inside a CUDA graph.
+
+**16-bit weights** (``--master-weights 16bit``: fp16 or bf16 parameters, no fp32 copy) are updated in
+fp32 and written back with *stochastic rounding* (:func:`stochastic_round_`): a value between two
+16-bit neighbours becomes the upper one with a probability proportional to its distance from the
+lower one, so the rounding is unbiased. Round-to-nearest would drop every update smaller than half
+a 16-bit step (at a learning rate of 2e-6 nearly all of them); stochastic rounding keeps them on
+average (Gupta et al. 2015; Zamirai et al. 2020, "Revisiting BFloat16 Training"). The random bits
+come from the default generator of the parameter's device, which checkpoints save and a CUDA graph
+advances on every replay. Their 16-bit gradients may still carry the loss scale: the scaler then
+sets ``optimizer.grad_mult`` (1/scale, times the clipping factor) and the update multiplies in fp32,
+so no small gradient is flushed to zero by an fp16 division.
 """
 
 from __future__ import annotations
@@ -37,6 +48,22 @@ MIN_8BIT_SIZE = 4096
 #: Contiguous tensors are updated this many blocks at a time: the fp32 temporaries of one update
 #: stay ~100 MB even for the 38M-entry text-encoder embedding.
 CHUNK_BLOCKS = 4096
+#: fp32 mantissa bits below each 16-bit format's last one (fp16 keeps 10 of fp32's 23, bf16 7).
+DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
+
+
+def stochastic_round_(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 ``value`` in place to a value ``dtype`` (fp16/bf16) holds exactly, up or down at random, unbiased.
+
+    Adding a uniform random integer below ``2**k`` to the fp32 bit pattern and clearing its ``k`` low
+    bits rounds the magnitude up with probability (distance to the lower neighbour) / (spacing); the
+    result converts to ``dtype`` without a second rounding. Exact for fp16 normals (``|x|`` from 6.1e-5
+    to 65504); fp16's subnormals (weights below 6.1e-5) then round to nearest in the conversion.
+    """
+    k = DROPPED_BITS[dtype]
+    bits = value.view(torch.int32)
+    bits.add_(torch.randint_like(bits, 0, 2**k)).bitwise_and_(-(2**k))
+    return value
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -102,7 +129,8 @@ class LowMemAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with 8-bit block-wise moments; CUDA-graph capturable.
 
     Args:
-        params: tensors or parameter groups (fp32 masters; the update is computed in fp32).
+        params: tensors or parameter groups: fp32 masters, or fp16/bf16 weights (stochastically
+            rounded, see the module doc); the update is computed in fp32 either way.
         lr: learning rate, a float or a 0-dim device tensor (shared tensors let one ``fill_``
             change the rate of many optimizers, outside a captured graph).
         betas, eps, weight_decay: as :class:`torch.optim.AdamW`.
@@ -111,6 +139,8 @@ class LowMemAdamW(torch.optim.Optimizer):
 
     #: :meth:`step` reads ``self.found_inf`` (set by a loss scaler) and skips itself on the device
     skips_on_found_inf = True
+    #: :meth:`step` multiplies the gradients by ``self.grad_mult`` when a loss scaler sets it (16-bit gradients)
+    takes_grad_mult = True
 
     def __init__(
         self,
@@ -137,6 +167,20 @@ class LowMemAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         return state
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, but every state tensor keeps its saved dtype.
+
+        torch casts floating-point state to its weight's dtype: beside 16-bit weights that would round the
+        fp32 moments and block scales to 16 bits, and a resumed run would no longer equal an uninterrupted one.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One AdamW update of every tensor with a gradient; no host synchronisation, no host scalars.
@@ -150,13 +194,16 @@ class LowMemAdamW(torch.optim.Optimizer):
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
         skip = None if found_inf is None else found_inf > 0
+        mult = getattr(self, "grad_mult", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p] if self.state[p] else self._init_state(p)
-                self._update(p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], skip)
+                self._update(
+                    p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], skip, mult
+                )
                 if found_inf is not None:
                     state["step"].sub_(found_inf)  # a skipped step is not counted (as fused AdamW does)
         return loss
@@ -172,6 +219,7 @@ class LowMemAdamW(torch.optim.Optimizer):
         eps: float,
         weight_decay: float,
         skip: torch.Tensor | None = None,
+        mult: torch.Tensor | None = None,
     ) -> None:
         step = state["step"]
         step.add_(1)
@@ -185,7 +233,7 @@ class LowMemAdamW(torch.optim.Optimizer):
             decay = 1 - lr * weight_decay
         if "exp_avg" in state:
             m, v = state["exp_avg"], state["exp_avg_sq"]
-            g = grad.float()
+            g = grad.float() if mult is None else grad.float() * mult
             new_m = m.lerp(g, 1 - beta1)
             new_v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
             update = new_m / (new_v.sqrt() / bias2_sqrt + eps)
@@ -195,7 +243,7 @@ class LowMemAdamW(torch.optim.Optimizer):
             return
         n = p.numel()
         blocks = state["m_scale"].numel()
-        args = (bias2_sqrt, step_size, decay, beta1, beta2, eps, skip)
+        args = (bias2_sqrt, step_size, decay, beta1, beta2, eps, skip, mult)
         if p.is_contiguous() and grad.is_contiguous():
             flat_p, flat_g = p.view(-1), grad.view(-1)
             for b0 in range(0, blocks, CHUNK_BLOCKS):
@@ -223,12 +271,15 @@ def _update_8bit(
     beta2: float,
     eps: float,
     skip: torch.Tensor | None = None,
+    mult: torch.Tensor | None = None,
 ) -> None:
     """AdamW on ``p`` (any shape; its blocks are ``m_q``/``r_q`` rows) with 8-bit moments, all in place
-    (nothing changes where ``skip``, a 0-dim bool tensor, is true)."""
+    (nothing changes where ``skip``, a 0-dim bool tensor, is true; gradients are times ``mult`` if given)."""
     n = p.numel()
     blocks = m_scale.numel()
     g = grad.reshape(-1).float()
+    if mult is not None:
+        g = g * mult
     if blocks * BLOCK != n:
         g = torch.nn.functional.pad(g, (0, blocks * BLOCK - n))
     g = g.view(blocks, BLOCK)
@@ -247,8 +298,14 @@ def _update_8bit(
 def _decay_and_step(
     p: torch.Tensor, decay: float | torch.Tensor, delta: torch.Tensor, skip: torch.Tensor | None
 ) -> None:
-    """``p = p * decay - delta`` in place; where ``skip`` is true ``p`` keeps its value (same bits either way)."""
-    if skip is None:
+    """``p = p * decay - delta`` in place; where ``skip`` is true ``p`` keeps its value (same bits either way).
+
+    A 16-bit ``p`` takes the fp32 result stochastically rounded (:func:`stochastic_round_`).
+    """
+    if p.dtype != torch.float32:
+        new = stochastic_round_(p.float().mul_(decay).sub_(delta), p.dtype)
+        p.copy_(new if skip is None else torch.where(skip, p, new))
+    elif skip is None:
         p.mul_(decay)
         p.sub_(delta)
     else:

@@ -57,8 +57,12 @@ def plan(
     checkpointing: str,
     fused_backward: bool | None,
     graphed: bool = False,
+    master_bytes: int = 4,
 ) -> dict[str, Any]:
     """Choose checkpointing fraction (0..1) and in-backward stepping for a VRAM budget.
+
+    ``master_bytes``: bytes per trained weight, 4 for fp32 masters, 2 for 16-bit weights (whose
+    gradients are 16-bit too, and which autocast uses as they are, with no casts).
 
     ``graphed``: the step is a CUDA graph replay, whose pool keeps every block the step ever held
     (the casts and activations freed in backward are not reused for the gradients), so the peak
@@ -69,15 +73,17 @@ def plan(
         is turned on that was not asked for.
     """
     act = ACTIVATIONS_GIB.get(family_key, 2.0) * pixels_ratio * batch * GIB
-    casts = trainable * 2 if low_precision else 0  # autocast's 16-bit weight copies live until backward
+    # autocast's 16-bit copies of fp32 masters live until backward (16-bit weights are used as they are)
+    casts = trainable * 2 if low_precision and master_bytes == 4 else 0
 
     def fixed(in_backward: bool) -> float:
         # the 16-bit weight casts are freed as backward consumes them while the gradients appear, so
         # (measured) the peak holds either casts + activations or the full gradients, not both
         # (eager: measured; a graph's pool holds both: the SD1.5 full T4 preset reserved 13.7 GiB where the
         # either-or estimate said 9.3, H200 2026-12-04)
-        grads = 0 if in_backward else trainable * 4 if graphed else max(0.0, trainable * 4 - casts - act)
-        return trainable * (4 + STATE_BYTES.get(optimizer, 8)) + grads + casts + frozen_bytes
+        full_grads = trainable * master_bytes
+        grads = 0 if in_backward else full_grads if graphed else max(0.0, full_grads - casts - act)
+        return trainable * (master_bytes + STATE_BYTES.get(optimizer, 8)) + grads + casts + frozen_bytes
 
     in_backward = bool(fused_backward) and allow_in_backward
     fraction = {"on": 1.0, "off": 0.0}.get(checkpointing, 0.0)

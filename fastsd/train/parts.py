@@ -1,7 +1,7 @@
 """The base model's parts as training uses them: what loads, what trains, and what each phase trains.
 
-:class:`BaseModel` loads a Diffusers folder (trained parts as fp32 masters, frozen parts in the
-compute dtype). :class:`TrainedParts` says which parameters train (LoRA adapters, or every weight
+:class:`BaseModel` loads a Diffusers folder (trained parts as fp32 masters, or 16-bit weights
+with ``master_weights`` 16bit; frozen parts in the compute dtype). :class:`TrainedParts` says which parameters train (LoRA adapters, or every weight
 of a full fine-tune), which components a run has trained so far, and the weights a checkpoint
 keeps. :func:`mark_phase` switches ``requires_grad`` for a phase and gives its optimizer groups.
 """
@@ -19,6 +19,12 @@ def dtype_of(precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
+def master_dtype(c: Any) -> torch.dtype:
+    """The dtype a full fine-tune trains its weights in: fp32 masters, or the run's 16-bit precision
+    (``master_weights`` 16bit: stochastically rounded updates, see :mod:`.lowmem`)."""
+    return dtype_of(c.precision) if c.master_weights == "16bit" else torch.float32
+
+
 class BaseModel:
     """The base model's parts (UNet, VAE, tokenizers, text encoders, noise scheduler), all frozen when loaded.
 
@@ -30,15 +36,15 @@ class BaseModel:
     flow = False
     denoiser_name = "unet"
 
-    def __init__(self, folder: str, family: str, dtype: torch.dtype, full: bool):
+    def __init__(self, folder: str, family: str, dtype: torch.dtype, full: bool, masters: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         self.family = family
         self.folder = folder
-        # trained parts keep fp32 masters; frozen parts are loaded straight in the compute dtype (RAM on Colab)
+        # trained parts load as their masters (fp32, or 16-bit); frozen parts straight in the compute dtype (RAM on Colab)
         self.unet = UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", torch_dtype=torch.float32 if full else dtype
+            folder, subfolder="unet", torch_dtype=masters if full else dtype
         )
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
         self.tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
@@ -101,15 +107,20 @@ def quantized(module: Any) -> bool:
     return getattr(module, "hf_quantizer", None) is not None
 
 
-def load_base(folder: str, family: str, dtype: torch.dtype, *, full: bool, nf4: bool = False) -> Any:
-    """The base model's parts: a :class:`BaseModel` (UNet families) or a ``FlowModel`` (SD3.5, FLUX.1; ``nf4``: QLoRA)."""
+def load_base(
+    folder: str, family: str, dtype: torch.dtype, *, full: bool, nf4: bool = False, masters: torch.dtype = torch.float32
+) -> Any:
+    """The base model's parts: a :class:`BaseModel` (UNet families) or a ``FlowModel`` (SD3.5, FLUX.1; ``nf4``: QLoRA).
+
+    ``masters``: the dtype a full fine-tune's weights train in (:func:`master_dtype`).
+    """
     from ..models.registry import FLOW_FAMILIES
 
     if family in FLOW_FAMILIES:
         from .flow import FlowModel
 
         return FlowModel(folder, family, dtype, nf4=nf4)
-    return BaseModel(folder, family, dtype, full)
+    return BaseModel(folder, family, dtype, full, masters)
 
 
 @dataclass
@@ -159,7 +170,7 @@ class TrainedParts:
 
 
 def make_trainable(models: Any, c: Any) -> TrainedParts:
-    """LoRA adapters on the denoiser (and the text encoders when they train), or fp32 masters for a full run."""
+    """LoRA adapters on the denoiser (and the text encoders when they train), or the masters of a full run."""
     parts = TrainedParts(models, full=c.method == "full", te_train=c.te_steps > 0)
     if not parts.full:
         from .lora import add_lora
@@ -170,7 +181,7 @@ def make_trainable(models: Any, c: Any) -> TrainedParts:
             for k, (name, te) in enumerate(zip(models.te_names, models.text_encoders, strict=True)):
                 parts.lora[name] = add_lora(te, c.lora_rank, c.lora_alpha, "text", seed=c.seed + 1 + k)
     elif parts.te_train:
-        models.text_encoders[0].float()  # fp32 master
+        models.text_encoders[0].to(master_dtype(c))  # its masters (loaded in the compute dtype)
     return parts
 
 

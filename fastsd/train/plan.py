@@ -37,6 +37,7 @@ class TrainPlan:
     checkpointed_blocks: int = 0
     optimizer: str = "adamw"  # the optimizer kind actually used
     precision: str = "fp32"
+    master_weights: str = "fp32"  # a full fine-tune's trained weights: fp32 masters or 16-bit (stochastic rounding)
     bucketed: bool = False  # aspect-ratio buckets
     cuda_graph: bool = False  # the step is a CUDA graph replay
     channels_last: bool = False
@@ -60,6 +61,8 @@ class TrainPlan:
         """The plan as one sentence a person reads."""
         what = f"LoRA rank {c.lora_rank}" if c.method == "lora" else "full fine-tune"
         parts = [f"plan: {what} on {device} in {self.precision} with the {self.optimizer} optimizer"]
+        if self.master_weights == "16bit":
+            parts.append(f"{self.precision} weights updated with stochastic rounding (no fp32 copy)")
         blocks = self.checkpointed_blocks
         parts.append(f"gradient checkpointing on {blocks} UNet block(s)" if blocks else "no gradient checkpointing")
         if self.qlora:
@@ -120,6 +123,7 @@ def make_plan(
             checkpointing=c.gradient_checkpointing,
             fused_backward=c.fused_backward,
             graphed=graph.decide(c.cuda_graph, blockers(optimizer=kind), warn=False),
+            master_bytes=2 if c.master_weights == "16bit" else 4,
         )
 
     notes = []
@@ -144,6 +148,7 @@ def make_plan(
     p.checkpointed_blocks = memory.apply_checkpointing(unet, p.checkpoint_fraction)
     p.optimizer = kind
     p.precision = c.precision
+    p.master_weights = c.master_weights
     p.bucketed = bucketed
     p.cuda_graph = graph.decide(c.cuda_graph, blockers(optimizer=p.optimizer))
     if p.cuda_graph:
@@ -174,6 +179,8 @@ def _over_budget(c: Any, kind: str, need_gb: float, budget_gb: float) -> str:
         tips.append("--gradient-checkpointing auto")
     if kind in FP32_STATE:
         tips.append("--optimizer adamw_lowmem")
+    if c.method == "full" and c.master_weights != "16bit" and c.precision != "fp32":
+        tips.append("--master-weights 16bit" + (" --optimizer adamw_lowmem" if kind != "adamw_lowmem" else ""))
     if c.batch_size > 1:
         tips.append("--batch-size 1")
     if c.method == "full":

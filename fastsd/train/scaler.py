@@ -8,7 +8,11 @@ and leaves every decision on the device:
 - :meth:`~DeviceScaler.scale`: ``loss * scale`` (a 0-dim fp32 tensor, 2**16 at the start);
 - :meth:`~DeviceScaler.unscale_`: ``torch._amp_foreach_non_finite_check_and_unscale_`` divides the
   gradients in place by the scale (its reciprocal taken in fp64, as GradScaler does) and sets
-  ``found_inf`` to 1 when one of them is inf or NaN; clipping then sees the true gradients;
+  ``found_inf`` to 1 when one of them is inf or NaN; clipping then sees the true gradients.
+  fp16 gradients (16-bit weights, ``--master-weights 16bit``), which GradScaler refuses, stay scaled:
+  dividing them in fp16 would flush the small ones to zero. Their norm is taken in fp32 (the inf
+  check), and ``grad_mult`` = 1/scale is handed to the optimizer, which multiplies in fp32;
+  :meth:`~DeviceScaler.clip_` folds the clipping factor into it;
 - :meth:`~DeviceScaler.step`: hands ``found_inf`` to the optimizer, whose kernels leave the weights
   and moments untouched when it is 1: fused AdamW natively (the ``optimizer.found_inf`` attribute
   GradScaler sets for it too), :class:`~fastsd.train.lowmem.LowMemAdamW` through ``torch.where``;
@@ -63,6 +67,9 @@ class DeviceScaler:
         self.scale_t = torch.full((), init_scale, dtype=torch.float32, device=self.device)
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=self.device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        #: 16-bit gradients left scaled: what the optimizer multiplies them by (None: unscaled in place)
+        self.grad_mult: torch.Tensor | None = None
+        self._norm: torch.Tensor | None = None  # their true (unscaled) global norm, for clip_
         self._unscaled = False
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -70,21 +77,44 @@ class DeviceScaler:
         return loss * self.scale_t
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide ``optimizer``'s gradients by the scale in place and set ``found_inf`` (1: one is inf/NaN)."""
+        """Divide ``optimizer``'s gradients by the scale and set ``found_inf`` (1: one is inf/NaN).
+
+        In place, or, where a gradient is fp16, by setting :attr:`grad_mult` for the optimizer (module doc).
+
+        Raises:
+            ValueError: fp16 gradients for an optimizer that cannot take ``grad_mult``.
+        """
         inv_scale = self.scale_t.double().reciprocal().float()  # fp64 reciprocal, as GradScaler
         self.found_inf.zero_()
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.dtype == torch.float16:
-                    raise ValueError("fp16 gradients cannot be unscaled: train fp32 master weights")
-                groups[(p.grad.device, p.grad.dtype)].append(p.grad)
+        self.grad_mult = self._norm = None
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         with torch.no_grad():
-            for grads in groups.values():  # the kernel wants one device and dtype per call
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
+            if any(g.dtype == torch.float16 for g in grads):
+                if not getattr(optimizer, "takes_grad_mult", False):
+                    raise ValueError(
+                        f"{type(optimizer).__name__} cannot take fp16 gradients: use adamw_lowmem or fp32 master weights"
+                    )
+                norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+                self._norm = torch.linalg.vector_norm(torch.stack(norms)) * inv_scale
+                self.found_inf.copy_(self._norm.isfinite().logical_not())
+                self.grad_mult = inv_scale
+            else:
+                groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+                for g in grads:
+                    groups[(g.device, g.dtype)].append(g)
+                for same in groups.values():  # the kernel wants one device and dtype per call
+                    torch._amp_foreach_non_finite_check_and_unscale_(same, self.found_inf, inv_scale)
         self._unscaled = True
+
+    def clip_(self, params: list[torch.Tensor], max_norm: float, foreach: bool) -> None:
+        """Clip the gradients' global norm to ``max_norm`` (after :meth:`unscale_`), as ``clip_grad_norm_`` does.
+
+        Gradients left scaled (:attr:`grad_mult` set) are not touched: the factor joins ``grad_mult``.
+        """
+        if self.grad_mult is None or self._norm is None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+            return
+        self.grad_mult = self.grad_mult * (max_norm / (self._norm + 1e-6)).clamp(max=1.0)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step ``optimizer`` (unscaling first if not done), which skips itself where ``found_inf`` is 1.
@@ -97,11 +127,12 @@ class DeviceScaler:
         if not self._unscaled:
             self.unscale_(optimizer)
         optimizer.found_inf = self.found_inf  # type: ignore[attr-defined]
-        optimizer.grad_scale = None  # type: ignore[attr-defined]  # gradients are already unscaled
+        optimizer.grad_scale = None  # type: ignore[attr-defined]  # gradients are already unscaled (or grad_mult)
+        optimizer.grad_mult = self.grad_mult  # type: ignore[attr-defined]
         try:
             optimizer.step()
         finally:
-            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+            del optimizer.found_inf, optimizer.grad_scale, optimizer.grad_mult  # type: ignore[attr-defined]
 
     def update(self) -> None:
         """Halve the scale after an overflow; double it after ``growth_interval`` clean steps in a row."""

@@ -250,13 +250,25 @@ def graph_step(den: Denoiser, up: Update, autocast: Any, flat: dict[str, torch.T
         up.updating = True
         if up.scaler is not None:
             up.scaler.unscale_(up.opt.opt)
-        if up.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(up.trainables, up.max_grad_norm, foreach=up.foreach)
+        clip_grads(up)
         up.opt.step(up.scaler)
         if up.scaler is not None:
             up.scaler.update()
     up.updating = False
     return loss.detach()
+
+
+def clip_grads(up: Update) -> None:
+    """Clip the (unscaled) gradients' global norm to ``up.max_grad_norm``, if set.
+
+    Through the device scaler, which knows whether 16-bit gradients still carry the loss scale.
+    """
+    if not up.max_grad_norm:
+        return
+    if hasattr(up.scaler, "clip_"):
+        up.scaler.clip_(up.trainables, up.max_grad_norm, up.foreach)
+    else:
+        torch.nn.utils.clip_grad_norm_(up.trainables, up.max_grad_norm, foreach=up.foreach)
 
 
 def eager_update(up: Update) -> None:
@@ -266,8 +278,7 @@ def eager_update(up: Update) -> None:
         allreduce_grads(up.trainables, up.world)
     if up.scaler is not None:
         up.scaler.unscale_(up.opt.opt)
-    if up.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(up.trainables, up.max_grad_norm, foreach=up.foreach)
+    clip_grads(up)
     up.opt.step(up.scaler)
     if up.scaler is not None:
         up.scaler.update()
