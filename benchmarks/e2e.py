@@ -140,6 +140,34 @@ CASES: dict[str, dict] = {
         "cap": 14.5,
         "cfg": {"method": "full", "precision": "fp16", "optimizer": "adamw_lowmem", "vram_budget_gb": 14.0},
     },
+    # the T4 preset's full fine-tune since 2026-12-05: fp16 weights with stochastic rounding (targets <= 9 GiB and
+    # a state <= 4 GB), under a T4's cap and under 9 GiB; the final state is written to measure its size
+    "cap-sd15-full-fp16-16bit-14": {
+        "kind": "sd15",
+        "res": 512,
+        "cap": 14.5,
+        "cfg": {
+            "method": "full",
+            "precision": "fp16",
+            "optimizer": "adamw_lowmem",
+            "master_weights": "16bit",
+            "vram_budget_gb": 14.0,
+            "save_final": True,
+        },
+    },
+    "cap-unet+te-16bit-9": {
+        "kind": "sd15",
+        "res": 512,
+        "cap": 9.0,
+        "cfg": {
+            "method": "full",
+            "precision": "fp16",
+            "optimizer": "adamw_lowmem",
+            "master_weights": "16bit",
+            "vram_budget_gb": 9.0,
+            "save_final": True,
+        },
+    },
     "cap-sdxl-lora-fp16-14": {  # the T4 preset's precision (8-bit moments in torch: no bitsandbytes here)
         "kind": "sdxl",
         "res": 1024,
@@ -330,6 +358,7 @@ def cap_child(spec: dict) -> None:
     sys.path.insert(0, str(REPO))
     from flow import RssSampler
 
+    from fastsd.session import Session
     from fastsd.train import TrainConfig, train
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -367,8 +396,10 @@ def cap_child(spec: dict) -> None:
         plan = r.plan.to_dict()
         out["plan"] = {k: plan.get(k) for k in ("optimizer", "checkpoint_fraction", "fused_backward", "cuda_graph",
                                                 "cuda_graph_captured", "cuda_graph_failed", "estimate_gb",
-                                                "images_beside_graph")}  # fmt: skip
+                                                "images_beside_graph", "master_weights")}  # fmt: skip
         proc = r.memory.get("process", {})
+        saved = Session.open(spec["session"], spec["home"]).latest_checkpoint()
+        out["state_gb"] = round(saved["bytes"] / 1e9, 3) if saved else None  # decimal GB, as Drive counts
         out["within_cap"] = proc.get("reserved_gb", 0) <= spec["cap"]
         out["within_budget"] = proc.get("reserved_gb", 0) <= spec["cfg"]["vram_budget_gb"]
     except Exception as err:  # noqa: BLE001 - the point is to report it

@@ -117,7 +117,9 @@ def test_t4_fp16_graphed_step_matches_eager_grad_scaler(home, tiny_sd1, monkeypa
         boost.fill_(1e8 if at == overflow_at else 1.0)  # 1e8 * 2**16 overflows fp16 gradients, not the loss
 
     eager_opt = "adamw_lowmem" if optimizer == "adamw8bit" else optimizer
-    cfg = {"method": "full", "te_steps": 0, "unet_steps": steps, "gpu": "t4", "precision": "fp16"}
+    # fp32 masters: the preset's 16-bit weights are test_t4_full_fine_tune_in_16bit_weights_...'s
+    cfg = {"method": "full", "te_steps": 0, "unet_steps": steps, "gpu": "t4", "precision": "fp16",
+           "master_weights": "fp32"}  # fmt: skip
     base = _base_unet(tiny_sd1)
     runs = {}
     for name, mode, opt in (("eager", "off", eager_opt), ("eager2", "off", eager_opt), ("graph", "on", optimizer)):
@@ -249,6 +251,53 @@ def test_failed_capture_gives_its_memory_back_before_the_eager_fallback(caplog):
     torch.cuda.empty_cache()
     # nothing of the failed capture is left reserved (a leak would keep its gradient's 64 MiB block)
     assert torch.cuda.memory_reserved() - before < 32 * 2**20
+
+
+def test_t4_full_fine_tune_in_16bit_weights_is_graphed_resumes_and_tracks_fp32_masters(
+    home, tiny_sd1, monkeypatch, deterministic, caplog
+):
+    """The T4 preset's full fine-tune keeps fp16 weights (no fp32 copy), stochastically rounded: its step is a CUDA
+    graph, its state holds fp16 weights, its updates follow fp32 masters' and an eager run's, and an interrupted
+    run resumes to the same weights."""
+    from fastsd.session import Session
+    from fastsd.train import checkpoint, optim
+
+    monkeypatch.setattr(optim, "resolve_kind", lambda kind, device: kind)  # as on a T4 with bitsandbytes
+    # a rate whose 12 updates are many fp16 spacings: the runs' updates can then be compared weight by weight
+    cfg = {"method": "full", "te_steps": 0, "unet_steps": 12, "gpu": "t4", "precision": "fp16", "unet_lr": 1e-4}
+    base = _base_unet(tiny_sd1)
+    w16, r16 = _train(monkeypatch, home, tiny_sd1, "w16", "on", **cfg)
+    w16_eager, _ = _train(monkeypatch, home, tiny_sd1, "w16e", "off", **cfg)
+    w32, _ = _train(monkeypatch, home, tiny_sd1, "w32", "on", **cfg, master_weights="fp32")
+    failed = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert (r16.plan.master_weights, r16.plan.optimizer) == ("16bit", "adamw_lowmem")
+    assert r16.plan.cuda_graph_captured is True and r16.stopped is None, (r16.plan, failed)
+    weights = checkpoint.load(checkpoint.latest(Session.open("w16", home))[1])["weights"]
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+
+    def overall(a: dict, b: dict) -> float:  # cosine of the whole updates, every weight at once
+        ua = torch.cat([(a[k] - base[k]).flatten() for k in base])
+        ub = torch.cat([(b[k] - base[k]).flatten() for k in base])
+        return float(torch.nn.functional.cosine_similarity(ua, ub, dim=0))
+
+    vs_fp32, vs_eager = overall(w32, w16), overall(w16_eager, w16)
+    print(f"16-bit graphed vs fp32 masters {vs_fp32:.4f}, vs 16-bit eager {vs_eager:.4f}; worst tensors vs fp32: "
+          f"{_update_cosines(base, w32, w16)[:3]}")  # fmt: skip
+    assert vs_fp32 > 0.98 and vs_eager > 0.98
+
+    def kill(at: int, info: dict) -> None:
+        if at == 8:  # after the capture (3 eager warm-up steps)
+            raise KeyboardInterrupt
+
+    _, r = _train(monkeypatch, home, tiny_sd1, "w16r", "on", on_log=kill, **cfg)
+    assert r.stopped == "interrupted"
+    box = ModelsBox()
+    config = TrainConfig(cuda_graph="on", resume=True, **cfg, **FAST)
+    r = train(Session.open("w16r", home), config, on_models=box)
+    resumed = {k: v.detach().float().cpu() for k, v in box["models"].unet.named_parameters()}
+    assert (r.steps, r.plan.cuda_graph_captured) == (12, True)
+    print(f"resumed vs uninterrupted {overall(w16, resumed):.5f}")
+    assert overall(w16, resumed) > 0.995  # eager warm-up steps after the resume: rounding order, not bits
 
 
 def test_capped_memory_lora_run_stays_under_its_budget(home, tiny_sd1):
