@@ -8,6 +8,10 @@ rows are filtered ("Up", from the raw rows, so a part needs only the row above i
 on a thread; zlib releases the GIL, so the parts run in parallel. The result is
 an ordinary PNG (IHDR, text chunks, one IDAT, IEND) that every decoder reads.
 
+A part whose first rows do not deflate to less than :data:`STORE_ABOVE` of their size (noise, such
+as a random-weight model's images) is stored instead: deflate there costs most of the encode and
+saves nothing.
+
 Text chunks follow Pillow's ``PngInfo.add_text``: ``tEXt`` when the value is Latin-1, else ``iTXt``
 (UTF-8), so A1111's ``parameters`` infotext is read back by the same readers.
 """
@@ -26,6 +30,9 @@ import numpy as np
 MIN_PIXELS = 256 * 256
 #: Rows per part at least: small parts compress worse (each starts with an empty window).
 MIN_ROWS = 32
+#: A part is stored (deflate level 0) when its first :data:`SAMPLE_ROWS` rows deflate to more than this share.
+STORE_ABOVE = 0.9
+SAMPLE_ROWS = 4
 _COLOR_TYPE = {"L": (0, 1), "RGB": (2, 3), "LA": (4, 2), "RGBA": (6, 4)}  # mode -> (PNG colour type, channels)
 _pool: ThreadPoolExecutor | None = None
 
@@ -69,6 +76,8 @@ def encode(image: Any, text: dict[str, str] | None = None, level: int = 6) -> by
 def _part(px: np.ndarray, start: int, stop: int, bpp: int, level: int, last: bool) -> tuple[bytes, bytes]:
     """Rows ``start:stop`` "Up"-filtered (type byte 2 on each) and raw-deflated: (deflate bytes, filtered rows).
 
+    Stored rather than compressed when its first rows show it does not compress (:data:`STORE_ABOVE`).
+
     Up (each byte minus the byte above, modulo 256) costs one vectorised subtraction; on photos and
     renders it compresses within a few per cent of Paeth, which costs more than the deflate saves.
     """
@@ -78,6 +87,9 @@ def _part(px: np.ndarray, start: int, stop: int, bpp: int, level: int, last: boo
     filtered[1:, 1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps, as the filter's modulo wants
     filtered[0, 1:] = rows[0] - px[start - 1] if start > 0 else rows[0]  # the first image row has zeros above
     raw = filtered.tobytes()
+    sample = raw[: SAMPLE_ROWS * filtered.shape[1]]
+    if level and len(zlib.compress(sample, level)) > STORE_ABOVE * len(sample):
+        level = 0  # incompressible: stored blocks, a copy
     co = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate: the zlib header and checksum come once
     return co.compress(raw) + co.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH), raw
 

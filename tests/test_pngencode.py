@@ -71,3 +71,23 @@ def test_small_images_and_other_modes_keep_pillows_encoder(monkeypatch):
     assert not pngencode.can_encode(_image("RGB", (512, 512)))  # one core: nothing to gain
     png = storage.png_bytes(Image.new("P", (512, 512)), {"k": "v"})
     assert Image.open(io.BytesIO(png)).info["k"] == "v"
+
+
+def test_noise_is_stored_and_images_with_structure_are_compressed(monkeypatch):
+    """A random-weight model's noise does not deflate: its parts are stored (what deflate would cost is saved, the
+    file is as large either way); an image with structure still compresses. Both read back exactly."""
+    monkeypatch.setattr(pngencode, "workers", lambda: 3)
+    rng = np.random.RandomState(0)
+    noise = Image.fromarray(rng.randint(0, 256, (512, 512, 3)).astype(np.uint8))
+    image = _image("RGB", (512, 512))
+    for picture, stored in ((noise, True), (image, False)):
+        data = pngencode.encode(picture, None, level=1)
+        back = Image.open(io.BytesIO(data))
+        back.load()
+        assert np.array_equal(np.asarray(back), np.asarray(picture))
+        raw = 512 * (1 + 512 * 3)
+        assert (len(data) > raw) == stored  # stored blocks: the rows plus a few bytes per 64 KiB block
+        if not stored:
+            assert len(data) < 0.8 * raw
+    # a noise image's deflate at level 1 is barely smaller than storing it: nothing is lost by storing
+    assert len(zlib.compress(noise.tobytes(), 1)) > 0.99 * len(noise.tobytes())
