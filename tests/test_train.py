@@ -162,6 +162,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(home, tiny_sd1):
     assert (b.path / at3["path"] / te).stat().st_ino == (b.path / at5["path"] / te).stat().st_ino
 
 
+def test_a_resume_with_another_optimizer_keeps_the_weights_and_restarts_the_moments(home, tiny_sd1, caplog):
+    """A session started on one GPU class and resumed on another gets that preset's optimizer (a T4's adamw_lowmem,
+    then an A100's AdamW): the 8-bit moments cannot load into AdamW's layout, so the run says so and goes on."""
+    cfg = {"method": "full", "te_steps": 0, "seed": 3, "export": False, **FAST}
+    s = make_session(home, tiny_sd1, name="moved")
+    train(s, TrainConfig(**cfg, unet_steps=2, optimizer="adamw_lowmem"))
+    at2 = _state_weights(s)
+    r = train(Session.open("moved", home), TrainConfig(**cfg, unet_steps=4, optimizer="adamw", resume=True))
+    assert r.steps == 4 and r.stopped is None
+    assert any("optimizer state is adamw_lowmem's" in m and "start afresh" in m for m in caplog.messages)
+    moved = _state_weights(Session.open("moved", home))
+    assert any(not torch.equal(at2[k], moved[k]) for k in at2)  # it trained on from step 2's weights
+
+
 def test_periodic_states_are_written_while_training_goes_on_and_resume_exactly(home, tiny_sd1, monkeypatch):
     import threading
 

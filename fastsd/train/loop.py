@@ -315,7 +315,7 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
             up, runner = run.up, run.runner
             if resume_state is not None:
                 # a state saved on a phase's last step belongs to that phase: the next one starts fresh
-                if resume_state["state"].get("phase") == phase:
+                if resume_state["state"].get("phase") == phase and _same_optimizer(resume_state["state"], up.opt):
                     up.opt.load_state_dict(resume_state["optimizer"])
                 resume_state = None
             while at < p_end:
@@ -536,6 +536,25 @@ def _resume(
     return start, state
 
 
+def _same_optimizer(state: dict[str, Any], opt: Any) -> bool:
+    """Whether a checkpoint's optimizer state fits this run's optimizer; if not, says its moments start afresh.
+
+    A session resumed on another GPU class can get another preset's optimizer (a T4's ``adamw_lowmem``, an
+    A100's fused AdamW) or step inside backward where it did not: the other state's layout cannot be loaded.
+    States written before the kind was recorded are taken as they are.
+    """
+    saved = state.get("optimizer")
+    if saved is None or (saved["kind"], saved["in_backward"]) == (opt.kind, opt.in_backward):
+        return True
+    how = {False: "", True: " inside backward"}
+    log.warning(
+        "the checkpoint's optimizer state is %s's%s and this run steps %s%s: the weights are the checkpoint's, "
+        "the optimizer's moments start afresh (pass --optimizer %s to continue them)",
+        saved["kind"], how[saved["in_backward"]], opt.kind, how[opt.in_backward], saved["kind"],
+    )  # fmt: skip
+    return False
+
+
 def _on_sigterm(stop: dict[str, str | None]) -> Any:
     """SIGTERM (a Colab runtime stopping, ``kill``) ends the run like Ctrl-C; the old handler, to restore."""
     if threading.current_thread() is not threading.main_thread():
@@ -597,6 +616,7 @@ def _save_state(run: _Run, at: int, wait: bool = True) -> None:
                 "step": at,
                 "trained": sorted(run.parts.trained),
                 "phase": run.phase,
+                "optimizer": {"kind": opt.kind, "in_backward": opt.in_backward} if opt is not None else None,
                 "config": c.to_dict(),
                 "data_order": run.data.order.state(),
                 "scaler": run.scaler.state_dict() if run.scaler is not None else None,
