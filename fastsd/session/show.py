@@ -120,7 +120,8 @@ def space_plan(checkpoints: list[dict[str, Any]], models: list[dict[str, Any]]) 
         drive = f"{FREE_DRIVE_BYTES / 1e9:.0f} GB of free Drive"
         if fit:
             n = "more than 50" if fit > 50 else str(fit)
-            parts.append(f"{drive} holds {n} checkpoint(s) (--keep) plus one export, with room to save the next")
+            beside = "plus one export" if export else "before any export (none made yet)"
+            parts.append(f"{drive} holds {n} checkpoint(s) (--keep) {beside}, with room to save the next")
         else:
             parts.append(f"{drive} cannot hold a checkpoint save next to an export: keep states on local disk")
     return {**out, "text": "; ".join(parts)}
