@@ -544,13 +544,17 @@ def _same_optimizer(state: dict[str, Any], opt: Any) -> bool:
     States written before the kind was recorded are taken as they are.
     """
     saved = state.get("optimizer")
-    if saved is None or (saved["kind"], saved["in_backward"]) == (opt.kind, opt.in_backward):
+    if saved is None:
         return True
-    how = {False: "", True: " inside backward"}
+    kind, inside = (saved.get("kind"), saved.get("in_backward")) if isinstance(saved, dict) else (None, None)
+    if (kind, inside) == (opt.kind, opt.in_backward):
+        return True
+    how = {True: " inside backward"}
+    hint = f" (pass --optimizer {kind} to continue them)" if isinstance(kind, str) else ""
     log.warning(
         "the checkpoint's optimizer state is %s's%s and this run steps %s%s: the weights are the checkpoint's, "
-        "the optimizer's moments start afresh (pass --optimizer %s to continue them)",
-        saved["kind"], how[saved["in_backward"]], opt.kind, how[opt.in_backward], saved["kind"],
+        "the optimizer's moments start afresh%s",
+        kind or "an unknown optimizer", how.get(inside, ""), opt.kind, how.get(opt.in_backward, ""), hint,
     )  # fmt: skip
     return False
 
