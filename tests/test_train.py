@@ -176,6 +176,33 @@ def test_a_resume_with_another_optimizer_keeps_the_weights_and_restarts_the_mome
     assert any(not torch.equal(at2[k], moved[k]) for k in at2)  # it trained on from step 2's weights
 
 
+@pytest.mark.parametrize(
+    ("kind", "in_backward", "layout"),
+    [("adamw", False, "adamw"), ("adamw_lowmem", False, "lowmem"), ("adamw_lowmem", True, "lowmem")],
+)
+def test_an_older_state_tells_its_optimizer_by_its_keys(kind, in_backward, layout):
+    """States saved before the optimizer was recorded: the resume reads the layout from the per-weight keys, so a T4
+    session's 8-bit moments are not loaded into an A100's AdamW (a KeyError before)."""
+    from fastsd.train import loop, optim
+
+    w = torch.nn.Parameter(torch.randn(64, 128))
+    opt = optim.make_optim(kind, [([w], 1e-3)], in_backward=in_backward)
+    w.grad = torch.randn_like(w)
+    if in_backward:
+        (w * w.grad).sum().backward()  # the hook steps it
+    else:
+        opt.step()
+    saved = opt.state_dict()
+    assert optim.saved_layout(saved) == (layout, in_backward)
+    assert optim.saved_layout(optim.make_optim(kind, [([w], 1e-3)], in_backward=False).state_dict())[0] is None
+    same = optim.make_optim(kind, [([w], 1e-3)], in_backward=in_backward)
+    other = optim.make_optim("adamw" if layout == "lowmem" else "adamw_lowmem", [([w], 1e-3)], in_backward=False)
+    assert loop._same_optimizer({}, saved, same)  # no record: read from the keys
+    assert not loop._same_optimizer({}, saved, other)
+    assert loop._same_optimizer({"optimizer": {"kind": "adamw_fused", "in_backward": False}}, {}, optim.make_optim(
+        "adamw", [([w], 1e-3)], in_backward=False))  # fused and foreach AdamW save the same layout  # fmt: skip
+
+
 def test_periodic_states_are_written_while_training_goes_on_and_resume_exactly(home, tiny_sd1, monkeypatch):
     import threading
 

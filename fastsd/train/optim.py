@@ -58,6 +58,30 @@ CAPTURABLE = ("adamw_fused", "adamw", "adamw_lowmem")
 SKIPS_ON_DEVICE = ("adamw_fused", "adamw_lowmem")
 
 
+#: The layout of each optimizer's saved state: a state loads into an optimizer of the same layout only
+#: (torch's AdamW and fused AdamW share theirs; 8-bit moments are stored differently by each 8-bit one).
+STATE_LAYOUT = {"adamw": "adamw", "adamw_fused": "adamw", "adamw_lowmem": "lowmem", "adamw8bit": "bitsandbytes"}
+
+
+def saved_layout(state_dict: dict[str, Any]) -> tuple[str | None, bool]:
+    """(layout, stepped inside backward) of an :class:`Optim` or :class:`BackwardStepOptim` state.
+
+    For states whose optimizer was not recorded: read from the per-weight keys (None: no weight has state,
+    or none this module writes). A state of ``adamw_lowmem`` over small tensors only has AdamW's keys and
+    AdamW's layout, which is what it then is.
+    """
+    per = state_dict.get("per_tensor")
+    parts = per if isinstance(per, list) else [state_dict]
+    keys: set[str] = set()
+    for part in parts:
+        for weight_state in (part.get("state") or {}).values() if isinstance(part, dict) else ():
+            keys.update(weight_state if isinstance(weight_state, dict) else ())
+    layout = (
+        "lowmem" if "m_q" in keys else "bitsandbytes" if "state1" in keys else "adamw" if "exp_avg" in keys else None
+    )
+    return layout, isinstance(per, list)
+
+
 def _build(kind: str, groups: list[dict[str, Any]], capturable: bool = False) -> torch.optim.Optimizer:
     if kind == "adamw8bit":
         import bitsandbytes as bnb
