@@ -156,6 +156,34 @@ def test_a_16bit_full_fine_tune_resumes_exactly_with_half_the_state(home, tiny_s
     assert _weight_bytes(a) < 0.51 * _weight_bytes(fp32)
 
 
+def test_the_t4_presets_full_fine_tune_trains_fp16_weights_through_the_device_scaler_and_resumes_exactly(
+    home, tiny_sd1, monkeypatch
+):
+    """The T4 preset's default path end to end on the CPU (its fp16 refusal lifted for the test): fp16 weights,
+    fp16 gradients kept scaled for adamw_lowmem, DeviceScaler's state and the rounding's bits in the checkpoint."""
+    from fastsd.train import loop
+
+    monkeypatch.setattr(loop, "_check_precision", lambda device, dtype: None)
+    run = {**RUN, "gpu": "t4", "precision": "auto"}
+    a = _session(home, tiny_sd1, "t4a")
+    ra = train(a, TrainConfig(**run))
+    assert (ra.plan.precision, ra.plan.master_weights, ra.plan.optimizer) == ("fp16", "16bit", "adamw_lowmem")
+    state = checkpoint.load(a.path / a.latest_checkpoint()["path"])
+    assert {w.dtype for w in state["weights"].values()} == {torch.float16}
+    assert state["state"]["scaler"]["scale"] == 2.0**16  # no overflow in 5 steps, no growth before 2000
+
+    b = _session(home, tiny_sd1, "t4b")
+
+    def kill(at, info):
+        if at == 3:
+            raise KeyboardInterrupt
+
+    assert train(b, TrainConfig(**run), on_log=kill).stopped == "interrupted"
+    assert train(Session.open("t4b", home), TrainConfig(**run, resume=True)).steps == 5
+    resumed = checkpoint.load(b.path / Session.open("t4b", home).latest_checkpoint()["path"])["weights"]
+    assert all(torch.equal(state["weights"][k], resumed[k]) for k in resumed)
+
+
 def test_the_cli_takes_master_weights_and_says_what_it_refuses(home, tiny_sd1, cli):
     _session(home, tiny_sd1, "cli16")
     env = {"FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1"}
