@@ -196,3 +196,5 @@ def test_the_cli_takes_master_weights_and_says_what_it_refuses(home, tiny_sd1, c
               "--precision", "bf16", env=env)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "--master-weights 16bit needs --optimizer adamw_lowmem" in bad.stderr.strip().splitlines()[-1]
+    cpu_fp16 = cli("train", "cli16", *common, "--precision", "fp16", env=env)
+    assert cpu_fp16.returncode == 2 and "fp16 training needs a CUDA GPU" in cpu_fp16.stderr.strip().splitlines()[-1]
