@@ -34,7 +34,7 @@ CONTEXT_GIB = 0.6
 #: Settings by GPU class. ``vram_budget_gb`` is what training may use (room is left for sampling).
 PRESETS: dict[str, dict[str, Any]] = {
     # T4: no real bf16, so fp16 + GradScaler; 15 GB, so 8-bit Adam; 15 GB of Drive, so a full fine-tune
-    # keeps 16-bit weights (stochastic rounding): a 4 GB state for SD1.5 instead of 6-11 GB.
+    # keeps 16-bit weights (stochastic rounding): a 3.7 GB SD1.5 state, not 5.7 (benchmarks/state_size.py).
     "t4": {"precision": "fp16", "optimizer": "adamw8bit", "vram_budget_gb": 14.0, "master_weights": "16bit"},
     "l4": {"precision": "bf16", "optimizer": "adamw8bit", "vram_budget_gb": 21.0, "master_weights": "fp32"},
     "a100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 36.0, "master_weights": "fp32"},
