@@ -183,7 +183,7 @@ def test_a_resume_with_another_optimizer_keeps_the_weights_and_restarts_the_mome
 def test_an_older_state_tells_its_optimizer_by_its_keys(kind, in_backward, layout):
     """States saved before the optimizer was recorded: the resume reads the layout from the per-weight keys, so a T4
     session's 8-bit moments are not loaded into an A100's AdamW (a KeyError before)."""
-    from fastsd.train import loop, optim
+    from fastsd.train import optim
 
     w = torch.nn.Parameter(torch.randn(64, 128))
     opt = optim.make_optim(kind, [([w], 1e-3)], in_backward=in_backward)
@@ -197,9 +197,9 @@ def test_an_older_state_tells_its_optimizer_by_its_keys(kind, in_backward, layou
     assert optim.saved_layout(optim.make_optim(kind, [([w], 1e-3)], in_backward=False).state_dict())[0] is None
     same = optim.make_optim(kind, [([w], 1e-3)], in_backward=in_backward)
     other = optim.make_optim("adamw" if layout == "lowmem" else "adamw_lowmem", [([w], 1e-3)], in_backward=False)
-    assert loop._same_optimizer({}, saved, same)  # no record: read from the keys
-    assert not loop._same_optimizer({}, saved, other)
-    assert loop._same_optimizer({"optimizer": {"kind": "adamw_fused", "in_backward": False}}, {}, optim.make_optim(
+    assert optim.fits_saved(None, saved, same)  # no record: read from the keys
+    assert not optim.fits_saved(None, saved, other)
+    assert optim.fits_saved({"kind": "adamw_fused", "in_backward": False}, {}, optim.make_optim(
         "adamw", [([w], 1e-3)], in_backward=False))  # fused and foreach AdamW save the same layout  # fmt: skip
 
 

@@ -314,8 +314,8 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
             up, runner = run.up, run.runner
             if resume_state is not None:
                 # a state saved on a phase's last step belongs to that phase: the next one starts fresh
-                if resume_state["state"].get("phase") == phase and _same_optimizer(
-                    resume_state["state"], resume_state["optimizer"], up.opt
+                if resume_state["state"].get("phase") == phase and optim.fits_saved(
+                    resume_state["state"].get("optimizer"), resume_state["optimizer"], up.opt
                 ):
                     up.opt.load_state_dict(resume_state["optimizer"])
                 resume_state = None
@@ -545,35 +545,6 @@ def _check_precision(device: torch.device, dtype: torch.dtype) -> None:
     """
     if device.type == "cpu" and dtype == torch.float16:
         raise UserInputError("fp16 training needs a CUDA GPU: use --precision fp32 or bf16 on the CPU")
-
-
-def _same_optimizer(state: dict[str, Any], saved_optimizer: dict[str, Any], opt: Any) -> bool:
-    """Whether a checkpoint's optimizer state loads into this run's optimizer; if not, says its moments start afresh.
-
-    A session resumed on another GPU class can get another preset's optimizer (a T4's ``adamw_lowmem``, an
-    A100's fused AdamW) or step inside backward where it did not, and a state of another layout
-    (:data:`~fastsd.train.optim.STATE_LAYOUT`) cannot be loaded. The optimizer is in the state since
-    2026-12-05; an older state's layout is read from its keys.
-    """
-    saved = state.get("optimizer")
-    kind = saved.get("kind") if isinstance(saved, dict) else None
-    if isinstance(kind, str):
-        layout, inside = optim.STATE_LAYOUT.get(kind), saved.get("in_backward")
-    else:
-        layout, inside = optim.saved_layout(saved_optimizer)
-        if layout is None:  # no weight had state yet: nothing to lose
-            return inside == opt.in_backward
-    if (layout, inside) == (optim.STATE_LAYOUT.get(opt.kind), opt.in_backward):
-        return True
-    how = {True: " inside backward"}
-    what = kind if isinstance(kind, str) else f"{layout or 'an unknown'} layout"
-    hint = f" (pass --optimizer {kind} to continue them)" if isinstance(kind, str) else ""
-    log.warning(
-        "the checkpoint's optimizer state is %s's%s and this run steps %s%s: the weights are the checkpoint's, "
-        "the optimizer's moments start afresh%s",
-        what, how.get(inside, ""), opt.kind, how.get(opt.in_backward, ""), hint,
-    )  # fmt: skip
-    return False
 
 
 def _on_sigterm(stop: dict[str, str | None]) -> Any:

@@ -82,6 +82,34 @@ def saved_layout(state_dict: dict[str, Any]) -> tuple[str | None, bool]:
     return layout, isinstance(per, list)
 
 
+def fits_saved(record: Any, saved: dict[str, Any], opt: Any) -> bool:
+    """Whether a checkpoint's optimizer state loads into ``opt``; if not, says once that the moments start afresh.
+
+    ``record`` is the state's ``{"kind", "in_backward"}`` (None in states written before 2026-12-04, whose
+    layout :func:`saved_layout` reads from ``saved``'s keys). A session resumed on another GPU class can
+    get another preset's optimizer (a T4's ``adamw_lowmem``, an A100's fused AdamW) or step inside
+    backward where it did not, and a state of another :data:`STATE_LAYOUT` cannot be loaded.
+    """
+    kind = record.get("kind") if isinstance(record, dict) else None
+    if isinstance(kind, str):
+        layout, inside = STATE_LAYOUT.get(kind), record.get("in_backward")
+    else:
+        layout, inside = saved_layout(saved)
+        if layout is None:  # no weight had state yet: nothing to lose
+            return inside == opt.in_backward
+    if (layout, inside) == (STATE_LAYOUT.get(opt.kind), opt.in_backward):
+        return True
+    how = {True: " inside backward"}
+    what = kind if isinstance(kind, str) else f"{layout or 'an unknown'} layout"
+    hint = f" (pass --optimizer {kind} to continue them)" if isinstance(kind, str) else ""
+    log.warning(
+        "the checkpoint's optimizer state is %s's%s and this run steps %s%s: the weights are the checkpoint's, "
+        "the optimizer's moments start afresh%s",
+        what, how.get(inside, ""), opt.kind, how.get(opt.in_backward, ""), hint,
+    )  # fmt: skip
+    return False
+
+
 def _build(kind: str, groups: list[dict[str, Any]], capturable: bool = False) -> torch.optim.Optimizer:
     if kind == "adamw8bit":
         import bitsandbytes as bnb
