@@ -264,10 +264,10 @@ def _train(session: Any, config: TrainConfig, hooks: _Hooks) -> TrainResult:
     )
 
     # ---- 5. resume
-    if (
-        c.master_weights == "16bit"
-    ):  # the stochastic rounding's random bits: same seed, same run (a resume restores them)
-        (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(step.seed_for(c.seed, 0, 0, rank))
+    # the stochastic rounding's random bits: same seed, same run (a resume restores them); step -1: a seed no
+    # step's noise generator gets
+    if c.master_weights == "16bit":
+        (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(step.seed_for(c.seed, -1, 0, rank))
     start, resume_state = _resume(session, c, parts, scaler, device)
     if start >= total:
         raise UserInputError(
