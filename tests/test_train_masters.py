@@ -17,6 +17,7 @@ from PIL import Image
 from fastsd.session import Session
 from fastsd.train import TrainConfig, checkpoint, step, train
 from fastsd.train.lowmem import LowMemAdamW, stochastic_round_
+from fastsd.train.optim import make_optim
 from fastsd.train.scaler import DeviceScaler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,9 +79,8 @@ def test_fp16_gradients_are_unscaled_and_clipped_in_fp32_by_the_optimizer():
     ref_params, half_params = list(ref.parameters()), list(half.parameters())
     ref_start, half_start = [p.detach().clone() for p in ref_params], [p.detach().float() for p in half_params]
     ref_opt = LowMemAdamW(ref_params, lr=1e-2)
-    up = step.Update(
-        _Optim(LowMemAdamW(half_params, lr=1e-2)), half_params, 1e-6, foreach=False, scaler=DeviceScaler("cpu")
-    )
+    opt = make_optim("adamw_lowmem", [(half_params, 1e-2)], in_backward=False)
+    up = step.Update(opt, half_params, 1e-6, foreach=False, scaler=DeviceScaler("cpu"))
     small = 1e-5
     (ref(x).square().mean() * small).backward()
     assert torch.nn.utils.clip_grad_norm_(ref_params, 1e-6) > 2e-6
@@ -98,21 +98,6 @@ def test_fp16_gradients_are_unscaled_and_clipped_in_fp32_by_the_optimizer():
     step.eager_update(up)
     assert up.scaler.found_inf.item() == 1
     assert all(torch.equal(a, b) for a, b in zip(before, half_params, strict=True))
-
-
-class _Optim:
-    """The ``optim.Optim`` surface ``step.eager_update`` uses, over one built optimizer."""
-
-    in_backward = False
-
-    def __init__(self, opt: torch.optim.Optimizer):
-        self.opt = opt
-
-    def step(self, scaler=None) -> None:
-        scaler.step(self.opt) if scaler is not None else self.opt.step()
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
 
 
 def _session(home, model, name: str) -> Session:
