@@ -111,9 +111,10 @@ class DeviceScaler:
 
         Gradients left scaled (:attr:`grad_mult` set) are not touched: the factor joins ``grad_mult``.
         """
-        if self.grad_mult is None or self._norm is None:
+        if self.grad_mult is None:
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
             return
+        assert self._norm is not None  # set with grad_mult by unscale_
         self.grad_mult = self.grad_mult * (max_norm / (self._norm + 1e-6)).clamp(max=1.0)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
