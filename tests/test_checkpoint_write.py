@@ -143,3 +143,34 @@ def test_show_counts_a_linked_file_once(home):
     assert space["checkpoint_bytes"] == sum(second["sizes"].values()) - te  # what the next save adds
     assert space["used_bytes"] == sum(first["sizes"].values()) + sum(second["sizes"].values()) - te
     assert "shared with the one before" in space["text"]
+
+
+def test_a_states_files_are_written_at_once_and_a_failed_one_lists_nothing(home, monkeypatch):
+    """The UNet, text encoder and optimizer files go to the disk side by side; one failing write
+    lets the others end, lists no state and leaves no file behind."""
+    import threading
+
+    s = Session.create("c", home)
+    first = _save(s, 1, _weights(1, te_frozen=False))
+    together = threading.Barrier(3, timeout=20)  # passes only when three writes are in flight at once
+    real_write = storage.write_stream
+
+    def side_by_side(path, produce, **kw):
+        if path.suffix in (".safetensors", ".pt") and path.stem != "rng":
+            together.wait()
+        return real_write(path, produce, **kw)
+
+    monkeypatch.setattr(storage, "write_stream", side_by_side)
+    second = _save(s, 2, _weights(2, te_frozen=False))
+    assert sorted(second["files"]) == sorted(first["files"]) and s.verify_checkpoint(second)
+
+    def disk_full(path, produce, **kw):
+        if path.name == "optimizer.pt":
+            raise storage.StorageError(f"{path}: no space left on the device")
+        return real_write(path, produce, **kw)
+
+    monkeypatch.setattr(storage, "write_stream", disk_full)
+    with pytest.raises(storage.StorageError, match="no space left"):
+        _save(s, 3, _weights(3, te_frozen=False))
+    assert [c["step"] for c in s.checkpoints()] == [1, 2]
+    assert sorted(p.name for p in s.checkpoints_dir.iterdir()) == ["step-000001", "step-000002"]

@@ -308,10 +308,11 @@ class Session:
         previous = next((c for c in reversed(self.checkpoints()) if c["path"] != rel_dest), None)
         files, sizes = {}, {}
         with storage.building_folder(dest) as staging:
-            for rel, write in writers.items():
-                linked = self._link_unchanged(previous, rel, linkable or {}, staging / rel)
-                result = linked or write(staging / rel)
-                files[rel], sizes[rel] = result["sha256"], result["size"]
+            results = {rel: self._link_unchanged(previous, rel, linkable or {}, staging / rel) for rel in writers}
+            todo = {rel: write for rel, write in writers.items() if results[rel] is None}
+            results.update(storage.write_all({rel: partial(write, staging / rel) for rel, write in todo.items()}))
+            for rel in writers:
+                files[rel], sizes[rel] = results[rel]["sha256"], results[rel]["size"]
             if dest.exists() and any(c["path"] == rel_dest for c in self.info.get("checkpoints", [])):
                 # Unlist first, then swap: a crash in between leaves an unlisted folder, never a
                 # listed one whose files are not those of its entry.
