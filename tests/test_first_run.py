@@ -410,3 +410,24 @@ def test_gated_registry_models_name_their_licence_page(cli, home, gated_hub, nam
         f"fastsd: error: {repo} is gated: accept its licence at https://huggingface.co/{repo} (logged in), "
         "then set HF_TOKEN (environment variable, or the Colab secret HF_TOKEN) to a token of that account"
     )
+
+
+def test_an_interrupted_command_exits_130_under_python_m(tmp_path):
+    """Ctrl-C caught by fastsd ends ``python -m fastsd`` with 130 and its one line, also when the
+    interrupt landed in code run from a string (a dataclass being made while modules import),
+    which CPython would otherwise answer by killing the process with SIGINT at exit (-2)."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import argparse\n"
+        "from fastsd import cli\n"
+        "def parser():\n"
+        "    p = argparse.ArgumentParser()\n"
+        "    p.set_defaults(func=lambda args: exec('raise KeyboardInterrupt'))\n"
+        "    return p\n"
+        "cli.build_parser = parser\n"
+        "cli.entry()\n"
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_cli"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stderr) == (130, "fastsd: interrupted\n")

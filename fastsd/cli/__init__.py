@@ -9,6 +9,7 @@ other exception is reported in one line too, with the traceback only under ``--d
 from __future__ import annotations
 
 import argparse
+import builtins
 import importlib
 import logging
 import os
@@ -67,12 +68,25 @@ def entry() -> None:
     """
     args: list[argparse.Namespace] = []
     code = main(parsed=args.append)
+    if code == 130:
+        _forget_handled_interrupt()
     if args and getattr(args[0], "fast_exit", False):
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     raise SystemExit(code)
+
+
+def _forget_handled_interrupt() -> None:
+    """Let an interrupted command end with exit code 130, as it says.
+
+    Under ``python -m fastsd``, CPython 3.10-3.13 remembers any KeyboardInterrupt that left code
+    run from a string (``exec`` inside ``dataclasses``, jinja2 templates, imports) and, after a
+    clean exit, kills the process with SIGINT instead (return code -2), even though fastsd caught
+    it. The next string it runs resets that memory: this one.
+    """
+    builtins.eval("0")  # a constant: its only effect is the reset
 
 
 def main(argv: Sequence[str] | None = None, parsed: Callable[[argparse.Namespace], None] | None = None) -> int:
