@@ -308,9 +308,11 @@ class Session:
         previous = next((c for c in reversed(self.checkpoints()) if c["path"] != rel_dest), None)
         files, sizes = {}, {}
         with storage.building_folder(dest) as staging:
-            results = {rel: self._link_unchanged(previous, rel, linkable or {}, staging / rel) for rel in writers}
-            todo = {rel: write for rel, write in writers.items() if results[rel] is None}
-            results.update(storage.write_all({rel: partial(write, staging / rel) for rel, write in todo.items()}))
+
+            def link_or_write(rel: str, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+                return self._link_unchanged(previous, rel, linkable or {}, staging / rel) or write(staging / rel)
+
+            results = storage.write_all({rel: partial(link_or_write, rel, write) for rel, write in writers.items()})
             for rel in writers:
                 files[rel], sizes[rel] = results[rel]["sha256"], results[rel]["size"]
             if dest.exists() and any(c["path"] == rel_dest for c in self.info.get("checkpoints", [])):
