@@ -117,7 +117,7 @@ def test_t4_fp16_graphed_step_matches_eager_grad_scaler(home, tiny_sd1, monkeypa
         boost.fill_(1e8 if at == overflow_at else 1.0)  # 1e8 * 2**16 overflows fp16 gradients, not the loss
 
     eager_opt = "adamw_lowmem" if optimizer == "adamw8bit" else optimizer
-    # fp32 masters: the preset's 16-bit weights are test_t4_full_fine_tune_in_16bit_weights_...'s
+    # fp32 masters (the preset's); 16-bit weights are test_t4_full_fine_tune_in_16bit_weights_...'s
     cfg = {"method": "full", "te_steps": 0, "unet_steps": steps, "gpu": "t4", "precision": "fp16",
            "master_weights": "fp32"}  # fmt: skip
     base = _base_unet(tiny_sd1)
@@ -256,7 +256,7 @@ def test_failed_capture_gives_its_memory_back_before_the_eager_fallback(caplog):
 def test_t4_full_fine_tune_in_16bit_weights_is_graphed_resumes_and_tracks_fp32_masters(
     home, tiny_sd1, monkeypatch, deterministic, caplog
 ):
-    """The T4 preset's full fine-tune keeps fp16 weights (no fp32 copy), stochastically rounded: its step is a CUDA
+    """The T4 preset's full fine-tune with 16-bit weights keeps fp16 weights (no fp32 copy), stochastically rounded: its step is a CUDA
     graph, its state holds fp16 weights, its updates follow fp32 masters' and an eager run's, and an interrupted
     run resumes to the same weights."""
     from fastsd.session import Session
@@ -264,11 +264,12 @@ def test_t4_full_fine_tune_in_16bit_weights_is_graphed_resumes_and_tracks_fp32_m
 
     monkeypatch.setattr(optim, "resolve_kind", lambda kind, device: kind)  # as on a T4 with bitsandbytes
     # a rate whose 12 updates are many fp16 spacings: the runs' updates can then be compared weight by weight
-    cfg = {"method": "full", "te_steps": 0, "unet_steps": 12, "gpu": "t4", "precision": "fp16", "unet_lr": 1e-4}
+    cfg = {"method": "full", "te_steps": 0, "unet_steps": 12, "gpu": "t4", "precision": "fp16", "unet_lr": 1e-4,
+           "master_weights": "16bit"}  # fmt: skip
     base = _base_unet(tiny_sd1)
     w16, r16 = _train(monkeypatch, home, tiny_sd1, "w16", "on", **cfg)
     w16_eager, _ = _train(monkeypatch, home, tiny_sd1, "w16e", "off", **cfg)
-    w32, _ = _train(monkeypatch, home, tiny_sd1, "w32", "on", **cfg, master_weights="fp32")
+    w32, _ = _train(monkeypatch, home, tiny_sd1, "w32", "on", **{**cfg, "master_weights": "fp32"})
     failed = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
     assert (r16.plan.master_weights, r16.plan.optimizer) == ("16bit", "adamw_lowmem")
     assert r16.plan.cuda_graph_captured is True and r16.stopped is None, (r16.plan, failed)
