@@ -288,11 +288,9 @@ def write_all(jobs: Mapping[K, Callable[[], T]]) -> dict[K, T]:
     Every job runs to its end before this returns, so no write is left going into a folder the
     caller is about to remove; the first job's error (in ``jobs``' order) is then raised.
     """
-    if len(jobs) <= 1:
-        return {key: job() for key, job in jobs.items()}
     from concurrent.futures import ThreadPoolExecutor, wait
 
-    with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(jobs)), thread_name_prefix="fastsd-write") as pool:
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="fastsd-write") as pool:
         futures = {key: pool.submit(job) for key, job in jobs.items()}
         wait(futures.values())
     return {key: future.result() for key, future in futures.items()}

@@ -256,9 +256,9 @@ def test_failed_capture_gives_its_memory_back_before_the_eager_fallback(caplog):
 def test_t4_full_fine_tune_in_16bit_weights_is_graphed_resumes_and_tracks_fp32_masters(
     home, tiny_sd1, monkeypatch, deterministic, caplog
 ):
-    """The T4 preset's full fine-tune with 16-bit weights keeps fp16 weights (no fp32 copy), stochastically rounded: its step is a CUDA
-    graph, its state holds fp16 weights, its updates follow fp32 masters' and an eager run's, and an interrupted
-    run resumes to the same weights."""
+    """A T4 full fine-tune with ``--master-weights 16bit`` keeps fp16 weights (no fp32 copy), stochastically
+    rounded: its step is a CUDA graph, its state holds fp16 weights, its updates follow fp32 masters' and an
+    eager run's, and an interrupted run resumes to the same weights."""
     from fastsd.session import Session
     from fastsd.train import checkpoint, optim
 
