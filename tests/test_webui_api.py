@@ -104,6 +104,10 @@ def test_seed_reproducible_and_a1111_response(client):
         pixels(txt2img(client, seed=seed, sampler_name="DPM++ 2M Karras", negative_prompt="blurry")["images"][0]),
         pixels(rnd["images"][0]),
     )
+    # the response's JSON is written by hand: no images when not sent, any prompt text kept exactly
+    quiet = txt2img(client, seed=5, send_images=False, prompt='ein "Hund" \\ am Strand, 犬\n2')
+    assert quiet["images"] == [] and quiet["parameters"]["prompt"] == 'ein "Hund" \\ am Strand, 犬\n2'
+    assert info(quiet)["seed"] == 5
 
 
 def test_eight_concurrent_clients_served_in_order(client, server):
