@@ -104,7 +104,7 @@ def test_seed_reproducible_and_a1111_response(client):
         pixels(txt2img(client, seed=seed, sampler_name="DPM++ 2M Karras", negative_prompt="blurry")["images"][0]),
         pixels(rnd["images"][0]),
     )
-    # the response's JSON is written by hand: no images when not sent, any prompt text kept exactly
+    # send_images false: no images, the rest as usual; any prompt text comes back exactly
     quiet = txt2img(client, seed=5, send_images=False, prompt='ein "Hund" \\ am Strand, 犬\n2')
     assert quiet["images"] == [] and quiet["parameters"]["prompt"] == 'ein "Hund" \\ am Strand, 犬\n2'
     assert info(quiet)["seed"] == 5

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import binascii
 import io
-import json
 import math
 import re
 import secrets
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -330,24 +329,10 @@ async def _await(future: Any) -> Any:
         raise HTTPException(status_code=500, detail=str(err)) from None
 
 
-def _image_response(result: GenerationResult, send: bool, parameters: dict[str, Any]) -> Response:
-    """The :class:`ImageResponse` JSON of ``result``, its images as base64 PNGs (none unless ``send``).
-
-    Written by hand rather than validated and dumped by FastAPI: the images are most of the body (about
-    1 MiB per 512 px image) and base64 needs no JSON escaping, so joining them costs a copy where the
-    validation and ``json.dumps`` scan every byte twice. The rest is dumped as FastAPI's
-    ``JSONResponse`` dumps it.
-    """
-    pairs = zip(result.images, result.infotexts, strict=True)
-    images = [infotext.png_base64(img, text) for img, text in pairs] if send else []
-    rest = json.dumps(
-        {"parameters": parameters, "info": _info_json(result)},
-        ensure_ascii=False,
-        allow_nan=False,
-        separators=(",", ":"),
-    )
-    body = '{"images":[' + ",".join(f'"{image}"' for image in images) + "]," + rest[1:]
-    return Response(body.encode("utf-8"), media_type="application/json")
+def _encode(result: GenerationResult, send: bool) -> list[str]:
+    if not send:
+        return []
+    return [infotext.png_base64(img, text) for img, text in zip(result.images, result.infotexts, strict=True)]
 
 
 # ----- router -----------------------------------------------------------------------------
@@ -385,26 +370,28 @@ def make_router(backend: Backend, auth: tuple[str, str] | None = None) -> APIRou
             raise HTTPException(status_code=422, detail=str(err)) from None
 
     @router.post("/txt2img", response_model=ImageResponse)
-    async def txt2img(body: Txt2ImgRequest) -> Response:
+    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
         try:
             req = txt2img_request(body)
         except UserInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
         result, _ = await _await(queue(req, body))
-        return await asyncio.to_thread(_image_response, result, body.send_images, body.model_dump())
+        images = await asyncio.to_thread(_encode, result, body.send_images)
+        return {"images": images, "parameters": body.model_dump(), "info": _info_json(result)}
 
     @router.post("/img2img", response_model=ImageResponse)
-    async def img2img(body: Img2ImgRequest) -> Response:
+    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
         try:
             req = await asyncio.to_thread(img2img_request, body, backend.max_job_pixels)
         except UserInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
         result, _ = await _await(queue(req, body))
+        images = await asyncio.to_thread(_encode, result, body.send_images)
         params = body.model_dump()
         if not body.include_init_images:
             params["init_images"] = None
             params["mask"] = None
-        return await asyncio.to_thread(_image_response, result, body.send_images, params)
+        return {"images": images, "parameters": params, "info": _info_json(result)}
 
     @router.post("/png-info")
     async def png_info(body: PngInfoRequest) -> dict[str, Any]:
@@ -512,6 +499,8 @@ def make_router(backend: Backend, auth: tuple[str, str] | None = None) -> APIRou
 
 
 def _info_json(result: GenerationResult) -> str:
+    import json
+
     return json.dumps(result.info, ensure_ascii=False)
 
 
