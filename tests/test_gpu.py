@@ -117,7 +117,7 @@ def test_t4_fp16_graphed_step_matches_eager_grad_scaler(home, tiny_sd1, monkeypa
         boost.fill_(1e8 if at == overflow_at else 1.0)  # 1e8 * 2**16 overflows fp16 gradients, not the loss
 
     eager_opt = "adamw_lowmem" if optimizer == "adamw8bit" else optimizer
-    # fp32 masters (the preset's); 16-bit weights are test_t4_full_fine_tune_in_16bit_weights_...'s
+    # fp32 masters (asked for); the preset's 16-bit weights are test_t4_full_fine_tune_in_16bit_weights_...'s
     cfg = {"method": "full", "te_steps": 0, "unet_steps": steps, "gpu": "t4", "precision": "fp16",
            "master_weights": "fp32"}  # fmt: skip
     base = _base_unet(tiny_sd1)
@@ -256,8 +256,8 @@ def test_failed_capture_gives_its_memory_back_before_the_eager_fallback(caplog):
 def test_t4_full_fine_tune_in_16bit_weights_is_graphed_resumes_and_tracks_fp32_masters(
     home, tiny_sd1, monkeypatch, deterministic, caplog
 ):
-    """A T4 full fine-tune with ``--master-weights 16bit`` keeps fp16 weights (no fp32 copy), stochastically
-    rounded: its step is a CUDA graph, its state holds fp16 weights, its updates follow fp32 masters' and an
+    """The T4 preset's full fine-tune (``--master-weights 16bit``, its default) keeps fp16 weights (no fp32 copy),
+    stochastically rounded: its step is a CUDA graph, its state holds fp16 weights, its updates follow fp32 masters' and an
     eager run's, and an interrupted run resumes to the same weights."""
     from fastsd.session import Session
     from fastsd.train import checkpoint, optim

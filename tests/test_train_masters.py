@@ -144,12 +144,12 @@ def test_a_16bit_full_fine_tune_resumes_exactly_with_half_the_state(home, tiny_s
 def test_the_t4_presets_full_fine_tune_trains_fp16_weights_through_the_device_scaler_and_resumes_exactly(
     home, tiny_sd1, monkeypatch
 ):
-    """The T4 preset with 16-bit weights end to end on the CPU (its fp16 refusal lifted for the test): fp16 weights,
+    """The T4 preset's default path end to end on the CPU (its fp16 refusal lifted for the test): fp16 weights,
     fp16 gradients kept scaled for adamw_lowmem, DeviceScaler's state and the rounding's bits in the checkpoint."""
     from fastsd.train import loop
 
     monkeypatch.setattr(loop, "_check_precision", lambda device, dtype: None)
-    run = {**RUN, "gpu": "t4", "precision": "auto", "master_weights": "16bit"}
+    run = {**RUN, "gpu": "t4", "precision": "auto"}
     a = _session(home, tiny_sd1, "t4a")
     ra = train(a, TrainConfig(**run))
     assert (ra.plan.precision, ra.plan.master_weights, ra.plan.optimizer) == ("fp16", "16bit", "adamw_lowmem")

