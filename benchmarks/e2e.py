@@ -399,7 +399,8 @@ def cap_child(spec: dict) -> None:
                                                 "images_beside_graph", "master_weights")}  # fmt: skip
         proc = r.memory.get("process", {})
         saved = Session.open(spec["session"], spec["home"]).latest_checkpoint()
-        out["state_gb"] = round(saved["bytes"] / 1e9, 3) if saved else None  # decimal GB, as Drive counts
+        # decimal GB, as Drive counts; the manifest lists each file's size
+        out["state_gb"] = round(sum(saved.get("sizes", {}).values()) / 1e9, 3) if saved else None
         out["within_cap"] = proc.get("reserved_gb", 0) <= spec["cap"]
         out["within_budget"] = proc.get("reserved_gb", 0) <= spec["cfg"]["vram_budget_gb"]
     except Exception as err:  # noqa: BLE001 - the point is to report it
