@@ -189,6 +189,10 @@ class GraphStep:
         # static buffers live outside the graph's pool; the first replay reads this step's inputs
         self.static_in = {k: v.clone() for k, v in inputs.items()}
         self.clear_grads()
+        # the warm-up steps' activations stay cached on the side stream, where only eager steps could reuse
+        # them; the graph allocates its own pool, so hand them back first (else both stay reserved)
+        gc.collect()
+        torch.cuda.empty_cache()
         self.graph, self.static_loss = capture(lambda: self.step_fn(self.static_in), stream=self.side)
         self.captures += 1
         log.info("captured the training step in a CUDA graph")
