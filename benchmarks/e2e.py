@@ -123,6 +123,19 @@ CASES: dict[str, dict] = {
         "fastsd": ["--te-steps", "0", "--steps", "60", "--save-every", "0", "--no-export"],
         "env": {"FASTSD_CUDNN_BENCHMARK": "0"},
     },
+    # the cold first step against the steady speed: SD1.5 LoRA with and without cuDNN's attention (see gpuwarm)
+    "first-step-lora-cudnn-attn-on": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--method", "lora", "--steps", "300", "--save-every", "0", "--no-export"],
+        "env": {"FASTSD_CUDNN_ATTENTION": "1"},
+    },
+    "first-step-lora-cudnn-attn-off": {
+        "kind": "sd15",
+        "res": 512,
+        "fastsd": ["--method", "lora", "--steps", "300", "--save-every", "0", "--no-export"],
+        "env": {"FASTSD_CUDNN_ATTENTION": "0"},
+    },
     # hard caps: (model, cap GiB, TrainConfig overrides incl. the budget)
     "cap-unet+te-9": {
         "kind": "sd15",

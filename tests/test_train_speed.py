@@ -408,3 +408,23 @@ def test_a_graphed_fp16_full_fine_tune_counts_its_gradients_beside_its_activatio
                       precision="fp16", cuda_graph="off")  # fmt: skip
     assert graphed.cuda_graph and not eager.cuda_graph
     assert graphed.estimate_gb - eager.estimate_gb > 2.5 and 11.0 < graphed.estimate_gb <= 14.0
+
+
+def test_cudnn_attention_is_off_for_flow_training_and_follows_its_override(monkeypatch):
+    """SD3/FLUX train without cuDNN attention (NaN gradients); UNets keep it unless FASTSD_CUDNN_ATTENTION=0."""
+    from fastsd.train import gpuwarm
+
+    monkeypatch.delenv("FASTSD_CUDNN_ATTENTION", raising=False)
+    for family, kept in (("sd1", True), ("sdxl", True), ("sd3", False), ("flux", False)):
+        with gpuwarm.attention_restored():
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            gpuwarm.training_attention(family)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is kept, family
+    monkeypatch.setenv("FASTSD_CUDNN_ATTENTION", "0")
+    with gpuwarm.attention_restored():
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        gpuwarm.training_attention("sd1")
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+    assert gpuwarm.cudnn_attention_kept("flux") is False
+    monkeypatch.setenv("FASTSD_CUDNN_ATTENTION", "1")
+    assert gpuwarm.cudnn_attention_kept("flux") is True

@@ -14,6 +14,13 @@ Two facts measured on a lent H200 (torch 2.11 + cu130, 2026-12-02):
   same machine: the first use of cuDNN, cuBLAS and torch's CUDA kernels reads and initialises
   gigabytes of shared libraries from a cold disk. :func:`start_warmup` does that in a background
   thread while the main thread reads the base model's files.
+- **What is left of a cold first step is cuDNN's attention** (H100, 2026-12-08, SD1.5 LoRA under
+  cProfile, `benchmarks/results/first-step-profile-h100-2026-12-08.txt`): the three eager warm-up
+  steps took 13.4 s, of which 5.1 s inside the UNet's ``scaled_dot_product_attention`` calls and
+  7.1 s in backward. Most likely that is cuDNN building its attention kernels for each new shape
+  (the tiny warm-up here has other shapes); not proven, as the A/B did not get a machine.
+  ``FASTSD_CUDNN_ATTENTION=0`` trades it for the steady speed above; which way pays is not measured
+  yet (``benchmarks/e2e.py``'s ``first-step-lora-cudnn-attn-*`` cases).
 """
 
 from __future__ import annotations
@@ -49,9 +56,21 @@ def attention_restored() -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+def cudnn_attention_kept(family: str) -> bool:
+    """Whether training ``family`` keeps cuDNN's attention backend (``FASTSD_CUDNN_ATTENTION=0/1`` overrides).
+
+    The override is there to measure the trade the module doc names: a UNet's cold first step against
+    its steady speed.
+    """
+    env = os.environ.get("FASTSD_CUDNN_ATTENTION")
+    if env in ("0", "1"):
+        return env == "1"
+    return family not in NO_CUDNN_ATTENTION
+
+
 def training_attention(family: str) -> None:
-    """Turn scaled-dot-product attention's cuDNN backend off for ``family`` if it is in :data:`NO_CUDNN_ATTENTION`."""
-    if family in NO_CUDNN_ATTENTION:
+    """Turn scaled-dot-product attention's cuDNN backend off unless :func:`cudnn_attention_kept` says keep it."""
+    if not cudnn_attention_kept(family):
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
