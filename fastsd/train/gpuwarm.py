@@ -20,7 +20,7 @@ Two facts measured on a lent H200 (torch 2.11 + cu130, 2026-12-02):
   7.1 s in backward. Most likely that is cuDNN building its attention kernels for each new shape
   (the tiny warm-up here has other shapes); not proven, as the A/B did not get a machine.
   ``FASTSD_CUDNN_ATTENTION=0`` trades it for the steady speed above; which way pays is not measured
-  yet (``benchmarks/e2e.py``'s ``first-step-lora-cudnn-attn-*`` cases).
+  yet (``benchmarks/first_step.py``; end to end, ``benchmarks/e2e.py``'s ``first-step-lora-cudnn-attn-*`` cases).
 """
 
 from __future__ import annotations
