@@ -41,6 +41,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 PROMPT = "a photo of sks person"
 
+
+def _on_and_off(name: str, variable: str, fastsd: list[str]) -> dict[str, dict]:
+    """Two SD1.5 512 px fastsd-only cases, ``NAME-on`` and ``NAME-off``: the same run with ``variable`` at 1 and 0."""
+    return {f"{name}-{state}": {"kind": "sd15", "res": 512, "fastsd": fastsd, "env": {variable: value}}
+            for state, value in (("on", "1"), ("off", "0"))}  # fmt: skip
+
+
 #: name -> what runs. ``fastsd``: extra ``fastsd train`` arguments (the defaults are what a user runs);
 #: ``steps``: the fastsd run's total steps (for the peer's projection); ``peer``: script and arguments.
 CASES: dict[str, dict] = {
@@ -111,31 +118,17 @@ CASES: dict[str, dict] = {
         "peer_env": {"PEER_NO_CUDNN_SDPA": "1"},
     },
     # cold first step with and without cuDNN autotuning (UNet only, 60 steps, no checkpoint/export)
-    "first-step-autotune-on": {
-        "kind": "sd15",
-        "res": 512,
-        "fastsd": ["--te-steps", "0", "--steps", "60", "--save-every", "0", "--no-export"],
-        "env": {"FASTSD_CUDNN_BENCHMARK": "1"},
-    },
-    "first-step-autotune-off": {
-        "kind": "sd15",
-        "res": 512,
-        "fastsd": ["--te-steps", "0", "--steps", "60", "--save-every", "0", "--no-export"],
-        "env": {"FASTSD_CUDNN_BENCHMARK": "0"},
-    },
+    **_on_and_off(
+        "first-step-autotune",
+        "FASTSD_CUDNN_BENCHMARK",
+        ["--te-steps", "0", "--steps", "60", "--save-every", "0", "--no-export"],
+    ),
     # the cold first step against the steady speed: SD1.5 LoRA with and without cuDNN's attention (see gpuwarm)
-    "first-step-lora-cudnn-attn-on": {
-        "kind": "sd15",
-        "res": 512,
-        "fastsd": ["--method", "lora", "--steps", "300", "--save-every", "0", "--no-export"],
-        "env": {"FASTSD_CUDNN_ATTENTION": "1"},
-    },
-    "first-step-lora-cudnn-attn-off": {
-        "kind": "sd15",
-        "res": 512,
-        "fastsd": ["--method", "lora", "--steps", "300", "--save-every", "0", "--no-export"],
-        "env": {"FASTSD_CUDNN_ATTENTION": "0"},
-    },
+    **_on_and_off(
+        "first-step-lora-cudnn-attn",
+        "FASTSD_CUDNN_ATTENTION",
+        ["--method", "lora", "--steps", "300", "--save-every", "0", "--no-export"],
+    ),
     # hard caps: (model, cap GiB, TrainConfig overrides incl. the budget)
     "cap-unet+te-9": {
         "kind": "sd15",
