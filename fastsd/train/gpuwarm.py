@@ -1,6 +1,6 @@
 """The GPU settings a training run holds: attention backends that train safely, and libraries loaded early.
 
-Two facts measured on a lent H200 (torch 2.11 + cu130, 2026-12-02):
+Facts measured on lent GPUs (torch 2.11 + cu130; an H200 on 2026-12-02 unless said):
 
 - **cuDNN's attention backward returned NaN gradients** for the tiny FLUX transformer in bf16
   (26 of 50 LoRA tensors after one backward; flash, memory-efficient and math attention: all
@@ -14,7 +14,7 @@ Two facts measured on a lent H200 (torch 2.11 + cu130, 2026-12-02):
   same machine: the first use of cuDNN, cuBLAS and torch's CUDA kernels reads and initialises
   gigabytes of shared libraries from a cold disk. :func:`start_warmup` does that in a background
   thread while the main thread reads the base model's files.
-- **What is left of a cold first step is cuDNN's attention** (H100, 2026-12-08, SD1.5 LoRA under
+- **What is left of a UNet's cold first step is in its attention** (H100, 2026-12-08, SD1.5 LoRA under
   cProfile, `benchmarks/results/first-step-profile-h100-2026-12-08.txt`): the three eager warm-up
   steps took 13.4 s, of which 5.1 s inside the UNet's ``scaled_dot_product_attention`` calls and
   7.1 s in backward. Most likely that is cuDNN building its attention kernels for each new shape
