@@ -49,6 +49,12 @@ def environment() -> str:
     return "terminal"
 
 
+def env_switch(name: str) -> bool | None:
+    """The on/off override an environment variable gives a measured default: ``1`` on, ``0`` off, else None."""
+    value = os.environ.get(name)
+    return value == "1" if value in ("0", "1") else None
+
+
 def _module_present(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..models.registry import FLOW_FAMILIES
+from ..runtime import env_switch
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,8 @@ def cudnn_attention_kept(family: str) -> bool:
     The override is there to measure the trade the module doc names: a UNet's cold first step against
     its steady speed.
     """
-    env = os.environ.get("FASTSD_CUDNN_ATTENTION")
-    if env in ("0", "1"):
-        return env == "1"
-    return family not in NO_CUDNN_ATTENTION
+    told = env_switch("FASTSD_CUDNN_ATTENTION")
+    return family not in NO_CUDNN_ATTENTION if told is None else told
 
 
 def training_attention(family: str) -> None:

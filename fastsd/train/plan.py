@@ -10,7 +10,6 @@ optimizer, decides the CUDA-graph step (:mod:`.graph`) and the memory layout. Th
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import UserInputError
 from ..models.registry import FLOW_FAMILIES
+from ..runtime import env_switch
 from . import graph, memory, optim
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,5 @@ def autotune(steps: int, graphed: bool) -> bool:
     26.5 it/s, so a graphed run never autotunes. An eager run autotunes only when its
     steps are many enough to repay a cold start.
     """
-    env = os.environ.get("FASTSD_CUDNN_BENCHMARK")
-    if env in ("0", "1"):
-        return env == "1"
-    return not graphed and steps >= AUTOTUNE_MIN_STEPS
+    told = env_switch("FASTSD_CUDNN_BENCHMARK")
+    return (not graphed and steps >= AUTOTUNE_MIN_STEPS) if told is None else told
