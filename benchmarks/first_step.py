@@ -23,27 +23,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-#: ``--small``: a tiny UNet of the same block kinds on the CPU (a smoke run of this script, no timing worth reading)
-TINY_UNET = {"sample_size": 16, "block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
-             "attention_head_dim": 4, "norm_num_groups": 8,
-             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}  # fmt: skip
-
-
 def child(model: str, cudnn: bool, steps: int, small: bool) -> dict:
     """One process's measurement (see the module doc)."""
     import torch
     from diffusers import UNet2DConditionModel
     from full_configs import SD15_UNET, SDXL_UNET
 
+    from fastsd.demo.tiny import tiny_sd1_unet
+
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
     torch.manual_seed(0)
     dev = "cpu" if small else "cuda"
-    config = TINY_UNET if small else SD15_UNET if model == "sd15" else SDXL_UNET
-    unet = UNet2DConditionModel(**config).to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
-    side = config["sample_size"]
+    unet = tiny_sd1_unet() if small else UNet2DConditionModel(**(SD15_UNET if model == "sd15" else SDXL_UNET))
+    unet = unet.to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
+    side = unet.config.sample_size
     x = torch.randn(1, 4, side, side, device=dev, dtype=torch.bfloat16)
     t = torch.tensor([500], device=dev)
-    text = torch.randn(1, 77, config["cross_attention_dim"], device=dev, dtype=torch.bfloat16)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, device=dev, dtype=torch.bfloat16)
     extra = {}
     if model == "sdxl" and not small:
         extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 1280, device=dev, dtype=torch.bfloat16),
@@ -66,10 +62,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
     ap.add_argument("--repeats", type=int, default=2, help="processes per backend, alternating")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--small", action="store_true", help="a tiny UNet on the CPU (smoke run)")
+    ap.add_argument("--steps", type=int, default=25, help="steps per process (at least 2)")
+    ap.add_argument("--small", action="store_true", help="the tests' tiny SD1 UNet on the CPU (a smoke run)")
     ap.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (the first and the second step are reported)")
     if args.child:
         print(json.dumps(child(args.model, args.child == "on", args.steps, args.small)), flush=True)
         return
